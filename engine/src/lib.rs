@@ -1,0 +1,10 @@
+//! moe-engine: a Qwen3-MoE inference engine built to be checked.
+//!
+//! It reads GGUF files ([`gguf`]), derives the model configuration ([`config`]), and runs the forward on
+//! three backends ([`backend`]): `reference` (every value f64, the truth), `cpu` (f32, rayon) and `cuda`.
+//! Any forward can record a [`trace`]: the residual stream after every layer, every router's logits and
+//! choices, and the final logits.
+
+pub mod config;
+pub mod gguf;
+pub mod trace;

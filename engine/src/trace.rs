@@ -1,0 +1,307 @@
+//! Traces: what a forward computed at every tap, and the safetensors file format of DESIGN §5.
+//!
+//! Values are held as f64 in memory whatever the backend computed in (an f32 converts to f64 exactly);
+//! [`Trace::precision`] says which width the file stores, so a `reference` trace keeps its f64 values.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+/// A row-major matrix of `rows x cols` values.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f64>,
+}
+
+impl Matrix {
+    /// A matrix of zeros.
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Self { rows, cols, data: vec![0.0; rows * cols] }
+    }
+
+    /// Builds a matrix from any float rows laid out row-major.
+    pub fn from_f32(rows: usize, cols: usize, data: &[f32]) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix data length");
+        Self { rows, cols, data: data.iter().map(|&v| v as f64).collect() }
+    }
+
+    /// Builds a matrix from f64 rows laid out row-major.
+    pub fn from_f64(rows: usize, cols: usize, data: Vec<f64>) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix data length");
+        Self { rows, cols, data }
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &[f64] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// The float width a trace file stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+/// The taps of one decoder layer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerTrace {
+    /// Residual stream after the layer, `[T, hidden]`.
+    pub hidden: Matrix,
+    /// Router logits, `[T, n_expert]`.
+    pub router_logits: Matrix,
+    /// Chosen experts, `[T, k]` row-major: by weight descending, ties by lower index.
+    pub router_experts: Vec<u32>,
+    /// Their weights after renormalisation, `[T, k]`.
+    pub router_weights: Matrix,
+}
+
+/// Everything a forward over one prompt recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trace {
+    /// The model spec it ran (a path or `synth:...`).
+    pub model: String,
+    /// `reference`, `cpu` or `cuda`.
+    pub backend: String,
+    /// `fast` or `exact`.
+    pub policy: String,
+    /// The float width written to files.
+    pub precision: Precision,
+    /// The prompt.
+    pub tokens: Vec<u32>,
+    /// One entry per decoder layer, in order.
+    pub layers: Vec<LayerTrace>,
+    /// Final logits at every position, `[T, vocab]`.
+    pub logits: Matrix,
+}
+
+/// Errors reading or writing a trace file.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("cannot write trace file {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("cannot read trace file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    Format { path: String, reason: String },
+    #[error("{path}: tensor `{tensor}` {reason}")]
+    Tensor { path: String, tensor: String, reason: String },
+}
+
+impl Trace {
+    /// An empty trace, to be filled by a forward.
+    pub fn new(model: &str, backend: &str, policy: &str, precision: Precision) -> Self {
+        Self {
+            model: model.to_string(),
+            backend: backend.to_string(),
+            policy: policy.to_string(),
+            precision,
+            tokens: Vec::new(),
+            layers: Vec::new(),
+            logits: Matrix::default(),
+        }
+    }
+
+    /// Number of experts chosen per token (0 for a trace without layers).
+    pub fn top_k(&self) -> usize {
+        match self.layers.first() {
+            Some(l) if !self.tokens.is_empty() => l.router_experts.len() / self.tokens.len(),
+            _ => 0,
+        }
+    }
+
+    /// The first non-finite value, as `(tensor name, flat index)`, in the order layers are computed.
+    pub fn first_non_finite(&self) -> Option<(String, usize)> {
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (name, m) in [
+                ("router_logits", &layer.router_logits),
+                ("router_weights", &layer.router_weights),
+                ("hidden", &layer.hidden),
+            ] {
+                if let Some(i) = m.data.iter().position(|v| !v.is_finite()) {
+                    return Some((format!("{name}.{l}"), i));
+                }
+            }
+        }
+        self.logits.data.iter().position(|v| !v.is_finite()).map(|i| ("logits".to_string(), i))
+    }
+
+    /// Writes the trace as safetensors (DESIGN §5).
+    pub fn write_safetensors(&self, path: &Path) -> Result<(), TraceError> {
+        let t = self.tokens.len();
+        let k = self.top_k();
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let tokens: Vec<u8> = self.tokens.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        tensors.push(("tokens".into(), Dtype::I32, vec![t], tokens));
+        for (l, layer) in self.layers.iter().enumerate() {
+            tensors.push(self.float_tensor(format!("hidden.{l}"), &layer.hidden));
+            tensors.push(self.float_tensor(format!("router_logits.{l}"), &layer.router_logits));
+            let experts: Vec<u8> =
+                layer.router_experts.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+            tensors.push((format!("router_experts.{l}"), Dtype::I32, vec![t, k], experts));
+            tensors.push(self.float_tensor(format!("router_weights.{l}"), &layer.router_weights));
+        }
+        tensors.push(self.float_tensor("logits".into(), &self.logits));
+
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                let view = TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| TraceError::Tensor {
+                    path: path.display().to_string(),
+                    tensor: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok((name.clone(), view))
+            })
+            .collect::<Result<_, TraceError>>()?;
+        let metadata: HashMap<String, String> = [
+            ("model", self.model.clone()),
+            ("backend", self.backend.clone()),
+            ("policy", self.policy.clone()),
+            ("engine_version", env!("CARGO_PKG_VERSION").to_string()),
+            ("n_layer", self.layers.len().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| TraceError::Format { path: path.display().to_string(), reason: e.to_string() })?;
+        std::fs::write(path, bytes)
+            .map_err(|source| TraceError::Write { path: path.display().to_string(), source })
+    }
+
+    fn float_tensor(&self, name: String, m: &Matrix) -> (String, Dtype, Vec<usize>, Vec<u8>) {
+        let shape = vec![m.rows, m.cols];
+        match self.precision {
+            Precision::F32 => {
+                let bytes = m.data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+                (name, Dtype::F32, shape, bytes)
+            }
+            Precision::F64 => {
+                let bytes = m.data.iter().flat_map(|&v| v.to_le_bytes()).collect();
+                (name, Dtype::F64, shape, bytes)
+            }
+        }
+    }
+
+    /// Reads a trace written by [`Trace::write_safetensors`].
+    pub fn read_safetensors(path: &Path) -> Result<Self, TraceError> {
+        let p = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| TraceError::Read { path: p.clone(), source })?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| TraceError::Format { path: p.clone(), reason: e.to_string() })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| TraceError::Format { path: p.clone(), reason: e.to_string() })?;
+        let md = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| md.get(k).cloned().unwrap_or_default();
+        let n_layer: usize = get("n_layer").parse().map_err(|_| TraceError::Format {
+            path: p.clone(),
+            reason: "metadata `n_layer` is missing or not a number".into(),
+        })?;
+        let tensor_err = |tensor: &str, reason: String| TraceError::Tensor {
+            path: p.clone(),
+            tensor: tensor.to_string(),
+            reason,
+        };
+        let view = |name: &str| st.tensor(name).map_err(|e| tensor_err(name, e.to_string()));
+        let ints = |name: &str| -> Result<Vec<u32>, TraceError> {
+            let v = view(name)?;
+            if v.dtype() != Dtype::I32 {
+                return Err(tensor_err(name, format!("has dtype {:?}, expected I32", v.dtype())));
+            }
+            Ok(v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect())
+        };
+        let mut precision = Precision::F32;
+        let mut floats = |name: &str| -> Result<Matrix, TraceError> {
+            let v = view(name)?;
+            let shape = v.shape();
+            if shape.len() != 2 {
+                return Err(tensor_err(name, format!("has shape {shape:?}, expected 2 dimensions")));
+            }
+            let data: Vec<f64> = match v.dtype() {
+                Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => {
+                    precision = Precision::F64;
+                    v.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+                }
+                other => return Err(tensor_err(name, format!("has dtype {other:?}, expected F32 or F64"))),
+            };
+            Ok(Matrix::from_f64(shape[0], shape[1], data))
+        };
+        let tokens = ints("tokens")?;
+        let mut layers = Vec::with_capacity(n_layer);
+        for l in 0..n_layer {
+            layers.push(LayerTrace {
+                hidden: floats(&format!("hidden.{l}"))?,
+                router_logits: floats(&format!("router_logits.{l}"))?,
+                router_experts: ints(&format!("router_experts.{l}"))?,
+                router_weights: floats(&format!("router_weights.{l}"))?,
+            });
+        }
+        let logits = floats("logits")?;
+        Ok(Self {
+            model: get("model"),
+            backend: get("backend"),
+            policy: get("policy"),
+            precision,
+            tokens,
+            layers,
+            logits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(precision: Precision) -> Trace {
+        let mut t = Trace::new("synth:tiny", "cpu", "fast", precision);
+        t.tokens = vec![785, 9217];
+        t.layers.push(LayerTrace {
+            hidden: Matrix::from_f64(2, 3, vec![1.0, -2.5, 3.0, 0.1, 0.2, 0.3]),
+            router_logits: Matrix::from_f64(2, 4, vec![0.5; 8]),
+            router_experts: vec![3, 1, 0, 2],
+            router_weights: Matrix::from_f64(2, 2, vec![0.75, 0.25, 0.5, 0.5]),
+        });
+        t.logits = Matrix::from_f64(2, 5, (0..10).map(|i| i as f64 / 7.0).collect());
+        t
+    }
+
+    #[test]
+    fn f64_trace_round_trips_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let t = sample(Precision::F64);
+        t.write_safetensors(&path).unwrap();
+        assert_eq!(Trace::read_safetensors(&path).unwrap(), t);
+    }
+
+    #[test]
+    fn f32_trace_stores_f32_rounding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let t = sample(Precision::F32);
+        t.write_safetensors(&path).unwrap();
+        let back = Trace::read_safetensors(&path).unwrap();
+        assert_eq!(back.precision, Precision::F32);
+        assert_eq!(back.logits.data[1], (1.0f64 / 7.0) as f32 as f64);
+        assert_eq!(back.layers[0].router_experts, vec![3, 1, 0, 2]);
+    }
+
+    #[test]
+    fn non_finite_values_are_located() {
+        let mut t = sample(Precision::F32);
+        assert_eq!(t.first_non_finite(), None);
+        t.layers[0].hidden.data[4] = f64::NAN;
+        assert_eq!(t.first_non_finite(), Some(("hidden.0".to_string(), 4)));
+    }
+}
