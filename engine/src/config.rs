@@ -1,5 +1,8 @@
 //! The Qwen3-MoE model configuration, as the `qwen3moe.*` GGUF keys state it.
 
+use crate::gguf::{GgufFile, GgufValue};
+use crate::weights::ModelError;
+
 /// Hyper-parameters of a Qwen3-MoE model (llama.cpp architecture name `qwen3moe`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -42,4 +45,154 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
+}
+
+/// The architecture name this engine runs (`general.architecture`).
+pub const ARCHITECTURE: &str = "qwen3moe";
+
+/// `qwen3moe.rope.freq_base` when absent (llama.cpp's default).
+pub const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+impl ModelConfig {
+    /// Reads the configuration from a GGUF file's `qwen3moe.*` keys (llama.cpp's names), and the
+    /// vocabulary size from the rows of `token_embd.weight`. Every value is checked for what the forward
+    /// needs (non-zero sizes, whole KV groups, an even head dimension for RoPE, k <= experts, finite
+    /// positive epsilon and theta).
+    pub fn from_gguf(f: &GgufFile) -> Result<ModelConfig, ModelError> {
+        let arch_key = "general.architecture";
+        let arch = f.get(arch_key).ok_or_else(|| ModelError::MissingKey { key: arch_key.to_owned() })?;
+        let arch = arch.as_str().ok_or_else(|| wrong_type(arch_key, "string", arch))?;
+        if arch != ARCHITECTURE {
+            return Err(ModelError::WrongArchitecture { found: arch.to_owned() });
+        }
+        let n_layer = positive(f, "block_count")?;
+        let hidden = positive(f, "embedding_length")?;
+        let n_head = positive(f, "attention.head_count")?;
+        let n_kv_head = positive(f, "attention.head_count_kv")?;
+        let head_dim = match size(f, "attention.key_length")? {
+            Some(head_dim) => head_dim,
+            None if hidden.is_multiple_of(n_head) => hidden / n_head,
+            None => {
+                let reason =
+                    format!("absent, and embedding_length / head_count = {hidden} / {n_head} is not whole");
+                return Err(invalid("attention.key_length", "(default)", reason));
+            }
+        };
+        if let Some(value_length) = size(f, "attention.value_length")?
+            && value_length != head_dim
+        {
+            let reason = format!("differs from the key length {head_dim}, which qwen3moe does not allow");
+            return Err(invalid("attention.value_length", value_length, reason));
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(invalid(
+                "attention.key_length",
+                head_dim,
+                "RoPE needs an even head dimension".to_owned(),
+            ));
+        }
+        if !n_head.is_multiple_of(n_kv_head) {
+            let reason = format!("does not divide head_count {n_head} into whole query groups");
+            return Err(invalid("attention.head_count_kv", n_kv_head, reason));
+        }
+        let n_expert = positive(f, "expert_count")?;
+        let n_expert_used = positive(f, "expert_used_count")?;
+        if n_expert_used > n_expert {
+            return Err(invalid(
+                "expert_used_count",
+                n_expert_used,
+                format!("exceeds expert_count {n_expert}"),
+            ));
+        }
+        let rms_eps = positive_float(f, "attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| ModelError::MissingKey { key: qkey("attention.layer_norm_rms_epsilon") })?;
+        let rope_theta = positive_float(f, "rope.freq_base")?.unwrap_or(DEFAULT_ROPE_THETA);
+        let norm_topk_prob =
+            optional(f, "expert_weights_norm", GgufValue::as_bool, "a bool")?.unwrap_or(true);
+        Ok(ModelConfig {
+            n_layer,
+            hidden,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_expert,
+            n_expert_used,
+            expert_ffn: positive(f, "expert_feed_forward_length")?,
+            vocab: vocab_size(f, hidden)?,
+            rope_theta,
+            rms_eps,
+            context_length: positive(f, "context_length")?,
+            norm_topk_prob,
+        })
+    }
+}
+
+/// The full key of architecture key `name`.
+fn qkey(name: &str) -> String {
+    format!("{ARCHITECTURE}.{name}")
+}
+
+/// An optional `qwen3moe.*` key converted by `convert`, refused when present with another type.
+fn optional<T>(
+    f: &GgufFile,
+    name: &str,
+    convert: impl Fn(&GgufValue) -> Option<T>,
+    expected: &'static str,
+) -> Result<Option<T>, ModelError> {
+    let key = qkey(name);
+    match f.get(&key) {
+        None => Ok(None),
+        Some(value) => convert(value).map(Some).ok_or_else(|| wrong_type(&key, expected, value)),
+    }
+}
+
+/// A required `qwen3moe.*` size.
+fn positive(f: &GgufFile, name: &str) -> Result<usize, ModelError> {
+    size(f, name)?.ok_or_else(|| ModelError::MissingKey { key: qkey(name) })
+}
+
+/// An optional `qwen3moe.*` size: a non-zero integer that fits in `usize`.
+fn size(f: &GgufFile, name: &str) -> Result<Option<usize>, ModelError> {
+    let Some(value) = optional(f, name, GgufValue::as_u64, "a non-negative integer")? else {
+        return Ok(None);
+    };
+    match usize::try_from(value) {
+        Ok(0) => Err(invalid(name, 0, "must be at least 1".to_owned())),
+        Ok(v) => Ok(Some(v)),
+        Err(_) => Err(invalid(name, value, "does not fit in memory sizes".to_owned())),
+    }
+}
+
+/// An optional `qwen3moe.*` float that must be finite and positive.
+fn positive_float(f: &GgufFile, name: &str) -> Result<Option<f64>, ModelError> {
+    let value = optional(f, name, GgufValue::as_f64, "a number")?;
+    match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => {
+            Err(invalid(name, v, "must be finite and positive".to_owned()))
+        }
+        _ => Ok(value),
+    }
+}
+
+/// Rows of `token_embd.weight`, which must be `[hidden, vocab]`.
+fn vocab_size(f: &GgufFile, hidden: usize) -> Result<usize, ModelError> {
+    let name = "token_embd.weight";
+    let t = f.tensor(name).ok_or_else(|| ModelError::MissingTensor { name: name.to_owned() })?;
+    match t.dims[..] {
+        [row, vocab] if row == hidden => Ok(vocab),
+        _ => Err(ModelError::WrongShape {
+            name: name.to_owned(),
+            expected: vec![hidden, t.dims.get(1).copied().unwrap_or(0)],
+            found: t.dims.clone(),
+            layout: "[embedding_length, vocab]",
+        }),
+    }
+}
+
+fn wrong_type(key: &str, expected: &'static str, found: &GgufValue) -> ModelError {
+    ModelError::WrongKeyType { key: key.to_owned(), expected, found: found.type_name() }
+}
+
+fn invalid(name: &str, value: impl std::fmt::Display, reason: String) -> ModelError {
+    ModelError::InvalidConfig { key: qkey(name), value: value.to_string(), reason }
 }

@@ -8,3 +8,10 @@
 pub mod config;
 pub mod gguf;
 pub mod trace;
+pub mod weights;
+pub mod backend;
+pub mod error;
+pub mod forward;
+pub mod quantize;
+pub mod spec;
+pub mod synth;

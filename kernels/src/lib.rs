@@ -9,6 +9,8 @@
 //! The scalar implementation of each family is its definition; optimised variants are tested against it.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod quant;
 
 pub use quant::GgmlType;

@@ -1,0 +1,212 @@
+//! The command line of DESIGN §4: the gate itself (our flags and libtest's in one line) and the
+//! subcommands `trace`, `synth`, `validate`, `list` and `quantize`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// `cargo moe-gate`: numerical parity between the CPU and CUDA forwards, judged by a versioned contract.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo-moe-gate",
+    bin_name = "cargo moe-gate",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Exit codes: 0 every blocking gate holds; 101 a blocking gate failed; \
+                  2 the run could not be judged (bad arguments, unreadable or invalid contract or model, \
+                  CUDA required but absent)."
+)]
+pub struct Cli {
+    /// A subcommand; without one, the gate runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The gate's flags (used when no subcommand is given).
+    #[command(flatten)]
+    pub gate: GateArgs,
+}
+
+/// Flags of the gate run: ours, then libtest's (a name filter, `--exact`, `--skip`, `--list`, ...).
+#[derive(Debug, Args)]
+pub struct GateArgs {
+    /// The contract: an id (the stem of a file in the workspace's contracts dir) or a path to a YAML file.
+    /// Defaults to the workspace's `default-contract` ([workspace.metadata.moe-gate]).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub contract: Option<String>,
+    /// The model to run: a `.gguf` path or `synth:PRESET[:QUANT][@SEED]`. Overrides the contract's `model`
+    /// (used where CUDA is usable) and `smoke_model` (used elsewhere).
+    #[arg(long, value_name = "SPEC")]
+    pub model: Option<String>,
+    /// Treat an absent or unusable CUDA device as an error (exit 2) instead of listing CUDA trials as ignored.
+    #[arg(long)]
+    pub require_cuda: bool,
+    /// Write report.json, report.md, layers.svg and junit.xml into this directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+    /// Write a JUnit XML report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// libtest's arguments.
+    #[command(flatten)]
+    pub libtest: libtest_mimic::Arguments,
+}
+
+/// Subcommands next to the gate run.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs one forward and writes its trace (DESIGN §5) as safetensors.
+    Trace(TraceArgs),
+    /// Writes a synthetic model (`synth:PRESET[:QUANT][@SEED]`) as a GGUF v3 file.
+    Synth(SynthArgs),
+    /// Parses and validates contracts (all in the workspace's contracts dir when none is named).
+    Validate(ValidateArgs),
+    /// Lists the contracts found in the workspace and their criteria.
+    List,
+    /// Re-quantises a GGUF model to another tensor mix, keeping its metadata.
+    Quantize(QuantizeArgs),
+}
+
+/// Arguments of `cargo moe-gate trace`.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The model: a `.gguf` path or `synth:PRESET[:QUANT][@SEED]`.
+    #[arg(long, value_name = "SPEC")]
+    pub model: String,
+    /// The prompt as comma-separated token ids, e.g. `785,9217,308`.
+    #[arg(long, value_name = "IDS", value_delimiter = ',', num_args = 1.., required = true)]
+    pub tokens: Vec<u32>,
+    /// The backend: reference (f64), cpu or cuda.
+    #[arg(long, value_name = "reference|cpu|cuda")]
+    pub backend: String,
+    /// The numerics policy: fast (each backend's fastest way) or exact (one canonical operation order).
+    #[arg(long, value_name = "fast|exact", default_value = "fast")]
+    pub policy: String,
+    /// Where to write the trace (safetensors).
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub out: PathBuf,
+}
+
+/// Arguments of `cargo moe-gate synth`.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// The synthetic model's spec, `synth:PRESET[:QUANT][@SEED]`.
+    #[arg(long, value_name = "SPEC")]
+    pub model: String,
+    /// Where to write the GGUF file.
+    #[arg(long, value_name = "FILE.gguf")]
+    pub out: PathBuf,
+}
+
+/// Arguments of `cargo moe-gate validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Contract ids or paths; all contracts of the workspace when empty.
+    #[arg(value_name = "CONTRACT")]
+    pub contracts: Vec<String>,
+}
+
+/// Arguments of `cargo moe-gate quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The GGUF file to read.
+    #[arg(long = "in", value_name = "FILE.gguf")]
+    pub input: PathBuf,
+    /// The GGUF file to write.
+    #[arg(long, value_name = "FILE.gguf")]
+    pub out: PathBuf,
+    /// The tensor mix: f32, f16, bf16, q8_0, q4_k, q5_k, q6_k or q4_k_m.
+    #[arg(long, value_name = "QUANT")]
+    pub quant: String,
+}
+
+/// Drops the `moe-gate` that cargo inserts as argv[1] when it runs an installed `cargo-moe-gate`
+/// subcommand, so both invocations parse the same way.
+pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
+    let mut args = args;
+    if args.get(1).is_some_and(|a| a == "moe-gate") {
+        args.remove(1);
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = normalize_args(args.iter().map(OsString::from).collect());
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn installed_subcommand_argv_is_stripped() {
+        let direct = parse(&["cargo-moe-gate", "--contract", "c1", "--exact", "x::y"]);
+        let installed = parse(&["cargo-moe-gate", "moe-gate", "--contract", "c1", "--exact", "x::y"]);
+        assert_eq!(direct.gate.contract.as_deref(), Some("c1"));
+        assert_eq!(installed.gate.contract.as_deref(), Some("c1"));
+        assert!(installed.gate.libtest.exact);
+        assert_eq!(installed.gate.libtest.filter.as_deref(), Some("x::y"));
+    }
+
+    #[test]
+    fn our_flags_and_libtest_flags_share_one_line() {
+        let cli = parse(&[
+            "g",
+            "--contract",
+            "c.yaml",
+            "--model",
+            "synth:tiny",
+            "--require-cuda",
+            "--skip",
+            "layer01",
+            "--skip",
+            "layer02",
+            "--format",
+            "json",
+            "--test-threads",
+            "1",
+            "--include-ignored",
+            "AC-1",
+        ]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.gate.model.as_deref(), Some("synth:tiny"));
+        assert!(cli.gate.require_cuda);
+        assert_eq!(cli.gate.libtest.skip, vec!["layer01", "layer02"]);
+        assert_eq!(cli.gate.libtest.format, Some(libtest_mimic::FormatSetting::Json));
+        assert_eq!(cli.gate.libtest.test_threads, Some(1));
+        assert!(cli.gate.libtest.include_ignored);
+        assert_eq!(cli.gate.libtest.filter.as_deref(), Some("AC-1"));
+    }
+
+    #[test]
+    fn trace_tokens_are_comma_separated() {
+        let cli = parse(&[
+            "g", "trace", "--model", "m.gguf", "--tokens", "785,9217,308", "--backend", "cpu", "--out", "t.st",
+        ]);
+        match cli.command {
+            Some(Command::Trace(t)) => {
+                assert_eq!(t.tokens, vec![785, 9217, 308]);
+                assert_eq!(t.policy, "fast");
+            }
+            other => panic!("expected trace, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gate_flags_conflict_with_subcommands() {
+        let args = ["g", "trace", "--contract", "c"].iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(Cli::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn bad_token_list_is_rejected() {
+        let args = ["g", "trace", "--model", "m", "--tokens", "1,x", "--backend", "cpu", "--out", "o"];
+        assert!(Cli::try_parse_from(args.iter().map(OsString::from)).is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! cargo-moe-gate: the `cargo moe-gate` subcommand (DESIGN §4). It judges a parity contract
+//! (`contracts/*.yaml`, DESIGN §7) on a model: every (run, prompt) forward is recorded once with a trace,
+//! every trial is evaluated from the traces and reported through libtest-mimic, failures are diagnosed,
+//! and the reports of DESIGN §8 are written.
+//!
+//! - [`cli`]: the command line; [`discover`]: workspace and contracts; [`model`]: model choice and CUDA.
+//! - [`record`]: the forwards; [`trials`]: selection, outcomes and libtest trials; [`diagnose`].
+//! - [`gate`]: the run itself; [`commands`]: the subcommands; [`report`]: the report writers.
+//!
+//! The binary is a thin `main` over [`run`], so the end-to-end tests and the `harness = false` test
+//! target run exactly what `cargo moe-gate` runs.
+
+pub mod cli;
+pub mod commands;
+pub mod diagnose;
+pub mod discover;
+pub mod error;
+pub mod gate;
+pub mod model;
+pub mod record;
+pub mod report;
+pub mod trials;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::Cli;
+use crate::error::GateError;
+
+/// The exit code of a run that could not be judged (bad arguments, unreadable or invalid contract or
+/// model, CUDA required but absent).
+pub const EXIT_UNJUDGED: u8 = 2;
+
+/// Runs `cargo moe-gate` with these arguments (argv[0] first; a `moe-gate` argv[1], as cargo passes to
+/// an installed subcommand, is dropped) and returns the exit code.
+pub fn run<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    ExitCode::from(run_code(args))
+}
+
+/// Like [`run`], returning the exit code as a number: 0 every blocking gate holds, 101 a blocking gate
+/// failed, 2 the run could not be judged.
+pub fn run_code<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let args = cli::normalize_args(args.into_iter().map(Into::into).collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_UNJUDGED } else { 0 };
+        }
+    };
+    let result = match cli.command {
+        None => gate::run_gate(&cli.gate),
+        Some(command) => commands::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e);
+            EXIT_UNJUDGED
+        }
+    }
+}
+
+/// Prints an error the way the gate's users read it: one `error:` line, and for a contract error the
+/// offending line with a caret.
+fn report_error(e: &GateError) {
+    eprintln!("error: {e}");
+    if let GateError::Contract(ce) = e
+        && let Some(snippet) = ce.snippet()
+    {
+        eprintln!("{snippet}");
+    }
+}

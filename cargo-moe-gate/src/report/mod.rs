@@ -1,0 +1,581 @@
+//! Reports of a gate run (DESIGN §8): one [`GateReport`] value holds everything, and each writer renders it:
+//! the terminal summary ([`terminal`]), `report.json` (this module, schema [`SCHEMA_VERSION`]), `report.md`
+//! ([`markdown`]), `layers.svg` ([`svg`]) and JUnit XML ([`junit`]).
+
+pub mod junit;
+pub mod markdown;
+pub mod svg;
+pub mod table;
+pub mod terminal;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::GateError;
+
+/// Version of the `report.json` schema. Bump it when a field changes meaning or is removed; adding a
+/// field keeps the version.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Everything a gate run found.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// `cargo-moe-gate X.Y.Z`.
+    pub tool: String,
+    /// The contract judged.
+    pub contract: ContractInfo,
+    /// The model run, and why it was chosen.
+    pub model: ModelInfo,
+    /// Whether CUDA was usable, and why not.
+    pub cuda: CudaInfo,
+    /// Wall time of each phase.
+    pub timings: Timings,
+    /// One entry per criterion, in contract order.
+    pub criteria: Vec<CriterionReport>,
+    /// One entry per planned trial, in plan order.
+    pub trials: Vec<TrialReport>,
+    /// Per-layer worst values of the per-layer criteria.
+    pub layers: Vec<LayerTable>,
+    /// The next token of every prompt, per run.
+    pub argmax: Vec<ArgmaxRow>,
+    /// One diagnosis per (criterion, prompt) with an unexpected failure.
+    pub diagnoses: Vec<Diagnosis>,
+    /// The gate's decision.
+    pub verdict: Verdict,
+}
+
+/// The contract judged.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContractInfo {
+    pub id: String,
+    pub version: String,
+    pub title: String,
+    pub status: String,
+    pub path: String,
+}
+
+/// The model run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The spec loaded.
+    pub spec: String,
+    /// `--model`, `model` or `smoke_model`.
+    pub source: String,
+    /// Why that one (e.g. "no usable CUDA device: ...").
+    pub reason: String,
+    /// Decoder layers of the model.
+    pub n_layer: usize,
+}
+
+/// Whether CUDA trials could run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CudaInfo {
+    /// Whether any run of the contract needs CUDA.
+    pub needed: bool,
+    /// Whether a CUDA backend could be created.
+    pub available: bool,
+    /// Why not, when not.
+    pub reason: Option<String>,
+}
+
+/// Wall time of each phase, in seconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Loading or synthesising the model.
+    pub model_s: f64,
+    /// Each run's forwards (all its prompts, including greedy steps).
+    pub runs: Vec<RunTiming>,
+    /// Evaluating every trial from the recorded traces.
+    pub evaluation_s: f64,
+    /// Diagnosing the failures (isolated layers, extra reference forwards).
+    pub diagnosis_s: f64,
+    /// The whole run.
+    pub total_s: f64,
+}
+
+/// Wall time of one run's forwards.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunTiming {
+    pub run: String,
+    pub backend: String,
+    pub policy: String,
+    /// Prompts forwarded.
+    pub prompts: usize,
+    /// Prompt tokens forwarded.
+    pub tokens: usize,
+    /// Greedy decode steps taken.
+    pub greedy_steps: usize,
+    pub seconds: f64,
+}
+
+/// Which way a metric gets worse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Worse {
+    /// Smaller is worse (cosine, agreement rates): the threshold is a minimum.
+    Lower,
+    /// Larger is worse (nmse, max_abs, kld, mismatch counts): the threshold is a maximum.
+    Higher,
+}
+
+impl Worse {
+    /// Whether `new` is worse than `old` (a NaN is worst of all).
+    pub fn is_worse(self, new: f64, old: f64) -> bool {
+        match (new.is_nan(), old.is_nan()) {
+            (_, true) => false,
+            (true, false) => true,
+            (false, false) => match self {
+                Worse::Lower => new < old,
+                Worse::Higher => new > old,
+            },
+        }
+    }
+
+    /// The worse of two values (a NaN is worst of all).
+    pub fn worst(self, a: f64, b: f64) -> f64 {
+        if self.is_worse(b, a) { b } else { a }
+    }
+}
+
+/// One criterion's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct CriterionReport {
+    pub id: String,
+    pub title: String,
+    /// `candidate vs baseline`.
+    pub compare: [String; 2],
+    pub tap: String,
+    pub metric: String,
+    /// `all`, `N/M` or `fraction F`.
+    pub gate: String,
+    /// `min 0.9999`, `max 1e-3`, or empty.
+    pub threshold: String,
+    pub worse: Worse,
+    pub blocking: bool,
+    /// Trials that passed (expected failures do not count as passes).
+    pub passed: usize,
+    /// Trials judged (ignored and filtered-out trials excluded).
+    pub total: usize,
+    /// Trials listed as ignored.
+    pub ignored: usize,
+    /// Failures recorded as known divergences.
+    pub expected_failures: usize,
+    /// Strict known divergences that passed: they fail the gate.
+    pub unexpected_passes: Vec<String>,
+    pub gate_holds: bool,
+}
+
+/// The fate of one trial.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum TrialStatus {
+    Passed,
+    Failed,
+    /// Failed, as a known divergence of the contract says it does.
+    ExpectedFailure,
+    /// A strict known divergence that passed: the contract is out of date.
+    UnexpectedPass,
+    /// Listed as ignored (e.g. no CUDA), with the reason.
+    Ignored(String),
+    /// Not selected by the name filters.
+    FilteredOut,
+}
+
+impl TrialStatus {
+    /// Whether the trial counts against its criterion.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, TrialStatus::Failed | TrialStatus::UnexpectedPass)
+    }
+
+    /// A short word for tables.
+    pub fn word(&self) -> &'static str {
+        match self {
+            TrialStatus::Passed => "ok",
+            TrialStatus::Failed => "FAILED",
+            TrialStatus::ExpectedFailure => "expected failure",
+            TrialStatus::UnexpectedPass => "UNEXPECTED PASS",
+            TrialStatus::Ignored(_) => "ignored",
+            TrialStatus::FilteredOut => "filtered out",
+        }
+    }
+}
+
+/// One trial's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrialReport {
+    /// `CONTRACT::CRITERION::PROMPT[::layerNN|::posNN]`.
+    pub name: String,
+    pub criterion: String,
+    pub prompt: String,
+    pub layer: Option<usize>,
+    pub position: Option<usize>,
+    #[serde(flatten)]
+    pub status: TrialStatus,
+    /// The metric value (None when not evaluated).
+    pub value: Option<f64>,
+    /// The evaluation's message.
+    pub detail: String,
+    /// Where the first NaN/Inf is, if the trial read one.
+    pub non_finite: Option<String>,
+    /// The known divergence that covers this trial (its status and note).
+    pub known_divergence: Option<String>,
+}
+
+/// Worst value per layer of one per-layer criterion.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerTable {
+    pub criterion: String,
+    pub metric: String,
+    pub worse: Worse,
+    /// The threshold the values are held to (`min` for [`Worse::Lower`], `max` for [`Worse::Higher`]).
+    pub threshold: Option<f64>,
+    pub rows: Vec<LayerRow>,
+}
+
+/// One layer of a [`LayerTable`].
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRow {
+    pub layer: usize,
+    /// The worst value over prompts.
+    pub worst: f64,
+    /// The prompt that gave it.
+    pub worst_prompt: String,
+    /// Whether any trial of this layer failed unexpectedly.
+    pub failed: bool,
+    /// Every prompt's value.
+    pub values: BTreeMap<String, f64>,
+}
+
+/// The next token of one prompt according to each run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArgmaxRow {
+    pub prompt: String,
+    pub runs: Vec<RunToken>,
+    /// Whether every run chose the same token.
+    pub agree: bool,
+}
+
+/// One run's choice of next token.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunToken {
+    pub run: String,
+    pub token: u32,
+    pub logit: f64,
+    /// Distance to the runner-up logit: a small margin makes a flip benign.
+    pub margin: f64,
+}
+
+/// What the gate found out about one failing (criterion, prompt).
+#[derive(Debug, Clone, Serialize)]
+pub struct Diagnosis {
+    pub criterion: String,
+    pub prompt: String,
+    /// `[candidate, baseline]`.
+    pub compare: [String; 2],
+    /// The run taken as the truth (None when the contract has none).
+    pub reference: Option<String>,
+    /// Unexpectedly failing trials of this (criterion, prompt).
+    pub failing_trials: Vec<String>,
+    /// Where the first NaN/Inf appeared, if any.
+    pub non_finite: Option<String>,
+    /// The first layer where the criterion fails (layer taps) or where the two runs route differently
+    /// (logit taps).
+    pub first_divergent_layer: Option<usize>,
+    /// The criterion's value there (end to end: each run fed its own previous layer).
+    pub end_to_end: Option<f64>,
+    /// The same layer run alone on the reference's input, compared to the reference's output.
+    pub isolated: Vec<IsolatedError>,
+    /// The reference router's smallest margin at the top-k boundary in that layer.
+    pub router_margin: Option<RouterMargin>,
+    /// Each compared run's distance to the reference (nmse) at that layer, or on the logits.
+    pub distance_to_reference: Vec<RunDistance>,
+    /// The run closer to the reference.
+    pub closer: Option<String>,
+    /// One sentence that puts it together.
+    pub summary: String,
+}
+
+/// The isolated error of one run at one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct IsolatedError {
+    pub run: String,
+    pub layer: usize,
+    /// nmse of the layer's output against the reference's output.
+    pub nmse: f64,
+    /// cosine of the same.
+    pub cosine: f64,
+}
+
+/// `p_k - p_(k+1)` of the reference router softmax: how clearly the top-k boundary is separated.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouterMargin {
+    pub layer: usize,
+    /// The position with the smallest margin.
+    pub position: usize,
+    pub margin: f64,
+    pub k: usize,
+}
+
+/// A run's distance to the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDistance {
+    pub run: String,
+    /// `hidden.L` or `logits`.
+    pub at: String,
+    pub nmse: f64,
+}
+
+/// The gate's decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// 0: every blocking gate holds; 101: a blocking gate failed.
+    pub exit_code: u8,
+    /// Blocking criteria whose gate failed.
+    pub blocking_failed: Vec<String>,
+    /// Non-blocking criteria whose gate failed.
+    pub advisory_failed: Vec<String>,
+    /// Trials listed as ignored.
+    pub ignored: usize,
+    /// One line for humans.
+    pub line: String,
+}
+
+impl GateReport {
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the report holds only serialisable values")
+    }
+
+    /// Writes report.json, report.md, layers.svg and junit.xml into `dir` (created if missing).
+    pub fn write_dir(&self, dir: &Path) -> Result<(), GateError> {
+        std::fs::create_dir_all(dir).map_err(|e| GateError::write(dir, e))?;
+        write_file(&dir.join("report.json"), &self.to_json())?;
+        write_file(&dir.join("report.md"), &markdown::render(self))?;
+        write_file(&dir.join("layers.svg"), &svg::render(self)?)?;
+        write_file(&dir.join("junit.xml"), &junit::render(self))
+    }
+
+    /// Writes the JUnit XML report to `path`.
+    pub fn write_junit(&self, path: &Path) -> Result<(), GateError> {
+        write_file(path, &junit::render(self))
+    }
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<(), GateError> {
+    std::fs::write(path, contents).map_err(|e| GateError::write(path, e))
+}
+
+/// Formats a metric value for humans: cosines with enough digits to see how far from 1 they are,
+/// everything else in 4 significant digits.
+pub fn fmt_value(metric: &str, v: f64) -> String {
+    if v.is_nan() {
+        return "NaN".into();
+    }
+    if v.is_infinite() {
+        return if v > 0.0 { "inf".into() } else { "-inf".into() };
+    }
+    match metric {
+        "cosine" => format!("{v:.9}"),
+        "argmax" | "topk_set" | "bitwise" | "greedy" => {
+            if v.fract() == 0.0 && v.abs() < 1e15 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.4}")
+            }
+        }
+        _ if v == 0.0 => "0".into(),
+        _ if (1e-3..1e4).contains(&v.abs()) => format!("{v:.4}"),
+        _ => format!("{v:.3e}"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod sample {
+    //! A hand-built report used by the writers' tests.
+    use super::*;
+
+    /// A report of a 2-layer model where layer 1 of prompt `p_b` fails the cosine criterion.
+    pub fn report() -> GateReport {
+        let trial = |criterion: &str, prompt: &str, layer: Option<usize>, value: f64, status: TrialStatus| {
+            TrialReport {
+                name: match layer {
+                    Some(l) => format!("c-v1::{criterion}::{prompt}::layer{l:02}"),
+                    None => format!("c-v1::{criterion}::{prompt}"),
+                },
+                criterion: criterion.into(),
+                prompt: prompt.into(),
+                layer,
+                position: None,
+                status,
+                value: Some(value),
+                detail: format!("cosine {value}"),
+                non_finite: None,
+                known_divergence: None,
+            }
+        };
+        let mut values_0 = BTreeMap::new();
+        values_0.insert("p_a".to_string(), 0.999999);
+        values_0.insert("p_b".to_string(), 0.99999);
+        let mut values_1 = BTreeMap::new();
+        values_1.insert("p_a".to_string(), 0.99998);
+        values_1.insert("p_b".to_string(), 0.95);
+        GateReport {
+            schema_version: SCHEMA_VERSION,
+            tool: "cargo-moe-gate 0.1.0".into(),
+            contract: ContractInfo {
+                id: "c-v1".into(),
+                version: "1.0.0".into(),
+                title: "cpu agrees with the <reference> & more".into(),
+                status: "active".into(),
+                path: "contracts/c-v1.yaml".into(),
+            },
+            model: ModelInfo {
+                spec: "synth:tiny".into(),
+                source: "smoke_model".into(),
+                reason: "no usable CUDA device: built without the `cuda` feature".into(),
+                n_layer: 2,
+            },
+            cuda: CudaInfo {
+                needed: true,
+                available: false,
+                reason: Some("built without the `cuda` feature".into()),
+            },
+            timings: Timings {
+                model_s: 0.5,
+                runs: vec![RunTiming {
+                    run: "cpu".into(),
+                    backend: "cpu".into(),
+                    policy: "fast".into(),
+                    prompts: 2,
+                    tokens: 5,
+                    greedy_steps: 0,
+                    seconds: 0.25,
+                }],
+                evaluation_s: 0.01,
+                diagnosis_s: 0.02,
+                total_s: 0.9,
+            },
+            criteria: vec![CriterionReport {
+                id: "HID".into(),
+                title: "hidden states agree".into(),
+                compare: ["cpu".into(), "reference".into()],
+                tap: "hidden".into(),
+                metric: "cosine".into(),
+                gate: "all".into(),
+                threshold: "min 0.9999".into(),
+                worse: Worse::Lower,
+                blocking: true,
+                passed: 3,
+                total: 4,
+                ignored: 0,
+                expected_failures: 0,
+                unexpected_passes: vec![],
+                gate_holds: false,
+            }],
+            trials: vec![
+                trial("HID", "p_a", Some(0), 0.999999, TrialStatus::Passed),
+                trial("HID", "p_a", Some(1), 0.99998, TrialStatus::Passed),
+                trial("HID", "p_b", Some(0), 0.99999, TrialStatus::Passed),
+                trial("HID", "p_b", Some(1), 0.95, TrialStatus::Failed),
+                trial("GPU", "p_a", None, 1.0, TrialStatus::Ignored("CUDA unavailable".into())),
+            ],
+            layers: vec![LayerTable {
+                criterion: "HID".into(),
+                metric: "cosine".into(),
+                worse: Worse::Lower,
+                threshold: Some(0.9999),
+                rows: vec![
+                    LayerRow {
+                        layer: 0,
+                        worst: 0.99999,
+                        worst_prompt: "p_b".into(),
+                        failed: false,
+                        values: values_0,
+                    },
+                    LayerRow { layer: 1, worst: 0.95, worst_prompt: "p_b".into(), failed: true, values: values_1 },
+                ],
+            }],
+            argmax: vec![ArgmaxRow {
+                prompt: "p_a".into(),
+                runs: vec![
+                    RunToken { run: "cpu".into(), token: 17, logit: 3.25, margin: 0.5 },
+                    RunToken { run: "reference".into(), token: 17, logit: 3.2500001, margin: 0.5 },
+                ],
+                agree: true,
+            }],
+            diagnoses: vec![Diagnosis {
+                criterion: "HID".into(),
+                prompt: "p_b".into(),
+                compare: ["cpu".into(), "reference".into()],
+                reference: Some("reference".into()),
+                failing_trials: vec!["c-v1::HID::p_b::layer01".into()],
+                non_finite: None,
+                first_divergent_layer: Some(1),
+                end_to_end: Some(0.95),
+                isolated: vec![IsolatedError { run: "cpu".into(), layer: 1, nmse: 0.08, cosine: 0.96 }],
+                router_margin: Some(RouterMargin { layer: 1, position: 2, margin: 0.2, k: 2 }),
+                distance_to_reference: vec![RunDistance { run: "cpu".into(), at: "hidden.1".into(), nmse: 0.09 }],
+                closer: None,
+                summary: "layer 1 itself diverges".into(),
+            }],
+            verdict: Verdict {
+                exit_code: 101,
+                blocking_failed: vec!["HID".into()],
+                advisory_failed: vec![],
+                ignored: 1,
+                line: "FAILED: blocking gate HID does not hold".into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_report_carries_schema_version_and_statuses() {
+        let report = sample::report();
+        let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["trials"][3]["status"], "failed");
+        assert_eq!(v["trials"][4]["status"], "ignored");
+        assert_eq!(v["trials"][4]["reason"], "CUDA unavailable");
+        assert_eq!(v["layers"][0]["rows"][1]["worst"], 0.95);
+        assert_eq!(v["verdict"]["exit_code"], 101);
+    }
+
+    #[test]
+    fn write_dir_writes_four_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("nested/report");
+        sample::report().write_dir(&out).unwrap();
+        for f in ["report.json", "report.md", "layers.svg", "junit.xml"] {
+            let len = std::fs::metadata(out.join(f)).unwrap().len();
+            assert!(len > 100, "{f} has {len} bytes");
+        }
+    }
+
+    #[test]
+    fn worst_respects_direction_and_nan() {
+        assert_eq!(Worse::Lower.worst(0.9, 0.8), 0.8);
+        assert_eq!(Worse::Higher.worst(0.9, 0.8), 0.9);
+        assert!(Worse::Higher.worst(f64::NAN, 0.8).is_nan());
+        assert!(Worse::Lower.worst(0.8, f64::NAN).is_nan());
+        assert!(Worse::Lower.is_worse(0.5, 0.9) && !Worse::Higher.is_worse(0.5, 0.9));
+    }
+
+    #[test]
+    fn values_are_formatted_per_metric() {
+        assert_eq!(fmt_value("cosine", 0.999999873), "0.999999873");
+        assert_eq!(fmt_value("nmse", 3.2e-9), "3.200e-9");
+        assert_eq!(fmt_value("max_abs", 0.5), "0.5000");
+        assert_eq!(fmt_value("topk_set", 2.0), "2");
+        assert_eq!(fmt_value("kld", 0.0), "0");
+        assert_eq!(fmt_value("kld", f64::NAN), "NaN");
+    }
+}

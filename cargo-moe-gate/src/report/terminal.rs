@@ -1,0 +1,260 @@
+//! The terminal summary printed after libtest's lines (DESIGN §8): per criterion N/M and the gate's
+//! verdict, the per-layer worst values, the next-token table, and a diagnosis for every failure.
+
+use super::table::Table;
+use super::{CriterionReport, Diagnosis, GateReport, TrialStatus, fmt_value};
+
+/// The whole summary as text.
+pub fn render(report: &GateReport) -> String {
+    let mut out = String::new();
+    out.push_str(&header(report));
+    out.push_str(&criteria_section(report));
+    out.push_str(&layers_section(report));
+    out.push_str(&argmax_section(report));
+    out.push_str(&diagnoses_section(report));
+    out.push_str(&timings_line(report));
+    out.push_str(&format!("\ngate: {}\n", report.verdict.line));
+    out
+}
+
+fn header(report: &GateReport) -> String {
+    let c = &report.contract;
+    let m = &report.model;
+    let mut out = format!("\nmoe-gate: contract {} {} ({})\n", c.id, c.version, c.path);
+    out.push_str(&format!("model: {} ({}: {}), {} layers\n", m.spec, m.source, m.reason, m.n_layer));
+    if report.cuda.needed {
+        match (&report.cuda.reason, report.cuda.available) {
+            (_, true) => out.push_str("cuda: available\n"),
+            (Some(reason), false) => out.push_str(&format!(
+                "cuda: unavailable ({reason}); {} trials that need it are listed as ignored\n",
+                report.verdict.ignored
+            )),
+            (None, false) => out.push_str("cuda: unavailable\n"),
+        }
+    }
+    out
+}
+
+/// `N/M` and the verdict of one criterion, as shown in tables.
+pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
+    let mut result = format!("{}/{}", c.passed, c.total);
+    let mut extras = Vec::new();
+    if c.expected_failures > 0 {
+        extras.push(format!("{} expected failures", c.expected_failures));
+    }
+    if !c.unexpected_passes.is_empty() {
+        extras.push(format!("{} unexpected passes", c.unexpected_passes.len()));
+    }
+    if c.ignored > 0 {
+        extras.push(format!("{} ignored", c.ignored));
+    }
+    if !extras.is_empty() {
+        result.push_str(&format!(" ({})", extras.join(", ")));
+    }
+    let verdict = match (c.total == 0 && c.unexpected_passes.is_empty(), c.gate_holds, c.blocking) {
+        (true, _, _) => "not judged",
+        (false, true, _) => "holds",
+        (false, false, true) => "FAILS",
+        (false, false, false) => "fails (advisory)",
+    };
+    (result, verdict)
+}
+
+fn criteria_section(report: &GateReport) -> String {
+    let mut t = Table::new(["criterion", "compare", "tap", "metric", "threshold", "gate", "passed", "verdict"]);
+    for c in &report.criteria {
+        let (result, verdict) = criterion_result(c);
+        t.row([
+            c.id.clone(),
+            format!("{} vs {}", c.compare[0], c.compare[1]),
+            c.tap.clone(),
+            c.metric.clone(),
+            c.threshold.clone(),
+            c.gate.clone(),
+            result,
+            verdict.to_string(),
+        ]);
+    }
+    format!("\ncriteria\n{}", t.to_text(2))
+}
+
+fn layers_section(report: &GateReport) -> String {
+    if report.layers.is_empty() {
+        return String::new();
+    }
+    let mut header = vec!["layer".to_string()];
+    header.extend(report.layers.iter().map(|t| format!("{} ({})", t.criterion, t.metric)));
+    let mut t = Table::new(header);
+    let mut layers: Vec<usize> = report.layers.iter().flat_map(|t| t.rows.iter().map(|r| r.layer)).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    for layer in layers {
+        let mut row = vec![layer.to_string()];
+        for table in &report.layers {
+            row.push(match table.rows.iter().find(|r| r.layer == layer) {
+                Some(r) => format!("{}{}", fmt_value(&table.metric, r.worst), if r.failed { " ✗" } else { "  " }),
+                None => "-  ".into(),
+            });
+        }
+        t.row(row);
+    }
+    format!("\nper layer: worst value over prompts (✗ = a trial failed)\n{}", t.to_text(2))
+}
+
+fn argmax_section(report: &GateReport) -> String {
+    if report.argmax.is_empty() {
+        return String::new();
+    }
+    let mut runs: Vec<String> = Vec::new();
+    for row in &report.argmax {
+        for r in &row.runs {
+            if !runs.contains(&r.run) {
+                runs.push(r.run.clone());
+            }
+        }
+    }
+    let mut header = vec!["prompt".to_string()];
+    header.extend(runs.iter().map(|r| format!("{r}: token (logit, margin)")));
+    header.push("agree".into());
+    let mut t = Table::new(header);
+    for row in &report.argmax {
+        let mut cells = vec![row.prompt.clone()];
+        for run in &runs {
+            cells.push(match row.runs.iter().find(|r| &r.run == run) {
+                Some(r) => format!("{} ({:.4}, {:.2e})", r.token, r.logit, r.margin),
+                None => "-".into(),
+            });
+        }
+        cells.push(if row.agree { "yes".into() } else { "NO".into() });
+        t.row(cells);
+    }
+    format!("\nnext token at the last position\n{}", t.to_text(2))
+}
+
+fn diagnoses_section(report: &GateReport) -> String {
+    if report.diagnoses.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\ndiagnosis\n");
+    for d in &report.diagnoses {
+        out.push_str(&diagnosis_text(d, "  "));
+    }
+    out
+}
+
+/// The lines describing one diagnosis, each prefixed by `indent`.
+pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
+    let mut out = format!(
+        "{indent}{}::{} ({} vs {}, {} failing trials)\n",
+        d.criterion,
+        d.prompt,
+        d.compare[0],
+        d.compare[1],
+        d.failing_trials.len()
+    );
+    let item = |s: String| format!("{indent}  - {s}\n");
+    if let Some(nf) = &d.non_finite {
+        out.push_str(&item(format!("non-finite value: {nf}")));
+    }
+    if let Some(layer) = d.first_divergent_layer {
+        let value = d.end_to_end.map(|v| format!(" (value {})", fmt_value("", v))).unwrap_or_default();
+        out.push_str(&item(format!("first divergent layer: {layer}{value}")));
+    }
+    for iso in &d.isolated {
+        out.push_str(&item(format!(
+            "isolated layer {} of {} on the reference's input: nmse {}, cosine {}",
+            iso.layer,
+            iso.run,
+            fmt_value("nmse", iso.nmse),
+            fmt_value("cosine", iso.cosine)
+        )));
+    }
+    if let Some(m) = &d.router_margin {
+        out.push_str(&item(format!(
+            "reference router margin at the top-{} boundary, layer {}: {} (position {})",
+            m.k,
+            m.layer,
+            fmt_value("nmse", m.margin),
+            m.position
+        )));
+    }
+    if !d.distance_to_reference.is_empty() {
+        let parts: Vec<String> = d
+            .distance_to_reference
+            .iter()
+            .map(|r| format!("{} nmse {} at {}", r.run, fmt_value("nmse", r.nmse), r.at))
+            .collect();
+        let closer = d.closer.as_ref().map(|c| format!("; closer: {c}")).unwrap_or_default();
+        out.push_str(&item(format!("distance to the reference: {}{closer}", parts.join(", "))));
+    }
+    out.push_str(&format!("{indent}  => {}\n", d.summary));
+    out
+}
+
+fn timings_line(report: &GateReport) -> String {
+    let t = &report.timings;
+    let mut parts = vec![format!("model {:.2} s", t.model_s)];
+    for r in &t.runs {
+        parts.push(format!("{} {:.2} s ({} prompts, {} tokens)", r.run, r.seconds, r.prompts, r.tokens));
+    }
+    parts.push(format!("evaluation {:.3} s", t.evaluation_s));
+    if t.diagnosis_s > 0.0 {
+        parts.push(format!("diagnosis {:.2} s", t.diagnosis_s));
+    }
+    parts.push(format!("total {:.2} s", t.total_s));
+    format!("\ntimings: {}\n", parts.join("; "))
+}
+
+/// The failing trials, one line each (used when there are failures but libtest's own list was filtered).
+pub fn failing_trials(report: &GateReport) -> Vec<String> {
+    report
+        .trials
+        .iter()
+        .filter(|t| matches!(t.status, TrialStatus::Failed | TrialStatus::UnexpectedPass))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sample;
+    use super::*;
+
+    #[test]
+    fn summary_has_every_section() {
+        let text = render(&sample::report());
+        assert!(text.contains("model: synth:tiny (smoke_model: no usable CUDA device"), "{text}");
+        assert!(text.contains("cuda: unavailable (built without the `cuda` feature); 1 trials"), "{text}");
+        let criteria_line = text.lines().find(|l| l.trim_start().starts_with("HID ")).unwrap();
+        assert!(criteria_line.contains("3/4") && criteria_line.ends_with("FAILS"), "{criteria_line}");
+        let layer_line = text.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap();
+        assert!(layer_line.contains("0.950000000 ✗"), "{layer_line}");
+        let argmax_line = text.lines().find(|l| l.trim_start().starts_with("p_a ")).unwrap();
+        assert_eq!(argmax_line.matches("17 (3.2500, 5.00e-1)").count(), 2, "{argmax_line}");
+        assert!(argmax_line.ends_with("yes"), "{argmax_line}");
+        assert!(text.contains("first divergent layer: 1"), "{text}");
+        assert!(text.contains("reference router margin at the top-2 boundary, layer 1: 0.2000 (position 2)"));
+        assert!(text.contains("gate: FAILED: blocking gate HID does not hold"), "{text}");
+    }
+
+    #[test]
+    fn criterion_verdicts() {
+        let mut c = sample::report().criteria[0].clone();
+        assert_eq!(criterion_result(&c), ("3/4".to_string(), "FAILS"));
+        c.blocking = false;
+        assert_eq!(criterion_result(&c).1, "fails (advisory)");
+        c.passed = 0;
+        c.total = 0;
+        c.ignored = 4;
+        assert_eq!(criterion_result(&c), ("0/0 (4 ignored)".to_string(), "not judged"));
+        c.total = 4;
+        c.passed = 4;
+        c.gate_holds = true;
+        assert_eq!(criterion_result(&c).1, "holds");
+    }
+
+    #[test]
+    fn failing_trials_are_listed() {
+        assert_eq!(failing_trials(&sample::report()), vec!["c-v1::HID::p_b::layer01"]);
+    }
+}

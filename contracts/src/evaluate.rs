@@ -1,0 +1,499 @@
+//! Judging one trial from the recorded traces (DESIGN §7, issue 4 item 3).
+//!
+//! What a trial reads: the criterion's tap of the candidate and baseline runs on the trial's prompt, at
+//! the trial's layer (every layer when the tap is per layer and `per` lacks `layer`), over every
+//! position (one with `per: position`; `argmax` without it reads the last position, the next token the
+//! prompt predicts). Float metrics are computed over the flattened values of each layer; when a trial
+//! covers several layers or positions its value is the worst of them. A NaN or Inf anywhere in what a
+//! trial reads fails it, and `non_finite` says where, with the trace's first non-finite value (where it
+//! started) when that is elsewhere.
+
+use std::ops::Range;
+
+use moe_engine::trace::{Matrix, Trace};
+
+use crate::metrics::{self, TopkVerdict};
+use crate::plan::TrialPlan;
+use crate::record::{Recorded, TrialOutcome};
+use crate::schema::{Bound, Contract, Criterion, Metric, Tap};
+
+/// Why a trial could not produce a value.
+enum Problem {
+    /// A recording is missing or does not fit the trial.
+    Unjudgeable(String),
+    /// The trial read a NaN or Inf, here.
+    NonFinite(String),
+}
+
+type Judged = Result<TrialOutcome, Problem>;
+
+/// Judges one trial from the recordings. Never panics: a missing or ill-shaped recording fails the trial
+/// with a detail saying what is missing.
+pub fn evaluate(contract: &Contract, trial: &TrialPlan, rec: &Recorded) -> TrialOutcome {
+    let Some(criterion) = contract.criterion(&trial.criterion) else {
+        return TrialOutcome::unjudgeable(format!(
+            "criterion `{}` is not in contract `{}`: the trial was planned from another contract",
+            trial.criterion, contract.contract
+        ));
+    };
+    let judged = match criterion.metric {
+        Metric::Greedy => greedy_trial(criterion, trial, rec),
+        _ => trace_trial(criterion, trial, rec),
+    };
+    judged.unwrap_or_else(|problem| match problem {
+        Problem::Unjudgeable(detail) => TrialOutcome::unjudgeable(detail),
+        Problem::NonFinite(location) => TrialOutcome::non_finite(location),
+    })
+}
+
+/// The two traces a trial compares, with their run ids.
+struct Pair<'a> {
+    candidate: (&'a str, &'a Trace),
+    baseline: (&'a str, &'a Trace),
+    prompt: &'a str,
+}
+
+fn trace_trial(criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Judged {
+    let pair = Pair {
+        candidate: (&criterion.compare[0], recorded(rec, &criterion.compare[0], &trial.prompt)?),
+        baseline: (&criterion.compare[1], recorded(rec, &criterion.compare[1], &trial.prompt)?),
+        prompt: &trial.prompt,
+    };
+    if pair.candidate.1.tokens != pair.baseline.1.tokens {
+        return Err(Problem::Unjudgeable(format!(
+            "runs `{}` and `{}` recorded different tokens for prompt `{}`",
+            pair.candidate.0, pair.baseline.0, pair.prompt
+        )));
+    }
+    let layers = layers_read(criterion.tap, trial.layer, &pair)?;
+    let rows = rows_read(criterion.metric, trial.position, pair.baseline.1)?;
+    match criterion.metric {
+        Metric::Cosine | Metric::Nmse | Metric::MaxAbs => distance_trial(criterion, &pair, &layers, rows),
+        Metric::Bitwise => bitwise_trial(criterion, &pair, &layers, rows),
+        Metric::Kld => kld_trial(criterion, &pair, rows),
+        Metric::Argmax => argmax_trial(&pair, rows),
+        Metric::TopkSet => topk_trial(criterion, trial, rec, &pair, &layers, rows),
+        Metric::Greedy => Err(Problem::Unjudgeable("greedy trials read greedy steps, not traces".into())),
+    }
+}
+
+fn recorded<'a>(rec: &'a Recorded, run: &str, prompt: &str) -> Result<&'a Trace, Problem> {
+    rec.trace(run, prompt).ok_or_else(|| {
+        Problem::Unjudgeable(format!("no trace was recorded for run `{run}` on prompt `{prompt}`"))
+    })
+}
+
+/// The layers a trial reads: its own, every layer for a per-layer tap judged per prompt, none for logits.
+fn layers_read(tap: Tap, layer: Option<usize>, pair: &Pair<'_>) -> Result<Vec<Option<usize>>, Problem> {
+    if !tap.is_per_layer() {
+        return Ok(vec![None]);
+    }
+    let (nc, nb) = (pair.candidate.1.layers.len(), pair.baseline.1.layers.len());
+    if nc != nb {
+        return Err(Problem::Unjudgeable(format!(
+            "run `{}` recorded {nc} layers and run `{}` {nb} on prompt `{}`",
+            pair.candidate.0, pair.baseline.0, pair.prompt
+        )));
+    }
+    match layer {
+        Some(l) if l < nb => Ok(vec![Some(l)]),
+        Some(l) => Err(Problem::Unjudgeable(format!("layer {l} is beyond the {nb} layers recorded"))),
+        None => Ok((0..nb).map(Some).collect()),
+    }
+}
+
+/// The positions a trial reads: its own; the last for argmax; else all.
+fn rows_read(metric: Metric, position: Option<usize>, trace: &Trace) -> Result<Range<usize>, Problem> {
+    let t = trace.tokens.len();
+    match position {
+        Some(p) if p < t => Ok(p..p + 1),
+        Some(p) => Err(Problem::Unjudgeable(format!("position {p} is beyond the prompt's {t} tokens"))),
+        None if t == 0 => Err(Problem::Unjudgeable("the trace holds no tokens".into())),
+        None if metric == Metric::Argmax => Ok(t - 1..t),
+        None => Ok(0..t),
+    }
+}
+
+/// The float matrix of `tap` (not router_experts) at `layer`.
+fn float_tap(trace: &Trace, tap: Tap, layer: Option<usize>) -> Option<&Matrix> {
+    let layer = layer.and_then(|l| trace.layers.get(l));
+    match tap {
+        Tap::Hidden => layer.map(|l| &l.hidden),
+        Tap::RouterLogits => layer.map(|l| &l.router_logits),
+        Tap::RouterWeights => layer.map(|l| &l.router_weights),
+        Tap::Logits => Some(&trace.logits),
+        Tap::RouterExperts => None,
+    }
+}
+
+/// The tensor name of DESIGN §5 for `tap` at `layer`.
+fn tensor_name(tap: Tap, layer: Option<usize>) -> String {
+    match layer {
+        Some(l) => format!("{tap}.{l}"),
+        None => tap.to_string(),
+    }
+}
+
+/// The rows `rows` of the candidate's and the baseline's float tap at `layer`, checked for shape and
+/// for NaN/Inf.
+fn float_rows<'a>(
+    pair: &Pair<'a>,
+    tap: Tap,
+    layer: Option<usize>,
+    rows: &Range<usize>,
+) -> Result<(&'a [f64], &'a [f64], usize), Problem> {
+    let name = tensor_name(tap, layer);
+    let get = |(run, trace): (&str, &'a Trace)| -> Result<&'a Matrix, Problem> {
+        let m = float_tap(trace, tap, layer)
+            .ok_or_else(|| Problem::Unjudgeable(format!("run `{run}` recorded no `{name}`")))?;
+        if m.rows != trace.tokens.len() || m.data.len() != m.rows * m.cols {
+            return Err(Problem::Unjudgeable(format!(
+                "run `{run}`: `{name}` has {} rows of {} for {} tokens",
+                m.rows,
+                m.cols,
+                trace.tokens.len()
+            )));
+        }
+        Ok(m)
+    };
+    let (c, b) = (get(pair.candidate)?, get(pair.baseline)?);
+    if c.cols != b.cols {
+        return Err(Problem::Unjudgeable(format!(
+            "`{name}` is {} wide in run `{}` and {} in run `{}`",
+            c.cols, pair.candidate.0, b.cols, pair.baseline.0
+        )));
+    }
+    let span = rows.start * c.cols..rows.end * c.cols;
+    let (cs, bs) = (&c.data[span.clone()], &b.data[span]);
+    for ((run, trace), values) in [(pair.candidate, cs), (pair.baseline, bs)] {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let (row, col) = (rows.start + i / c.cols, i % c.cols);
+            return Err(non_finite(run, pair.prompt, trace, &name, row, col, values[i]));
+        }
+    }
+    Ok((cs, bs, c.cols))
+}
+
+/// Where a NaN or Inf is, and where the trace's first one is when that is elsewhere.
+fn non_finite(
+    run: &str,
+    prompt: &str,
+    trace: &Trace,
+    name: &str,
+    row: usize,
+    col: usize,
+    value: f64,
+) -> Problem {
+    let mut location = format!("run `{run}`, prompt `{prompt}`: {name}[{row}, {col}] is {value}");
+    if let Some((first, index)) = trace.first_non_finite() {
+        let cols = matrix_by_name(trace, &first).map_or(1, |m| m.cols.max(1));
+        let (r, c) = (index / cols, index % cols);
+        if first != name || (r, c) != (row, col) {
+            location.push_str(&format!("; the trace's first non-finite value is {first}[{r}, {c}]"));
+        }
+    }
+    Problem::NonFinite(location)
+}
+
+/// The float matrix a trace tensor name (`hidden.3`, `logits`, ...) refers to.
+fn matrix_by_name<'a>(trace: &'a Trace, name: &str) -> Option<&'a Matrix> {
+    if name == "logits" {
+        return Some(&trace.logits);
+    }
+    let (tensor, layer) = name.split_once('.')?;
+    let layer = trace.layers.get(layer.parse::<usize>().ok()?)?;
+    match tensor {
+        "hidden" => Some(&layer.hidden),
+        "router_logits" => Some(&layer.router_logits),
+        "router_weights" => Some(&layer.router_weights),
+        _ => None,
+    }
+}
+
+/// cosine, nmse, max_abs: one value per layer over the flattened rows; the worst decides.
+fn distance_trial(
+    criterion: &Criterion,
+    pair: &Pair<'_>,
+    layers: &[Option<usize>],
+    rows: Range<usize>,
+) -> Judged {
+    let metric = criterion.metric;
+    let mut worst: Option<(f64, Option<usize>)> = None;
+    for &layer in layers {
+        let (c, b, _) = float_rows(pair, criterion.tap, layer, &rows)?;
+        let value = match metric {
+            Metric::Cosine => metrics::cosine(c, b),
+            Metric::Nmse => metrics::nmse(c, b),
+            _ => metrics::max_abs(c, b),
+        };
+        if worst.is_none_or(|(w, _)| is_worse(metric, value, w)) {
+            worst = Some((value, layer));
+        }
+    }
+    let (value, layer) = worst.unwrap_or((f64::NAN, None));
+    let passed = criterion.threshold.admits(value);
+    let mut detail = format!("{metric} {} ({})", show(metric, value), criterion.threshold);
+    if layers.len() > 1
+        && let Some(l) = layer
+    {
+        detail.push_str(&format!(", worst at layer {l} of {}", layers.len()));
+    }
+    Ok(TrialOutcome { value, passed, detail, non_finite: None })
+}
+
+/// Whether `value` is worse than `than` for `metric` (NaN is worst).
+fn is_worse(metric: Metric, value: f64, than: f64) -> bool {
+    if value.is_nan() {
+        return !than.is_nan();
+    }
+    match metric.bound() {
+        Some(Bound::Min) => value < than,
+        _ => value > than,
+    }
+}
+
+fn show(metric: Metric, value: f64) -> String {
+    match metric {
+        Metric::Cosine => format!("{value:.9} (1 - cos = {:.3e})", 1.0 - value),
+        _ => format!("{value:.4e}"),
+    }
+}
+
+fn bitwise_trial(
+    criterion: &Criterion,
+    pair: &Pair<'_>,
+    layers: &[Option<usize>],
+    rows: Range<usize>,
+) -> Judged {
+    let mut mismatches = 0usize;
+    let mut first: Option<String> = None;
+    let mut compared = 0usize;
+    for &layer in layers {
+        let name = tensor_name(criterion.tap, layer);
+        let (diff, cols, len) = if criterion.tap == Tap::RouterExperts {
+            let (c, b, k) = expert_rows(pair, layer, &rows)?;
+            let mismatch = c.iter().zip(b).position(|(x, y)| x != y);
+            let count = c.iter().zip(b).filter(|(x, y)| x != y).count();
+            (metrics::BitwiseDiff { mismatches: count, first: mismatch }, k, c.len())
+        } else {
+            let (c, b, cols) = float_rows(pair, criterion.tap, layer, &rows)?;
+            (metrics::bitwise(c, b), cols, c.len())
+        };
+        compared += len;
+        mismatches += diff.mismatches;
+        if let (None, Some(i)) = (&first, diff.first) {
+            first = Some(format!("{name}[{}, {}]", rows.start + i / cols.max(1), i % cols.max(1)));
+        }
+    }
+    let detail = match &first {
+        None => format!("all {compared} values bit-identical"),
+        Some(at) => format!("{mismatches} of {compared} values differ in their f32 bits; the first at {at}"),
+    };
+    Ok(TrialOutcome { value: mismatches as f64, passed: mismatches == 0, detail, non_finite: None })
+}
+
+/// KL(baseline || candidate) of each position's logits; the worst position decides.
+fn kld_trial(criterion: &Criterion, pair: &Pair<'_>, rows: Range<usize>) -> Judged {
+    let (c, b, cols) = float_rows(pair, Tap::Logits, None, &rows)?;
+    let per_row: Vec<f64> = c.chunks(cols).zip(b.chunks(cols)).map(|(c, b)| metrics::kld(b, c)).collect();
+    let (worst_row, value) =
+        per_row.iter().copied().enumerate().fold((0, f64::NEG_INFINITY), |(wr, wv), (r, v)| {
+            if v > wv || v.is_nan() { (r, v) } else { (wr, wv) }
+        });
+    let mean = per_row.iter().sum::<f64>() / per_row.len().max(1) as f64;
+    let passed = criterion.threshold.admits(value);
+    let detail = format!(
+        "kld {value:.4e} nats at position {} ({}); mean {mean:.4e} over {} positions",
+        rows.start + worst_row,
+        criterion.threshold,
+        per_row.len()
+    );
+    Ok(TrialOutcome { value, passed, detail, non_finite: None })
+}
+
+/// The same top token at each position read (value 1 = agree, 0 = differ).
+fn argmax_trial(pair: &Pair<'_>, rows: Range<usize>) -> Judged {
+    let (c, b, cols) = float_rows(pair, Tap::Logits, None, &rows)?;
+    for (i, (cr, br)) in c.chunks(cols).zip(b.chunks(cols)).enumerate() {
+        let (ct, bt) = (metrics::argmax(cr), metrics::argmax(br));
+        if ct != bt {
+            let detail = format!(
+                "position {}: run `{}` picks token {ct} (logit {:.6}), run `{}` token {bt} (logit {:.6}); \
+                 the baseline's top-2 gap is {:.3e}",
+                rows.start + i,
+                pair.candidate.0,
+                cr[ct],
+                pair.baseline.0,
+                br[bt],
+                metrics::top2_gap(br)
+            );
+            return Ok(TrialOutcome { value: 0.0, passed: false, detail, non_finite: None });
+        }
+    }
+    let (ct, last) = (metrics::argmax(&c[c.len() - cols..]), rows.end - 1);
+    let detail = match rows.len() {
+        1 => format!("both pick token {ct} at position {last}"),
+        n => format!("the same token at all {n} positions"),
+    };
+    Ok(TrialOutcome { value: 1.0, passed: true, detail, non_finite: None })
+}
+
+/// The expert ids of the candidate and the baseline at `layer`, rows `rows`, and k.
+fn expert_rows<'a>(
+    pair: &Pair<'a>,
+    layer: Option<usize>,
+    rows: &Range<usize>,
+) -> Result<(&'a [u32], &'a [u32], usize), Problem> {
+    let name = tensor_name(Tap::RouterExperts, layer);
+    let get = |(run, trace): (&str, &'a Trace)| -> Result<(&'a [u32], usize), Problem> {
+        let ids = layer.and_then(|l| trace.layers.get(l)).map(|l| l.router_experts.as_slice());
+        let ids = ids.ok_or_else(|| Problem::Unjudgeable(format!("run `{run}` recorded no `{name}`")))?;
+        let t = trace.tokens.len();
+        if t == 0 || ids.len() % t != 0 {
+            return Err(Problem::Unjudgeable(format!(
+                "run `{run}`: `{name}` holds {} ids for {t} tokens",
+                ids.len()
+            )));
+        }
+        Ok((ids, ids.len() / t))
+    };
+    let ((c, kc), (b, kb)) = (get(pair.candidate)?, get(pair.baseline)?);
+    if kc != kb {
+        return Err(Problem::Unjudgeable(format!(
+            "run `{}` chose {kc} experts per token and run `{}` {kb}",
+            pair.candidate.0, pair.baseline.0
+        )));
+    }
+    let span = rows.start * kc..rows.end * kc;
+    Ok((&c[span.clone()], &b[span], kc))
+}
+
+/// The same experts at every (layer, position) read; swaps the reference cannot separate are ties.
+fn topk_trial(
+    criterion: &Criterion,
+    trial: &TrialPlan,
+    rec: &Recorded,
+    pair: &Pair<'_>,
+    layers: &[Option<usize>],
+    rows: Range<usize>,
+) -> Judged {
+    let reference = match criterion.tie_reference() {
+        Some(run) => Some((run, recorded(rec, run, &trial.prompt)?)),
+        None => None,
+    };
+    let (mut compared, mut ties, mut differ) = (0usize, 0usize, 0usize);
+    let mut first: Option<String> = None;
+    for &layer in layers {
+        let (c, b, k) = expert_rows(pair, layer, &rows)?;
+        for (i, (cr, br)) in c.chunks(k).zip(b.chunks(k)).enumerate() {
+            let row = rows.start + i;
+            let probs = match reference {
+                Some(r) => Some(reference_probs(r, pair.prompt, layer, row)?),
+                None => None,
+            };
+            compared += 1;
+            match metrics::topk_set(cr, br, probs.as_deref(), criterion.tie_margin) {
+                TopkVerdict::Same => {}
+                TopkVerdict::Tie { .. } => ties += 1,
+                TopkVerdict::Differ { only_candidate, only_baseline, gap } => {
+                    differ += 1;
+                    first.get_or_insert_with(|| {
+                        let gap = gap.map_or(String::new(), |g| format!(", reference probability gap {g:.3e}"));
+                        let margin = probs.as_deref().map_or(String::new(), |p| {
+                            format!(", reference router margin {:.3e}", metrics::router_margin(p, k))
+                        });
+                        format!(
+                            "layer {}, position {row}: run `{}` alone chose {only_candidate:?}, run `{}` alone \
+                             {only_baseline:?}{gap}{margin}",
+                            layer.map_or("-".to_string(), |l| l.to_string()),
+                            pair.candidate.0,
+                            pair.baseline.0
+                        )
+                    });
+                }
+            }
+        }
+    }
+    let tie_note = match criterion.tie_margin {
+        Some(m) => format!("{ties} certified ties (reference gap < {m:e})"),
+        None => "no tie margin".to_string(),
+    };
+    let detail = match &first {
+        None => format!("no real difference over {compared} (layer, position) pairs; {tie_note}"),
+        Some(at) => format!(
+            "{differ} of {compared} (layer, position) pairs chose other experts; {tie_note}; first: {at}"
+        ),
+    };
+    Ok(TrialOutcome { value: differ as f64, passed: differ == 0, detail, non_finite: None })
+}
+
+/// The reference's router probabilities at (layer, row), checked for NaN/Inf.
+fn reference_probs(
+    (run, trace): (&str, &Trace),
+    prompt: &str,
+    layer: Option<usize>,
+    row: usize,
+) -> Result<Vec<f64>, Problem> {
+    let name = tensor_name(Tap::RouterLogits, layer);
+    let m = float_tap(trace, Tap::RouterLogits, layer)
+        .filter(|m| row < m.rows && m.data.len() == m.rows * m.cols)
+        .ok_or_else(|| {
+            Problem::Unjudgeable(format!("reference run `{run}` recorded no `{name}` row {row}"))
+        })?;
+    let logits = m.row(row);
+    if let Some(col) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(non_finite(run, prompt, trace, &name, row, col, logits[col]));
+    }
+    Ok(metrics::softmax(logits))
+}
+
+/// The same tokens for `steps` greedy steps; at the first difference, top-5 membership both ways.
+fn greedy_trial(criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Judged {
+    let steps = criterion.steps.unwrap_or(0);
+    let get = |run: &str| -> Result<&[crate::GreedyStep], Problem> {
+        let recorded = rec.greedy_steps(run, &trial.prompt).ok_or_else(|| {
+            Problem::Unjudgeable(format!(
+                "no greedy decode was recorded for run `{run}` on prompt `{}`",
+                trial.prompt
+            ))
+        })?;
+        if recorded.len() < steps {
+            return Err(Problem::Unjudgeable(format!(
+                "run `{run}` recorded {} greedy steps on prompt `{}`; the criterion compares {steps}",
+                recorded.len(),
+                trial.prompt
+            )));
+        }
+        if let Some((i, (t, v))) = recorded[..steps]
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.top5.iter().find(|(_, v)| !v.is_finite()).map(|x| (i, *x)))
+        {
+            return Err(Problem::NonFinite(format!(
+                "run `{run}`, prompt `{}`: greedy step {i}, the logit of top-5 token {t} is {v}",
+                trial.prompt
+            )));
+        }
+        Ok(recorded)
+    };
+    let [candidate, baseline] = &criterion.compare;
+    let verdict = metrics::greedy(get(candidate)?, get(baseline)?, steps);
+    let Some(d) = verdict.divergence else {
+        let detail = format!("the same {steps} tokens");
+        return Ok(TrialOutcome { value: verdict.matched as f64, passed: true, detail, non_finite: None });
+    };
+    let yes_no = |b: bool| if b { "in" } else { "not in" };
+    let mut detail = format!(
+        "step {} of {steps}: run `{candidate}` picks {} ({} `{baseline}`'s top-5), run `{baseline}` picks {} ({} \
+         `{candidate}`'s top-5)",
+        d.step,
+        d.candidate_token,
+        yes_no(d.candidate_in_baseline_top5),
+        d.baseline_token,
+        yes_no(d.baseline_in_candidate_top5)
+    );
+    if d.is_near_tie() {
+        detail.push_str("; a near-tie (vLLM's check_logprobs_close would accept it)");
+    }
+    Ok(TrialOutcome { value: verdict.matched as f64, passed: false, detail, non_finite: None })
+}

@@ -1,0 +1,169 @@
+//! Trial planning (DESIGN §7): every criterion times its prompts times, where `per` says so, each layer
+//! and each position, named `CONTRACT::CRITERION::PROMPT[::layerNN][::posNN]` so that libtest filters
+//! select them naturally; and what the gate must record to judge them (which forwards, how many greedy
+//! steps), so that each (run, prompt) forward runs exactly once.
+
+use std::collections::BTreeSet;
+
+use crate::schema::{BackendKind, Contract, Criterion, KnownDivergence, Metric, Per};
+
+/// One trial: a criterion judged on one prompt (and one layer or position where `per` says so).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialPlan {
+    /// `CONTRACT::CRITERION::PROMPT`, then `::layerNN` and/or `::posNN` (two digits at least).
+    pub name: String,
+    /// The criterion id.
+    pub criterion: String,
+    /// The prompt id.
+    pub prompt: String,
+    /// The layer, for `per: [.., layer]`.
+    pub layer: Option<usize>,
+    /// The token position, for `per: [.., position]`.
+    pub position: Option<usize>,
+    /// Every run whose recording the trial reads: `[candidate, baseline]`, then the reference run when
+    /// the metric reads it (topk_set tie margins).
+    pub runs: Vec<String>,
+    /// The known divergence this trial is expected to show, if one matches.
+    pub expected: Option<KnownDivergence>,
+}
+
+impl Contract {
+    /// Every trial of the contract on a model with `n_layer` decoder layers, in criterion order, then
+    /// prompt order, then layer, then position.
+    pub fn plan(&self, n_layer: usize) -> Vec<TrialPlan> {
+        let mut trials = Vec::new();
+        for criterion in &self.criteria {
+            let runs = trial_runs(criterion);
+            for (set, prompt) in self.prompts_of(criterion) {
+                let layers: Vec<Option<usize>> = match criterion.is_per(Per::Layer) {
+                    true => (0..n_layer).map(Some).collect(),
+                    false => vec![None],
+                };
+                let positions: Vec<Option<usize>> = match criterion.is_per(Per::Position) {
+                    true => (0..prompt.tokens.len()).map(Some).collect(),
+                    false => vec![None],
+                };
+                for &layer in &layers {
+                    for &position in &positions {
+                        trials.push(TrialPlan {
+                            name: trial_name(&self.contract, &criterion.id, &prompt.id, layer, position),
+                            criterion: criterion.id.clone(),
+                            prompt: prompt.id.clone(),
+                            layer,
+                            position,
+                            runs: runs.clone(),
+                            expected: self.expected(&criterion.id, &set, &prompt.id, layer).cloned(),
+                        });
+                    }
+                }
+            }
+        }
+        trials
+    }
+
+    /// The criterion with this id.
+    pub fn criterion(&self, id: &str) -> Option<&Criterion> {
+        self.criteria.iter().find(|c| c.id == id)
+    }
+
+    /// Whether the trial reads a run on the CUDA backend (the gate lists it as ignored without CUDA).
+    pub fn needs_cuda(&self, trial: &TrialPlan) -> bool {
+        trial.runs.iter().any(|r| self.runs.get(r).is_some_and(|spec| spec.backend == BackendKind::Cuda))
+    }
+
+    /// The run ids the criteria read or use as reference, in `runs` order.
+    pub fn needed_runs(&self) -> Vec<String> {
+        let used = |run: &String| {
+            self.criteria.iter().any(|c| c.compare.contains(run) || c.reference.as_ref() == Some(run))
+        };
+        self.runs.keys().filter(|r| used(r)).cloned().collect()
+    }
+
+    /// The (run, prompt) forwards evaluation reads, in `runs` order then prompt order: each criterion's
+    /// compared runs on its prompts, and its reference run where the metric reads it (tie margins).
+    /// A criterion's reference is used for diagnosis where it was recorded for that prompt anyway.
+    pub fn needed_forwards(&self) -> Vec<(String, String)> {
+        let selected: Vec<(&Criterion, BTreeSet<String>)> = self
+            .criteria
+            .iter()
+            .map(|c| (c, self.prompts_of(c).into_iter().map(|(_, p)| p.id).collect()))
+            .collect();
+        let prompts = self.expand_prompts();
+        let mut needed: Vec<(String, String)> = Vec::new();
+        for run in self.runs.keys() {
+            for prompt in &prompts {
+                let reads = |(c, ids): &(&Criterion, BTreeSet<String>)| {
+                    (c.compare.contains(run) || c.tie_reference() == Some(run.as_str()))
+                        && ids.contains(&prompt.id)
+                };
+                if selected.iter().any(reads) {
+                    needed.push((run.clone(), prompt.id.clone()));
+                }
+            }
+        }
+        needed
+    }
+
+    /// The greedy decode steps to record for `run`: the most any greedy criterion comparing it asks
+    /// for (0 = none).
+    pub fn greedy_steps(&self, run: &str) -> usize {
+        self.greedy_criteria(run).filter_map(|c| c.steps).max().unwrap_or(0)
+    }
+
+    /// The greedy decode steps to record for `run` on `prompt` (0 = none).
+    pub fn greedy_steps_for(&self, run: &str, prompt: &str) -> usize {
+        self.greedy_criteria(run)
+            .filter(|c| self.prompts_of(c).iter().any(|(_, p)| p.id == prompt))
+            .filter_map(|c| c.steps)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn greedy_criteria<'a>(&'a self, run: &'a str) -> impl Iterator<Item = &'a Criterion> + 'a {
+        self.criteria.iter().filter(move |c| c.metric == Metric::Greedy && c.compare.iter().any(|r| r == run))
+    }
+
+    /// The first known divergence matching a trial of `criterion` on `prompt` (of set `set`) at `layer`.
+    fn expected(
+        &self,
+        criterion: &str,
+        set: &str,
+        prompt: &str,
+        layer: Option<usize>,
+    ) -> Option<&KnownDivergence> {
+        self.known_divergences.iter().find(|kd| {
+            kd.criterion == criterion
+                && kd.prompt.as_deref().is_none_or(|p| p == prompt || p == set)
+                && kd.layer.is_none_or(|l| layer == Some(l))
+        })
+    }
+}
+
+/// The runs a trial of `criterion` reads.
+fn trial_runs(criterion: &Criterion) -> Vec<String> {
+    let mut runs = criterion.compare.to_vec();
+    if let Some(reference) = criterion.tie_reference()
+        && !runs.iter().any(|r| r == reference)
+    {
+        runs.push(reference.to_string());
+    }
+    runs
+}
+
+/// `CONTRACT::CRITERION::PROMPT[::layerNN][::posNN]`.
+pub fn trial_name(
+    contract: &str,
+    criterion: &str,
+    prompt: &str,
+    layer: Option<usize>,
+    position: Option<usize>,
+) -> String {
+    let mut name = format!("{contract}::{criterion}::{prompt}");
+    if let Some(l) = layer {
+        name.push_str(&format!("::layer{l:02}"));
+    }
+    if let Some(p) = position {
+        name.push_str(&format!("::pos{p:02}"));
+    }
+    name
+}

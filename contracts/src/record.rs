@@ -1,0 +1,66 @@
+//! What the gate records once per (run, prompt) and hands to evaluation (DESIGN §9: "run each (run,
+//! prompt) once, evaluate every trial from the recorded traces"), and what one trial's evaluation says.
+
+use std::collections::HashMap;
+
+use moe_engine::trace::Trace;
+
+/// One greedy decode step: the chosen token and the five best tokens with their logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GreedyStep {
+    /// The token chosen (the argmax of the step's logits).
+    pub token: u32,
+    /// The five highest-scoring tokens with their logits, best first.
+    pub top5: Vec<(u32, f32)>,
+}
+
+/// Everything the gate recorded, keyed by `(run id, prompt id)`.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    /// The trace of each forward.
+    pub traces: HashMap<(String, String), Trace>,
+    /// The greedy decode of each (run, prompt) that a greedy criterion needs.
+    pub greedy: HashMap<(String, String), Vec<GreedyStep>>,
+}
+
+impl Recorded {
+    /// The trace of `run` on `prompt`.
+    pub fn trace(&self, run: &str, prompt: &str) -> Option<&Trace> {
+        self.traces.get(&(run.to_string(), prompt.to_string()))
+    }
+
+    /// The greedy steps of `run` on `prompt`.
+    pub fn greedy_steps(&self, run: &str, prompt: &str) -> Option<&[GreedyStep]> {
+        self.greedy.get(&(run.to_string(), prompt.to_string())).map(Vec::as_slice)
+    }
+}
+
+/// The result of one trial.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialOutcome {
+    /// The metric's value (the worst over what the trial covers); NaN when it could not be computed.
+    pub value: f64,
+    /// Whether the value is within the criterion's bound (before known divergences are considered).
+    pub passed: bool,
+    /// A human sentence: the value, the bound, where the worst value is, ties certified.
+    pub detail: String,
+    /// Where the first NaN or Inf the trial read is, when there is one (the trial then fails).
+    pub non_finite: Option<String>,
+}
+
+impl TrialOutcome {
+    /// A failed trial that could not be judged (a recording is missing or does not fit).
+    pub(crate) fn unjudgeable(detail: String) -> Self {
+        Self { value: f64::NAN, passed: false, detail, non_finite: None }
+    }
+
+    /// A failed trial that read a NaN or Inf.
+    pub(crate) fn non_finite(location: String) -> Self {
+        Self {
+            value: f64::NAN,
+            passed: false,
+            detail: format!("non-finite value: {location}"),
+            non_finite: Some(location),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The backends a forward runs on (DESIGN §6), the numerics policies, and the [`Forward`] interface every
+//! backend implements.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::error::EngineError;
+use crate::forward;
+use crate::trace::{Matrix, Trace};
+use crate::weights::ModelWeights;
+
+/// Where a forward runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Every value f64, weights dequantised exactly, plain loops: the truth a divergence is measured against.
+    Reference,
+    /// f32 on the CPU, rayon across rows, experts and tokens.
+    Cpu,
+    /// f32 on a CUDA device (feature `cuda`).
+    Cuda,
+}
+
+impl BackendKind {
+    /// Every backend, in the order they are documented.
+    pub const ALL: [BackendKind; 3] = [BackendKind::Reference, BackendKind::Cpu, BackendKind::Cuda];
+
+    /// The name used on the command line and in trace files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Reference => "reference",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| EngineError::UnknownBackend { name: s.to_string() })
+    }
+}
+
+/// How a backend orders its arithmetic (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    /// Each backend's fastest way (the default).
+    #[default]
+    Fast,
+    /// One canonical operation order per kernel family, so `cpu` and `cuda` agree bit for bit.
+    Exact,
+}
+
+impl Policy {
+    /// Both policies.
+    pub const ALL: [Policy; 2] = [Policy::Fast, Policy::Exact];
+
+    /// The name used on the command line and in trace files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Fast => "fast",
+            Policy::Exact => "exact",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| EngineError::UnknownPolicy { name: s.to_string() })
+    }
+}
+
+/// A Qwen3-MoE forward with a KV cache, on one backend.
+pub trait Forward: Send {
+    /// The backend it runs on.
+    fn kind(&self) -> BackendKind;
+
+    /// The policy it was created with.
+    fn policy(&self) -> Policy;
+
+    /// The model's configuration.
+    fn config(&self) -> &ModelConfig;
+
+    /// Clears the KV cache and runs `tokens` from position 0 as one batch (prefill). Returns the logits of
+    /// the last position.
+    ///
+    /// When `trace` is `Some`, fills its `tokens`, `layers` (hidden state and router logits, experts and
+    /// weights of every layer) and `logits` at every position, and sets its `backend`, `policy` and
+    /// `precision` to this forward's; the caller's `model` is kept. When `None`, nothing is recorded and
+    /// only the last position's logits are computed.
+    fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError>;
+
+    /// Appends one token after the cached ones and returns its logits (the same values a full forward of
+    /// the whole sequence gives at that position).
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError>;
+
+    /// Diagnosis: runs decoder layer `layer` alone on the residual stream `input` (`[T, hidden]`, positions
+    /// `0..T`, causal attention among them, the KV cache neither read nor changed), returning its output
+    /// residual `[T, hidden]`.
+    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<Matrix, EngineError>;
+}
+
+/// Creates a forward of `weights` on backend `kind` with numerics `policy`.
+///
+/// `reference` ignores the policy (it has one way to compute); `cpu` supports `fast` only for now;
+/// `cuda` needs the `cuda` feature and a device.
+pub fn create_backend(
+    kind: BackendKind,
+    weights: Arc<ModelWeights>,
+    policy: Policy,
+) -> Result<Box<dyn Forward>, EngineError> {
+    match kind {
+        BackendKind::Reference => Ok(Box::new(forward::reference::create(
+            weights,
+            policy,
+            forward::reference::WeightDecoding::ExactF64,
+        ))),
+        BackendKind::Cpu => Ok(Box::new(forward::cpu::create(weights, policy)?)),
+        BackendKind::Cuda => create_cuda(weights, policy),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn create_cuda(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
+    forward::cuda::create(weights, policy)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn create_cuda(_weights: Arc<ModelWeights>, _policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
+    Err(EngineError::CudaUnavailable {
+        reason: "built without the `cuda` feature: rebuild with --features cuda".to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for k in BackendKind::ALL {
+            assert_eq!(k.to_string().parse::<BackendKind>().unwrap(), k);
+        }
+        for p in Policy::ALL {
+            assert_eq!(p.to_string().parse::<Policy>().unwrap(), p);
+        }
+        assert_eq!(Policy::default(), Policy::Fast);
+    }
+
+    #[test]
+    fn unknown_names_list_the_valid_ones() {
+        let e = "gpu".parse::<BackendKind>().unwrap_err().to_string();
+        assert!(e.contains("`gpu`") && e.contains("reference, cpu, cuda"), "{e}");
+        let e = "precise".parse::<Policy>().unwrap_err().to_string();
+        assert!(e.contains("`precise`") && e.contains("fast, exact"), "{e}");
+    }
+}

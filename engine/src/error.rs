@@ -1,0 +1,54 @@
+//! Errors of the engine's forwards: what is wrong with a request, a model or a device, and what to do.
+
+use crate::backend::{BackendKind, Policy};
+use crate::weights::ModelError;
+
+/// Everything a forward can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    // --- the model ---
+    /// The model's file or tensors are not usable (see [`ModelError`]).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+
+    // --- the request ---
+    /// A forward was asked for no tokens.
+    #[error("the prompt is empty: pass at least one token id")]
+    EmptyPrompt,
+    /// A token id is not in the model's vocabulary.
+    #[error(
+        "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens (ids 0..{vocab})"
+    )]
+    TokenOutOfRange { token: u32, position: usize, vocab: usize },
+    /// The KV cache cannot take the requested tokens.
+    #[error(
+        "context full: {cached} cached + {requested} new tokens exceed the context length of {context_length}; \
+         start a new forward with a shorter prompt"
+    )]
+    ContextFull { context_length: usize, cached: usize, requested: usize },
+    /// `run_layer` was asked for a layer the model does not have.
+    #[error("layer {layer} does not exist: the model has {n_layer} layers (0..{n_layer})")]
+    LayerOutOfRange { layer: usize, n_layer: usize },
+    /// `run_layer` was given an input of the wrong shape.
+    #[error(
+        "layer input has shape [{rows}, {cols}]: expected [T, {hidden}] with T >= 1 (one row per position)"
+    )]
+    InputShape { rows: usize, cols: usize, hidden: usize },
+    /// A backend name that does not exist.
+    #[error("unknown backend `{name}`: expected one of reference, cpu, cuda")]
+    UnknownBackend { name: String },
+    /// A policy name that does not exist.
+    #[error("unknown policy `{name}`: expected one of fast, exact")]
+    UnknownPolicy { name: String },
+    /// The backend does not implement the requested policy.
+    #[error("the {backend} backend does not support the `{policy}` policy: {reason}")]
+    PolicyUnsupported { backend: BackendKind, policy: Policy, reason: String },
+
+    // --- CUDA ---
+    /// No usable CUDA device or driver (or the build lacks the `cuda` feature).
+    #[error("CUDA is unavailable: {reason}")]
+    CudaUnavailable { reason: String },
+    /// A CUDA call failed; `stage` says which step of the forward (kernel compile, upload, launch, ...).
+    #[error("CUDA failed while {stage}: {message}")]
+    Cuda { stage: String, message: String },
+}

@@ -1,0 +1,529 @@
+//! The `cuda` backend (DESIGN §2 and §6, issue 5): the whole Qwen3-MoE forward on one CUDA device.
+//!
+//! Semantics are those of [`super::qwen3_moe`] (Hugging Face transformers `Qwen3MoeForCausalLM`); the
+//! kernels are `moe_kernels::cuda`, their operation order is written down in `docs/numerics.md`.
+//!
+//! - Weights are uploaded once, in their GGUF blocks (plain `cuMemAlloc`, never managed memory); norm
+//!   vectors are converted to f32 on the way. Activations are f32 and never quantised.
+//! - Per layer, everything runs on the device: RMSNorm, q/k/v projections (k and v written straight into
+//!   the device KV cache), per-head q/k RMSNorm fused with NEOX RoPE, causal GQA attention over the
+//!   cache, output projection added to the residual, RMSNorm, router, softmax + top-k + renormalisation,
+//!   the chosen experts' SwiGLU and their weighted sum. Expert ids never leave the device: the expert
+//!   kernels read them there, so nothing waits for the host between router and experts.
+//! - The host waits only to return logits, and to copy a layer's taps back when a trace is requested.
+//! - Few routed slots (decode, short prompts) run one block row per slot; more are first grouped by
+//!   expert on the device so each expert's rows are read once per tile of its tokens. Both schedules
+//!   compute every output with the same arithmetic.
+
+use std::sync::Arc;
+
+use moe_kernels::cuda::{
+    AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceMatrix, ExpertGroups, Routing,
+};
+use moe_kernels::quant::dequantize_row;
+
+use crate::backend::{BackendKind, Forward, Policy};
+use crate::config::ModelConfig;
+use crate::error::EngineError;
+use crate::trace::{LayerTrace, Matrix, Precision, Trace};
+use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
+
+/// The device every forward uses (ordinal 0).
+const DEVICE_ORDINAL: usize = 0;
+/// KV-cache positions allocated at first; the cache doubles when a sequence outgrows it, up to the
+/// model's context length (a production-shape context of 262144 positions would need 51 GB up front).
+const INITIAL_KV_POSITIONS: usize = 256;
+
+/// A CUDA forward of `weights`: opens device 0 (compiling the kernels on first use) and uploads the
+/// weights. Only [`Policy::Fast`] exists: `exact` needs the canonical operation order of
+/// `docs/numerics.md` on both the CPU and the CUDA side.
+pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
+    if policy != Policy::Fast {
+        return Err(EngineError::PolicyUnsupported {
+            backend: BackendKind::Cuda,
+            policy,
+            reason:
+                "the canonical operation order of docs/numerics.md is not implemented on the device yet; \
+                     use --policy fast"
+                    .to_string(),
+        });
+    }
+    let device = CudaDevice::get(DEVICE_ORDINAL).map_err(|e| engine_error("opening the CUDA device", e))?;
+    Ok(Box::new(CudaForward::new(device, weights, policy)?))
+}
+
+/// Turns a kernel-side error into the engine's: "no CUDA here" stays distinguishable from a failure.
+fn engine_error(stage: &str, e: CudaError) -> EngineError {
+    if e.is_unavailable() {
+        EngineError::CudaUnavailable { reason: e.to_string() }
+    } else {
+        EngineError::Cuda { stage: stage.to_string(), message: e.to_string() }
+    }
+}
+
+/// One decoder layer's weights on the device.
+struct DeviceLayer {
+    attn_norm: DeviceBuffer<f32>,
+    q_norm: DeviceBuffer<f32>,
+    k_norm: DeviceBuffer<f32>,
+    ffn_norm: DeviceBuffer<f32>,
+    q: DeviceMatrix,
+    k: DeviceMatrix,
+    v: DeviceMatrix,
+    o: DeviceMatrix,
+    router: DeviceMatrix,
+    gate_exps: DeviceMatrix,
+    up_exps: DeviceMatrix,
+    down_exps: DeviceMatrix,
+}
+
+/// Every weight on the device.
+struct DeviceModel {
+    token_embd: DeviceMatrix,
+    /// `None` when the output projection is the embedding table (tied embeddings).
+    output: Option<DeviceMatrix>,
+    output_norm: DeviceBuffer<f32>,
+    layers: Vec<DeviceLayer>,
+    /// RoPE inverse frequencies `theta^(-2i / head_dim)` in f64, the CPU's [`moe_kernels::cpu::RopeTable`]
+    /// formula.
+    inv_freq: DeviceBuffer<f64>,
+}
+
+impl DeviceModel {
+    fn upload(device: &CudaDevice, w: &ModelWeights) -> Result<Self, CudaError> {
+        let cfg = &w.config;
+        let layers = w.layers.iter().map(|l| upload_layer(device, l)).collect::<Result<Vec<_>, _>>()?;
+        let output = if w.tied_embeddings { None } else { Some(upload_matrix(device, &w.output)?) };
+        let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))
+            .collect();
+        Ok(DeviceModel {
+            token_embd: upload_matrix(device, &w.token_embd)?,
+            output,
+            output_norm: upload_vector(device, &w.output_norm)?,
+            layers,
+            inv_freq: device.upload(&inv_freq)?,
+        })
+    }
+
+    fn output(&self) -> &DeviceMatrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+}
+
+fn upload_layer(device: &CudaDevice, l: &LayerWeights) -> Result<DeviceLayer, CudaError> {
+    Ok(DeviceLayer {
+        attn_norm: upload_vector(device, &l.attn_norm)?,
+        q_norm: upload_vector(device, &l.attn_q_norm)?,
+        k_norm: upload_vector(device, &l.attn_k_norm)?,
+        ffn_norm: upload_vector(device, &l.ffn_norm)?,
+        q: upload_matrix(device, &l.attn_q)?,
+        k: upload_matrix(device, &l.attn_k)?,
+        v: upload_matrix(device, &l.attn_v)?,
+        o: upload_matrix(device, &l.attn_output)?,
+        router: upload_matrix(device, &l.ffn_gate_inp)?,
+        gate_exps: upload_matrix(device, &l.ffn_gate_exps)?,
+        up_exps: upload_matrix(device, &l.ffn_up_exps)?,
+        down_exps: upload_matrix(device, &l.ffn_down_exps)?,
+    })
+}
+
+/// A 2-D matrix or 3-D expert stack, in its blocks.
+fn upload_matrix(device: &CudaDevice, t: &WeightTensor) -> Result<DeviceMatrix, CudaError> {
+    let experts = t.dims.get(2).copied().unwrap_or(1);
+    let rows = t.dims.get(1).copied().unwrap_or(1);
+    device.upload_matrix(t.ty, t.row_len(), rows, experts, t.bytes())
+}
+
+/// A norm vector, dequantised to f32 on the host (the CPU's exact f32 dequantisation).
+fn upload_vector(device: &CudaDevice, t: &WeightTensor) -> Result<DeviceBuffer<f32>, CudaError> {
+    let mut v = vec![0.0f32; t.n_elements()];
+    dequantize_row(t.ty, t.bytes(), &mut v);
+    device.upload(&v)
+}
+
+/// Keys and values of every layer, `[position][kv_dim]`, after norm and RoPE.
+struct KvCache {
+    keys: Vec<DeviceBuffer<f32>>,
+    values: Vec<DeviceBuffer<f32>>,
+    /// Positions each buffer holds.
+    capacity: usize,
+}
+
+/// Activations for up to `capacity` tokens.
+struct Workspace {
+    capacity: usize,
+    tokens: DeviceBuffer<i32>,
+    /// The residual stream `[T][hidden]`.
+    x: DeviceBuffer<f32>,
+    /// A normed copy of it.
+    h: DeviceBuffer<f32>,
+    q: DeviceBuffer<f32>,
+    attn: DeviceBuffer<f32>,
+    router_logits: DeviceBuffer<f32>,
+    expert_ids: DeviceBuffer<i32>,
+    expert_weights: DeviceBuffer<f32>,
+    groups: ExpertGroups,
+    /// Per routed slot `[T * k][expert_ffn]`: the gate projection, then silu(gate) * up.
+    gate: DeviceBuffer<f32>,
+    act: DeviceBuffer<f32>,
+    /// Per routed slot `[T * k][hidden]`: the expert outputs before weighting.
+    expert_out: DeviceBuffer<f32>,
+    /// `[rows][vocab]` for the rows whose logits are wanted.
+    logits: DeviceBuffer<f32>,
+}
+
+impl Workspace {
+    fn new(device: &CudaDevice, cfg: &ModelConfig, capacity: usize) -> Result<Self, CudaError> {
+        let slots = capacity * cfg.n_expert_used;
+        Ok(Workspace {
+            capacity,
+            tokens: device.alloc_zeros(capacity)?,
+            x: device.alloc_zeros(capacity * cfg.hidden)?,
+            h: device.alloc_zeros(capacity * cfg.hidden)?,
+            q: device.alloc_zeros(capacity * cfg.q_dim())?,
+            attn: device.alloc_zeros(capacity * cfg.q_dim())?,
+            router_logits: device.alloc_zeros(capacity * cfg.n_expert)?,
+            expert_ids: device.alloc_zeros(slots)?,
+            expert_weights: device.alloc_zeros(slots)?,
+            groups: device.expert_groups(cfg.n_expert, slots)?,
+            gate: device.alloc_zeros(slots * cfg.expert_ffn)?,
+            act: device.alloc_zeros(slots * cfg.expert_ffn)?,
+            expert_out: device.alloc_zeros(slots * cfg.hidden)?,
+            logits: device.alloc_zeros(cfg.vocab)?,
+        })
+    }
+}
+
+/// The CUDA forward: the device, the uploaded model, the KV cache and the activations.
+struct CudaForward {
+    device: Arc<CudaDevice>,
+    weights: Arc<ModelWeights>,
+    policy: Policy,
+    model: DeviceModel,
+    cache: KvCache,
+    work: Workspace,
+    /// Positions held in the cache.
+    n_cached: usize,
+}
+
+impl CudaForward {
+    fn new(device: Arc<CudaDevice>, weights: Arc<ModelWeights>, policy: Policy) -> Result<Self, EngineError> {
+        let cfg = &weights.config;
+        let model =
+            DeviceModel::upload(&device, &weights).map_err(|e| engine_error("uploading the weights", e))?;
+        let positions = INITIAL_KV_POSITIONS.min(cfg.context_length.max(1));
+        let cache =
+            new_cache(&device, cfg, positions).map_err(|e| engine_error("allocating the KV cache", e))?;
+        let work = Workspace::new(&device, cfg, 1).map_err(|e| engine_error("allocating activations", e))?;
+        Ok(CudaForward { device, weights, policy, model, cache, work, n_cached: 0 })
+    }
+
+    fn cfg(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    /// Runs `tokens` at positions `n_cached..` and appends them to the cache.
+    fn run(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
+        let start = self.n_cached;
+        self.check_tokens(tokens, start)?;
+        let n = tokens.len();
+        self.ensure_workspace(n)?;
+        self.ensure_cache(start + n)?;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        self.embed(&ids).map_err(|e| engine_error("looking up the embeddings", e))?;
+
+        let recording = trace.is_some();
+        let weights = Arc::clone(&self.weights);
+        let mut layer_traces = Vec::new();
+        for l in 0..weights.config.n_layer {
+            let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
+            let stage = || format!("running layer {l}");
+            decoder_layer(
+                &self.device,
+                &weights.config,
+                &self.model,
+                l,
+                &mut self.work,
+                keys,
+                values,
+                n,
+                start,
+            )
+            .map_err(|e| engine_error(&stage(), e))?;
+            if recording {
+                layer_traces.push(self.layer_trace(n).map_err(|e| engine_error(&stage(), e))?);
+            }
+        }
+        self.n_cached = start + n;
+
+        let vocab = self.cfg().vocab;
+        let rows = if recording { n } else { 1 };
+        let logits = self.lm_head(n, rows).map_err(|e| engine_error("computing the logits", e))?;
+        if let Some(trace) = trace {
+            trace.backend = BackendKind::Cuda.to_string();
+            trace.policy = self.policy.to_string();
+            trace.precision = Precision::F32;
+            trace.tokens = tokens.to_vec();
+            trace.layers = layer_traces;
+            trace.logits = Matrix::from_f32(n, vocab, &logits);
+        }
+        Ok(logits[(rows - 1) * vocab..].to_vec())
+    }
+
+    /// Rejects an empty prompt, unknown token ids and a prompt the context cannot hold.
+    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), EngineError> {
+        let cfg = self.cfg();
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some((position, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= cfg.vocab) {
+            return Err(EngineError::TokenOutOfRange { token, position: start + position, vocab: cfg.vocab });
+        }
+        if start + tokens.len() > cfg.context_length {
+            return Err(EngineError::ContextFull {
+                context_length: cfg.context_length,
+                cached: start,
+                requested: tokens.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Grows the activations to hold `n` tokens (to the next power of two, so growth is rare).
+    fn ensure_workspace(&mut self, n: usize) -> Result<(), EngineError> {
+        if n > self.work.capacity {
+            let capacity = n.next_power_of_two();
+            let cfg = &self.weights.config;
+            let grow = |work: &mut Workspace| -> Result<(), CudaError> {
+                // Free the old buffers first: their memory may be needed for the new ones.
+                *work = Workspace::new(&self.device, cfg, 1)?;
+                *work = Workspace::new(&self.device, cfg, capacity)?;
+                Ok(())
+            };
+            grow(&mut self.work).map_err(|e| engine_error("allocating activations", e))?;
+        }
+        Ok(())
+    }
+
+    /// Grows the KV cache to hold `positions`, keeping the cached ones.
+    fn ensure_cache(&mut self, positions: usize) -> Result<(), EngineError> {
+        if positions <= self.cache.capacity {
+            return Ok(());
+        }
+        let cfg = &self.weights.config;
+        let capacity = positions.max(2 * self.cache.capacity).min(cfg.context_length);
+        let mut grown =
+            new_cache(&self.device, cfg, capacity).map_err(|e| engine_error("growing the KV cache", e))?;
+        let kept = self.n_cached * cfg.kv_dim();
+        let copy = |src: &DeviceBuffer<f32>, dst: &mut DeviceBuffer<f32>| -> Result<(), CudaError> {
+            self.device.copy_on_device(src.slice(0..kept)?, dst.slice_mut(0..kept)?)
+        };
+        for l in 0..cfg.n_layer {
+            copy(&self.cache.keys[l], &mut grown.keys[l])
+                .and_then(|_| copy(&self.cache.values[l], &mut grown.values[l]))
+                .map_err(|e| engine_error("growing the KV cache", e))?;
+        }
+        self.cache = grown;
+        Ok(())
+    }
+
+    /// `x[t] = embedding row ids[t]`.
+    fn embed(&mut self, ids: &[i32]) -> Result<(), CudaError> {
+        let hidden = self.cfg().hidden;
+        let w = &mut self.work;
+        self.device.copy_to_device(ids, w.tokens.as_mut())?;
+        let out = w.x.slice_mut(0..ids.len() * hidden)?;
+        self.device.get_rows(&self.model.token_embd, w.tokens.slice(0..ids.len())?, out)
+    }
+
+    /// Copies layer taps of the `n` tokens back: residual stream, router logits, choices, weights.
+    fn layer_trace(&self, n: usize) -> Result<LayerTrace, CudaError> {
+        let cfg = self.cfg();
+        let (k, d) = (cfg.n_expert_used, &self.device);
+        let w = &self.work;
+        let hidden = d.download(w.x.slice(0..n * cfg.hidden)?)?;
+        let logits = d.download(w.router_logits.slice(0..n * cfg.n_expert)?)?;
+        let ids = d.download(w.expert_ids.slice(0..n * k)?)?;
+        let weights = d.download(w.expert_weights.slice(0..n * k)?)?;
+        Ok(LayerTrace {
+            hidden: Matrix::from_f32(n, cfg.hidden, &hidden),
+            router_logits: Matrix::from_f32(n, cfg.n_expert, &logits),
+            router_experts: ids.iter().map(|&e| e as u32).collect(),
+            router_weights: Matrix::from_f32(n, k, &weights),
+        })
+    }
+
+    /// Logits of the last `rows` of the `n` positions: final RMSNorm, then the output projection.
+    fn lm_head(&mut self, n: usize, rows: usize) -> Result<Vec<f32>, CudaError> {
+        let cfg = &self.weights.config;
+        let (hidden, vocab) = (cfg.hidden, cfg.vocab);
+        if self.work.logits.len() < rows * vocab {
+            self.work.logits = self.device.alloc_zeros(rows * vocab)?;
+        }
+        let w = &mut self.work;
+        let x = w.x.slice((n - rows) * hidden..n * hidden)?;
+        let h = w.h.slice_mut(0..rows * hidden)?;
+        self.device.rmsnorm(x, self.model.output_norm.as_slice(), rows, hidden, cfg.rms_eps as f32, h)?;
+        let logits = w.logits.slice_mut(0..rows * vocab)?;
+        self.device.matvec(self.model.output(), w.h.slice(0..rows * hidden)?, rows, logits, false)?;
+        self.device.download(w.logits.slice(0..rows * vocab)?)
+    }
+}
+
+fn new_cache(device: &CudaDevice, cfg: &ModelConfig, positions: usize) -> Result<KvCache, CudaError> {
+    let len = positions * cfg.kv_dim();
+    let mut keys = Vec::with_capacity(cfg.n_layer);
+    let mut values = Vec::with_capacity(cfg.n_layer);
+    for _ in 0..cfg.n_layer {
+        keys.push(device.alloc_zeros(len)?);
+        values.push(device.alloc_zeros(len)?);
+    }
+    Ok(KvCache { keys, values, capacity: positions })
+}
+
+/// Decoder layer `l` on the `n` tokens in `work.x` at positions `pos0..pos0 + n`, whose keys and values
+/// go to positions `pos0..` of `keys` / `values` (which hold the earlier positions already).
+#[allow(clippy::too_many_arguments)]
+fn decoder_layer(
+    d: &CudaDevice,
+    cfg: &ModelConfig,
+    model: &DeviceModel,
+    l: usize,
+    work: &mut Workspace,
+    keys: &mut DeviceBuffer<f32>,
+    values: &mut DeviceBuffer<f32>,
+    n: usize,
+    pos0: usize,
+) -> Result<(), CudaError> {
+    let lw = &model.layers[l];
+    let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+    let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
+    let eps = cfg.rms_eps as f32;
+    let Workspace {
+        x,
+        h,
+        q,
+        attn,
+        router_logits,
+        expert_ids,
+        expert_weights,
+        groups,
+        gate,
+        act,
+        expert_out,
+        ..
+    } = work;
+    let xs = 0..n * hidden;
+    let new_kv = pos0 * kvd..(pos0 + n) * kvd;
+    let all_kv = 0..(pos0 + n) * kvd;
+
+    // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
+    d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+    let hn = h.slice(xs.clone())?;
+    d.matvec(&lw.q, hn, n, q.slice_mut(0..n * qd)?, false)?;
+    d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
+    d.matvec(&lw.v, hn, n, values.slice_mut(new_kv.clone())?, false)?;
+    let inv_freq = model.inv_freq.as_slice();
+    let q_norm = Some((lw.q_norm.as_slice(), eps));
+    d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, cfg.head_dim, q_norm, pos0, inv_freq)?;
+    let k_norm = Some((lw.k_norm.as_slice(), eps));
+    d.head_norm_rope(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, cfg.head_dim, k_norm, pos0, inv_freq)?;
+    let shape = AttentionShape {
+        n_tok: n,
+        n_head: cfg.n_head,
+        n_kv_head: cfg.n_kv_head,
+        head_dim: cfg.head_dim,
+        pos0,
+    };
+    let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
+    let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
+    d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
+    d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs.clone())?, true)?;
+
+    // MoE block: x += sum over the chosen experts of weight * down(silu(gate · h) * (up · h)).
+    d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+    let hn = h.slice(xs.clone())?;
+    d.matvec(&lw.router, hn, n, router_logits.slice_mut(0..n * n_exp)?, false)?;
+    let slots = n * k;
+    d.softmax_topk(
+        router_logits.slice(0..n * n_exp)?,
+        n,
+        n_exp,
+        k,
+        cfg.norm_topk_prob,
+        expert_ids.slice_mut(0..slots)?,
+        expert_weights.slice_mut(0..slots)?,
+    )?;
+    let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
+    let routing = if slots < n_exp {
+        Routing::PerSlot { ids }
+    } else {
+        d.moe_group(ids, slots, groups)?;
+        Routing::Grouped(&*groups)
+    };
+    let ffn = cfg.expert_ffn;
+    d.moe_matvec(&lw.gate_exps, hn, k, routing, slots, gate.slice_mut(0..slots * ffn)?, None)?;
+    let g = Some(gate.slice(0..slots * ffn)?);
+    d.moe_matvec(&lw.up_exps, hn, k, routing, slots, act.slice_mut(0..slots * ffn)?, g)?;
+    let a = act.slice(0..slots * ffn)?;
+    d.moe_matvec(&lw.down_exps, a, 1, routing, slots, expert_out.slice_mut(0..slots * hidden)?, None)?;
+    let wts = expert_weights.slice(0..slots)?;
+    d.moe_combine(expert_out.slice(0..slots * hidden)?, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
+}
+
+impl Forward for CudaForward {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.cfg()
+    }
+
+    fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
+        self.check_tokens(tokens, 0)?;
+        self.n_cached = 0;
+        self.run(tokens, trace)
+    }
+
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        self.run(&[token], None)
+    }
+
+    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<Matrix, EngineError> {
+        let cfg = self.weights.config.clone();
+        if layer >= cfg.n_layer {
+            return Err(EngineError::LayerOutOfRange { layer, n_layer: cfg.n_layer });
+        }
+        let (n, hidden) = (input.rows, cfg.hidden);
+        if n == 0 || input.cols != hidden || input.data.len() != n * hidden {
+            return Err(EngineError::InputShape { rows: input.rows, cols: input.cols, hidden });
+        }
+        if n > cfg.context_length {
+            return Err(EngineError::ContextFull {
+                context_length: cfg.context_length,
+                cached: 0,
+                requested: n,
+            });
+        }
+        self.ensure_workspace(n)?;
+        let stage = format!("running layer {layer} alone");
+        let x: Vec<f32> = input.data.iter().map(|&v| v as f32).collect();
+        let d = &self.device;
+        let run = |work: &mut Workspace| -> Result<Vec<f32>, CudaError> {
+            // A scratch cache of n positions: the forward's own cache is neither read nor changed.
+            let mut keys = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
+            let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
+            d.copy_to_device(&x, work.x.slice_mut(0..n * hidden)?)?;
+            decoder_layer(d, &cfg, &self.model, layer, work, &mut keys, &mut values, n, 0)?;
+            d.download(work.x.slice(0..n * hidden)?)
+        };
+        let out = run(&mut self.work).map_err(|e| engine_error(&stage, e))?;
+        Ok(Matrix::from_f32(n, hidden, &out))
+    }
+}

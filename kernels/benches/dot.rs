@@ -1,0 +1,32 @@
+//! `dot_row` throughput per GGUF type on one 2048-weight row (the production hidden size): the CPU
+//! backend's hot loop. Throughput is in bytes of the quantised row per second, so the figures compare
+//! with memory bandwidth; one row fits in L1, so this measures the kernel, not the memory system.
+//!
+//! Run: `cargo bench -p moe-kernels --bench dot -- --warm-up-time 1 --measurement-time 2`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use moe_kernels::quant::{GgmlType, dot_row, quantize_row};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Weights per row: the hidden size of Qwen3-30B-A3B.
+const ROW: usize = 2048;
+
+fn bench_dot_row(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(2048);
+    let weights: Vec<f32> = (0..ROW).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let x: Vec<f32> = (0..ROW).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut group = c.benchmark_group("dot_row_2048");
+    for ty in GgmlType::ALL {
+        let mut row = vec![0u8; ty.row_bytes(ROW).expect("2048 is a whole number of blocks")];
+        quantize_row(ty, &weights, &mut row);
+        group.throughput(Throughput::Bytes(row.len() as u64));
+        group.bench_function(ty.name(), |b| b.iter(|| dot_row(ty, black_box(&row), black_box(&x))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_dot_row);
+criterion_main!(benches);

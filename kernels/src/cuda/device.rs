@@ -1,0 +1,616 @@
+//! Opening a device (checking for the driver and NVRTC first), compiling the kernels once per device,
+//! and device memory: owned buffers, borrowed views, and weight matrices in their GGUF blocks.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{self, CUdeviceptr, cudaError_enum};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, result};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
+
+use super::error::{CudaError, describe};
+use super::{SYNC_EACH_LAUNCH_ENV, program_source};
+use crate::quant::GgmlType;
+
+/// The oldest driver these kernels run on: the build targets the CUDA 13.0 driver API (cudarc feature
+/// `cuda-13000`), and NVRTC 13 emits PTX that older drivers cannot load.
+const MIN_DRIVER_VERSION: i32 = 13000;
+
+/// What a device is, for reports (`docs/parity.md` records it with every measurement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name, e.g. `NVIDIA H200`.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Driver's CUDA version as `cuDriverGetVersion` reports it (13000 = 13.0).
+    pub driver_version: i32,
+    /// NVRTC's version (major, minor).
+    pub nvrtc_version: (i32, i32),
+    /// Device memory in bytes.
+    pub total_memory: usize,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (device {}, sm_{}{}, {:.1} GiB), driver CUDA {}.{}, NVRTC {}.{}",
+            self.name,
+            self.ordinal,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_memory as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            self.driver_version % 1000 / 10,
+            self.nvrtc_version.0,
+            self.nvrtc_version.1,
+        )
+    }
+}
+
+/// The kernels of one block format.
+pub(crate) struct FormatKernels {
+    pub(crate) matvec: CudaFunction,
+    pub(crate) moe_matvec: CudaFunction,
+    pub(crate) get_rows: CudaFunction,
+}
+
+/// Every kernel of the program, looked up once.
+pub(crate) struct Kernels {
+    pub(crate) formats: HashMap<GgmlType, FormatKernels>,
+    pub(crate) rmsnorm: CudaFunction,
+    pub(crate) head_norm_rope: CudaFunction,
+    pub(crate) attention: CudaFunction,
+    pub(crate) softmax_topk: CudaFunction,
+    pub(crate) moe_group: CudaFunction,
+    pub(crate) moe_combine: CudaFunction,
+}
+
+/// One CUDA device with the kernels compiled for it and the stream all work is queued on.
+///
+/// There is one per device and process ([`CudaDevice::get`]); it is shared (`Arc`) by every forward.
+pub struct CudaDevice {
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) kernels: Kernels,
+    pub(crate) sync_each_launch: bool,
+    info: DeviceInfo,
+    _module: Arc<CudaModule>,
+    ctx: Arc<CudaContext>,
+}
+
+/// Devices opened so far, by ordinal. Holding the lock while opening makes the NVRTC compile happen once.
+static DEVICES: Mutex<Vec<Arc<CudaDevice>>> = Mutex::new(Vec::new());
+
+impl CudaDevice {
+    /// The device `ordinal`, opened (and its kernels compiled) on first use.
+    ///
+    /// Checks that the driver library, NVRTC and the device exist before calling into them, so a machine
+    /// without CUDA gets [`CudaError::NoDriver`] / [`CudaError::NoNvrtc`] / [`CudaError::NoDevice`]
+    /// (see [`CudaError::is_unavailable`]) instead of a panic.
+    pub fn get(ordinal: usize) -> Result<Arc<CudaDevice>, CudaError> {
+        let mut devices = DEVICES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(d) = devices.iter().find(|d| d.info.ordinal == ordinal) {
+            return Ok(d.clone());
+        }
+        let device = Arc::new(Self::open(ordinal)?);
+        devices.push(device.clone());
+        Ok(device)
+    }
+
+    /// Whether the libraries CUDA needs are present, without opening a device: `Err` says what is
+    /// missing. Cheap; [`CudaDevice::get`] checks this too.
+    pub fn probe_libraries() -> Result<(), CudaError> {
+        // SAFETY: only tries to dlopen the library under its usual names; nothing is called.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::NoDriver {
+                reason: "the driver library (libcuda.so) was not found by the dynamic loader; this machine \
+                         has no NVIDIA driver installed (or it is not on the loader's path)"
+                    .to_string(),
+            });
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::NoNvrtc {
+                reason: "libnvrtc.so was not found by the dynamic loader".to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The device's description.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open(ordinal: usize) -> Result<CudaDevice, CudaError> {
+        Self::probe_libraries()?;
+        // cudarc panics when a symbol is missing from the loaded library (an unexpected driver build):
+        // report that as an unusable driver instead of unwinding through the caller.
+        match catch_unwind(AssertUnwindSafe(|| Self::open_checked(ordinal))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                Err(CudaError::NoDriver { reason: format!("the CUDA libraries could not be used: {what}") })
+            }
+        }
+    }
+
+    fn open_checked(ordinal: usize) -> Result<CudaDevice, CudaError> {
+        let driver_version = driver_version()?;
+        init_driver()?;
+        let count = result::device::get_count().map_err(|e| CudaError::driver("counting devices", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoDevice {
+                reason: format!("device {ordinal} was requested but the driver reports {count} device(s)"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::driver("creating the context", e))?;
+        // Only our own buffers (not cudarc's CudaSlice) are used, and all on one stream: no events needed.
+        // SAFETY: no CudaSlice exists in this context, so none can miss its synchronisation events.
+        unsafe { ctx.disable_event_tracking() };
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(|e| CudaError::driver("reading the device name", e))?,
+            compute_capability: ctx
+                .compute_capability()
+                .map_err(|e| CudaError::driver("reading the compute capability", e))?,
+            driver_version,
+            nvrtc_version: nvrtc_version()?,
+            total_memory: ctx.total_mem().map_err(|e| CudaError::driver("reading the memory size", e))?,
+        };
+        let module = compile(&ctx, info.compute_capability)?;
+        let kernels = load_kernels(&module)?;
+        let stream = ctx.new_stream().map_err(|e| CudaError::driver("creating the stream", e))?;
+        let sync_each_launch = std::env::var(SYNC_EACH_LAUNCH_ENV).is_ok_and(|v| v != "0");
+        Ok(CudaDevice { stream, kernels, sync_each_launch, info, _module: module, ctx })
+    }
+
+    /// Makes this device's context current on the calling thread (every entry point calls it, so
+    /// forwards may move between threads).
+    pub(crate) fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(|e| CudaError::driver("binding the context to this thread", e))
+    }
+
+    /// Waits until everything queued so far has finished; reports any asynchronous failure.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.bind()?;
+        self.stream.synchronize().map_err(|e| CudaError::driver("waiting for the device", e))
+    }
+
+    /// A new buffer of `len` zeros.
+    pub fn alloc_zeros<T: DeviceScalar>(&self, len: usize) -> Result<DeviceBuffer<T>, CudaError> {
+        let buf = self.alloc_raw::<T>(len, "allocating a buffer")?;
+        if len > 0 {
+            // SAFETY: the allocation holds exactly len * size_of::<T>() bytes.
+            unsafe { result::memset_d8_async(buf.ptr, 0, buf.bytes(), self.stream.cu_stream()) }
+                .map_err(|e| CudaError::driver("clearing a buffer", e))?;
+        }
+        Ok(buf)
+    }
+
+    /// A new buffer holding a copy of `data`.
+    pub fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<DeviceBuffer<T>, CudaError> {
+        let mut buf = self.alloc_raw::<T>(data.len(), "uploading a buffer")?;
+        self.copy_to_device(data, buf.as_mut())?;
+        Ok(buf)
+    }
+
+    /// A weight tensor of `experts` matrices of `rows` rows of `cols` weights of type `ty`, from its GGUF
+    /// bytes (`bytes.len()` must be `experts * rows * ty.row_bytes(cols)`).
+    pub fn upload_matrix(
+        &self,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        experts: usize,
+        bytes: &[u8],
+    ) -> Result<DeviceMatrix, CudaError> {
+        let op = "upload_matrix";
+        let row_bytes = ty.row_bytes(cols).ok_or_else(|| {
+            CudaError::invalid(op, format!("a {ty} row of {cols} weights is not a whole number of blocks"))
+        })?;
+        let expected = row_bytes.checked_mul(rows).and_then(|b| b.checked_mul(experts));
+        if expected != Some(bytes.len()) || cols == 0 || rows == 0 || experts == 0 {
+            return Err(CudaError::invalid(
+                op,
+                format!(
+                    "{experts} x {rows} rows of {cols} {ty} weights need {expected:?} bytes, got {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        if i32::try_from(cols).is_err() || i32::try_from(rows).is_err() || i32::try_from(experts).is_err() {
+            return Err(CudaError::invalid(op, format!("shape {experts} x {rows} x {cols} exceeds i32")));
+        }
+        let mut data = self.alloc_raw::<u8>(bytes.len(), "uploading weights")?;
+        self.copy_to_device(bytes, data.as_mut())?;
+        Ok(DeviceMatrix { data, ty, cols, rows, experts, row_bytes })
+    }
+
+    /// Copies `src` into the start of `dst` (`dst` at least as long).
+    pub fn copy_to_device<T: DeviceScalar>(
+        &self,
+        src: &[T],
+        dst: DevSliceMut<'_, T>,
+    ) -> Result<(), CudaError> {
+        if src.len() > dst.len {
+            return Err(CudaError::invalid(
+                "copy_to_device",
+                format!("{} values do not fit a view of {}", src.len(), dst.len),
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst is a live view of at least src.len() values of T; a pageable source is staged before
+        // the call returns, so src may be dropped afterwards.
+        unsafe { result::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream()) }
+            .map_err(|e| CudaError::driver("copying to the device", e))
+    }
+
+    /// Copies `src` to the host, waiting for all queued work first.
+    pub fn download<T: DeviceScalar>(&self, src: DevSlice<'_, T>) -> Result<Vec<T>, CudaError> {
+        let mut out = vec![T::default(); src.len];
+        if src.len == 0 {
+            return Ok(out);
+        }
+        self.bind()?;
+        // SAFETY: src is a live view of src.len values; out has the same length; we wait before returning.
+        unsafe { result::memcpy_dtoh_async(&mut out, src.ptr, self.stream.cu_stream()) }
+            .map_err(|e| CudaError::driver("copying to the host", e))?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Copies `src` into the start of `dst` on the device.
+    pub fn copy_on_device<T: DeviceScalar>(
+        &self,
+        src: DevSlice<'_, T>,
+        dst: DevSliceMut<'_, T>,
+    ) -> Result<(), CudaError> {
+        if src.len > dst.len {
+            return Err(CudaError::invalid(
+                "copy_on_device",
+                format!("{} values do not fit a view of {}", src.len, dst.len),
+            ));
+        }
+        if src.len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let bytes = src.len * size_of::<T>();
+        // SAFETY: both views are live and hold at least `bytes` bytes; they come from distinct borrows.
+        unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
+            .map_err(|e| CudaError::driver("copying on the device", e))
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), CudaError> {
+        self.bind()?;
+        result::mem_get_info().map_err(|e| CudaError::driver("reading the free memory", e))
+    }
+
+    fn alloc_raw<T: DeviceScalar>(&self, len: usize, stage: &str) -> Result<DeviceBuffer<T>, CudaError> {
+        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| {
+            CudaError::invalid("alloc", format!("{len} values of {} bytes overflow", size_of::<T>()))
+        })?;
+        if bytes == 0 {
+            return Ok(DeviceBuffer { ptr: 0, len: 0, stream: self.stream.clone(), _t: PhantomData });
+        }
+        self.bind()?;
+        // SAFETY: a plain device allocation; the buffer owns it and frees it once.
+        match unsafe { result::malloc_sync(bytes) } {
+            Ok(ptr) => Ok(DeviceBuffer { ptr, len, stream: self.stream.clone(), _t: PhantomData }),
+            Err(e) if CudaError::is_oom(&e) => {
+                let (free, total) = result::mem_get_info().unwrap_or((0, 0));
+                Err(CudaError::OutOfMemory { stage: stage.to_string(), bytes, free, total })
+            }
+            Err(e) => Err(CudaError::driver(stage, e)),
+        }
+    }
+}
+
+/// The driver's CUDA version, refusing drivers older than [`MIN_DRIVER_VERSION`].
+fn driver_version() -> Result<i32, CudaError> {
+    let mut version = 0i32;
+    // SAFETY: writes one int; valid before cuInit.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| CudaError::NoDriver { reason: format!("cuDriverGetVersion failed: {}", describe(e)) })?;
+    if version < MIN_DRIVER_VERSION {
+        return Err(CudaError::NoDriver {
+            reason: format!(
+                "the driver supports CUDA {}.{}, these kernels need CUDA {}.{} or newer: update the NVIDIA driver",
+                version / 1000,
+                version % 1000 / 10,
+                MIN_DRIVER_VERSION / 1000,
+                MIN_DRIVER_VERSION % 1000 / 10
+            ),
+        });
+    }
+    Ok(version)
+}
+
+/// `cuInit`, telling "no device" apart from a broken driver.
+fn init_driver() -> Result<(), CudaError> {
+    result::init().map_err(|e| match e.0 {
+        cudaError_enum::CUDA_ERROR_NO_DEVICE => {
+            CudaError::NoDevice { reason: "the driver is installed but reports no CUDA device".to_string() }
+        }
+        _ => CudaError::NoDriver { reason: format!("cuInit failed: {}", describe(e)) },
+    })
+}
+
+fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    let (mut major, mut minor) = (0i32, 0i32);
+    // SAFETY: writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| CudaError::NoNvrtc { reason: format!("nvrtcVersion failed: {e:?}") })?;
+    Ok((major, minor))
+}
+
+/// Compiles the program for the device's architecture (PTX for `compute_XY`, finished by the driver).
+fn compile(ctx: &Arc<CudaContext>, (major, minor): (i32, i32)) -> Result<Arc<CudaModule>, CudaError> {
+    let arch = format!("compute_{major}{minor}");
+    let ptx = compile_ptx(&arch)?;
+    ctx.load_module(ptx).map_err(|e| CudaError::driver(format!("loading the kernels compiled for {arch}"), e))
+}
+
+/// Compiles the kernels with NVRTC for virtual architecture `arch` (e.g. `compute_90`) and returns the
+/// PTX text, without a driver or device: checks that the sources compile on any machine with NVRTC.
+pub fn compile_program(arch: &str) -> Result<String, CudaError> {
+    // SAFETY: only tries to dlopen the library under its usual names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc {
+            reason: "libnvrtc.so was not found by the dynamic loader".to_string(),
+        });
+    }
+    Ok(compile_ptx(arch)?.to_src())
+}
+
+fn compile_ptx(arch: &str) -> Result<Ptx, CudaError> {
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()],
+        name: Some("moe_gate_kernels.cu".to_string()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(program_source(), opts).map_err(|e| match e {
+        CompileError::CompileError { nvrtc, log, .. } => CudaError::Compile {
+            arch: arch.to_string(),
+            status: format!("{nvrtc:?}"),
+            log: log.to_string_lossy().into_owned(),
+        },
+        other => {
+            CudaError::Compile { arch: arch.to_string(), status: format!("{other:?}"), log: String::new() }
+        }
+    })
+}
+
+fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
+    let load = |name: &str| {
+        module.load_function(name).map_err(|e| CudaError::driver(format!("looking up kernel {name}"), e))
+    };
+    let mut formats = HashMap::new();
+    for ty in GgmlType::ALL {
+        let suffix = ty.name().to_ascii_lowercase();
+        formats.insert(
+            ty,
+            FormatKernels {
+                matvec: load(&format!("matvec_{suffix}"))?,
+                moe_matvec: load(&format!("moe_matvec_{suffix}"))?,
+                get_rows: load(&format!("get_rows_{suffix}"))?,
+            },
+        );
+    }
+    Ok(Kernels {
+        formats,
+        rmsnorm: load("rmsnorm")?,
+        head_norm_rope: load("head_norm_rope")?,
+        attention: load("attention")?,
+        softmax_topk: load("softmax_topk")?,
+        moe_group: load("moe_group")?,
+        moe_combine: load("moe_combine")?,
+    })
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for i32 {}
+    impl Sealed for u8 {}
+}
+
+/// Element types device buffers hold.
+pub trait DeviceScalar: sealed::Sealed + DeviceRepr + Copy + Default + Send + Sync + 'static {}
+impl DeviceScalar for f32 {}
+impl DeviceScalar for f64 {}
+impl DeviceScalar for i32 {}
+impl DeviceScalar for u8 {}
+
+/// An owned device allocation of `len` values (`cuMemAlloc`; freed on drop after the stream drains).
+pub struct DeviceBuffer<T: DeviceScalar> {
+    ptr: CUdeviceptr,
+    len: usize,
+    stream: Arc<CudaStream>,
+    _t: PhantomData<T>,
+}
+
+impl<T: DeviceScalar> DeviceBuffer<T> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn bytes(&self) -> usize {
+        self.len * size_of::<T>()
+    }
+
+    /// A view of the whole buffer.
+    pub fn as_slice(&self) -> DevSlice<'_, T> {
+        DevSlice { ptr: self.ptr, len: self.len, _b: PhantomData }
+    }
+
+    /// A mutable view of the whole buffer.
+    pub fn as_mut(&mut self) -> DevSliceMut<'_, T> {
+        DevSliceMut { ptr: self.ptr, len: self.len, _b: PhantomData }
+    }
+
+    /// A view of `range`.
+    pub fn slice(&self, range: Range<usize>) -> Result<DevSlice<'_, T>, CudaError> {
+        self.as_slice().slice(range)
+    }
+
+    /// A mutable view of `range`.
+    pub fn slice_mut(&mut self, range: Range<usize>) -> Result<DevSliceMut<'_, T>, CudaError> {
+        self.as_mut().into_slice(range)
+    }
+}
+
+impl<T: DeviceScalar> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        if self.ptr == 0 {
+            return;
+        }
+        let ctx = self.stream.context();
+        ctx.record_err(ctx.bind_to_thread());
+        // Kernels still queued may use the memory: let them finish first.
+        ctx.record_err(self.stream.synchronize());
+        // SAFETY: allocated by malloc_sync in alloc_raw, freed only here.
+        ctx.record_err(unsafe { result::free_sync(self.ptr) });
+    }
+}
+
+/// A borrowed view of `len` device values.
+#[derive(Clone, Copy)]
+pub struct DevSlice<'a, T> {
+    pub(crate) ptr: CUdeviceptr,
+    pub(crate) len: usize,
+    _b: PhantomData<&'a [T]>,
+}
+
+impl<'a, T> DevSlice<'a, T> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The sub-view `range`.
+    pub fn slice(self, range: Range<usize>) -> Result<DevSlice<'a, T>, CudaError> {
+        check_range(&range, self.len)?;
+        Ok(DevSlice {
+            ptr: self.ptr + (range.start * size_of::<T>()) as u64,
+            len: range.len(),
+            _b: PhantomData,
+        })
+    }
+}
+
+/// A borrowed mutable view of `len` device values.
+pub struct DevSliceMut<'a, T> {
+    pub(crate) ptr: CUdeviceptr,
+    pub(crate) len: usize,
+    _b: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> DevSliceMut<'a, T> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A shorter-lived mutable view of the same values.
+    pub fn reborrow(&mut self) -> DevSliceMut<'_, T> {
+        DevSliceMut { ptr: self.ptr, len: self.len, _b: PhantomData }
+    }
+
+    /// A read-only view of the same values.
+    pub fn as_const(&self) -> DevSlice<'_, T> {
+        DevSlice { ptr: self.ptr, len: self.len, _b: PhantomData }
+    }
+
+    /// The sub-view `range`.
+    pub fn into_slice(self, range: Range<usize>) -> Result<DevSliceMut<'a, T>, CudaError> {
+        check_range(&range, self.len)?;
+        Ok(DevSliceMut {
+            ptr: self.ptr + (range.start * size_of::<T>()) as u64,
+            len: range.len(),
+            _b: PhantomData,
+        })
+    }
+}
+
+fn check_range(range: &Range<usize>, len: usize) -> Result<(), CudaError> {
+    if range.start > range.end || range.end > len {
+        return Err(CudaError::invalid(
+            "slice",
+            format!("range {range:?} is outside a view of {len} values"),
+        ));
+    }
+    Ok(())
+}
+
+/// A weight tensor on the device, in its GGUF blocks: `experts` matrices (1 for a plain matrix) of `rows`
+/// rows of `cols` weights, rows `row_bytes` apart.
+pub struct DeviceMatrix {
+    pub(crate) data: DeviceBuffer<u8>,
+    pub(crate) ty: GgmlType,
+    pub(crate) cols: usize,
+    pub(crate) rows: usize,
+    pub(crate) experts: usize,
+    pub(crate) row_bytes: usize,
+}
+
+impl DeviceMatrix {
+    /// Block format.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Weights per row (the input width of a matrix-vector product).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows per matrix (the output width).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of matrices (experts); 1 for a plain matrix.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Bytes on the device.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}

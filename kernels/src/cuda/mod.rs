@@ -1,0 +1,53 @@
+//! The CUDA side of every kernel family (feature `cuda`): CUDA C sources compiled at run time with NVRTC,
+//! device memory, and typed, bounds-checked launchers.
+//!
+//! - `*.cu` / `common.cuh`: the kernels. Block formats follow ggml (`ggml-common.h`, `ggml-quants.c`); the
+//!   model kernels follow Hugging Face transformers' Qwen3-MoE (`Qwen3MoeRMSNorm`, `apply_rotary_pos_emb`,
+//!   `eager_attention_forward`, `Qwen3MoeSparseMoeBlock`). Their operation order is written down in
+//!   `docs/numerics.md`.
+//! - [`CudaDevice`]: one per device and process ([`CudaDevice::get`]); opening it checks for the driver
+//!   and NVRTC before touching either (cudarc panics when a library is missing) and compiles the kernels
+//!   once.
+//! - [`DeviceBuffer`] / [`DevSlice`] / [`DevSliceMut`]: plain device allocations (`cuMemAlloc`, never
+//!   managed memory) and borrowed views of them; [`DeviceMatrix`]: a weight tensor in its GGUF blocks.
+//! - The operations (`CudaDevice::matvec`, `rmsnorm`, `attention`, `softmax_topk`, `moe_matvec`, ...):
+//!   every length and index a kernel relies on is checked on the host before the launch, and the kernels
+//!   turn out-of-range token or expert ids into NaN instead of reading out of bounds, so the API is safe.
+//!
+//! Everything is enqueued on the device's one stream; only downloads wait for it.
+
+mod device;
+mod error;
+mod ops;
+
+pub use device::{
+    CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceInfo, DeviceMatrix, DeviceScalar, compile_program,
+};
+pub use error::CudaError;
+pub use ops::{AttentionShape, ExpertGroups, Routing};
+
+/// Environment variable that makes every launch wait for the kernel and check its status, so an
+/// asynchronous fault (an illegal address, say) is reported at the operation that caused it. Any value
+/// but `0` turns it on; it slows the forward down.
+pub const SYNC_EACH_LAUNCH_ENV: &str = "MOE_GATE_CUDA_SYNC";
+
+/// The CUDA C program, in the order its parts depend on each other.
+const SOURCES: [(&str, &str); 5] = [
+    ("common.cuh", include_str!("common.cuh")),
+    ("quant.cu", include_str!("quant.cu")),
+    ("norm_rope.cu", include_str!("norm_rope.cu")),
+    ("attention.cu", include_str!("attention.cu")),
+    ("moe.cu", include_str!("moe.cu")),
+];
+
+/// The whole program as NVRTC compiles it: the parts concatenated, each preceded by a `#line` directive
+/// so compiler messages name the file and line they come from.
+pub fn program_source() -> String {
+    let mut src = String::new();
+    for (name, text) in SOURCES {
+        src.push_str(&format!("#line 1 \"{name}\"\n"));
+        src.push_str(text);
+        src.push('\n');
+    }
+    src
+}

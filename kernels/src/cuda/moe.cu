@@ -1,0 +1,115 @@
+// The MoE router and the combination of expert outputs (HF transformers Qwen3MoeSparseMoeBlock:
+// softmax over all experts, top-k, weights renormalised to sum 1 when norm_topk_prob).
+
+// For token t: p = softmax(logits[t]) (p_i = exp(l_i - max) / sum, sums lane-strided + warp_sum), then k
+// rounds of arg-max over the not yet chosen p (higher p first, equal p by lower index), then the k weights
+// divided by their sum taken in choice order (when `renormalise`). Expert ids stay on the device.
+// Grid n_tok, block 32, dynamic shared memory n_expert floats. A NaN router row yields in-range ids
+// (0, 1, ...) with NaN weights, so no later kernel reads out of bounds and the NaN stays visible.
+extern "C" __global__ void __launch_bounds__(32)
+    softmax_topk(const float* logits, int n_expert, int k, int renormalise, int* ids, float* weights) {
+    extern __shared__ float p[];
+    const int t = blockIdx.x;
+    const int lane = threadIdx.x;
+    const float* l = logits + (u64)t * n_expert;
+    float mx = -F32_INF;
+    for (int i = lane; i < n_expert; i += WARP_SIZE) mx = fmaxf(mx, l[i]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int i = lane; i < n_expert; i += WARP_SIZE) {
+        const float e = expf(l[i] - mx);
+        p[i] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    bool poisoned = !(sum > 0.0f) || isinf(sum) || isnan(mx);
+    for (int i = lane; i < n_expert; i += WARP_SIZE) {
+        p[i] = p[i] / sum;
+        if (isnan(l[i])) poisoned = true;
+    }
+    poisoned = __any_sync(FULL_MASK, poisoned);
+    __syncwarp();
+    int* out_ids = ids + (u64)t * k;
+    float* out_w = weights + (u64)t * k;
+    for (int j = 0; j < k; ++j) {
+        // -1 marks a chosen expert: every probability is >= 0.
+        float best = -1.0f;
+        int best_i = 0x7fffffff;
+        for (int i = lane; i < n_expert; i += WARP_SIZE) {
+            if (p[i] > best) {
+                best = p[i];
+                best_i = i;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(FULL_MASK, best, o);
+            const int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
+            if (ob > best || (ob == best && oi < best_i)) {
+                best = ob;
+                best_i = oi;
+            }
+        }
+        if (lane == 0) {
+            if (poisoned || best_i >= n_expert) {
+                out_ids[j] = j % n_expert;
+                out_w[j] = F32_NAN;
+            } else {
+                out_ids[j] = best_i;
+                out_w[j] = best;
+                p[best_i] = -1.0f;
+            }
+        }
+        __syncwarp();
+    }
+    if (lane == 0 && renormalise) {
+        float s = 0.0f;
+        for (int j = 0; j < k; ++j) s += out_w[j];
+        for (int j = 0; j < k; ++j) out_w[j] = out_w[j] / s;
+    }
+}
+
+// Groups the routed slots by expert: offsets[e] .. offsets[e + 1] delimit, in `sorted`, the slots s (in
+// increasing order) with ids[s] == e. Ids outside [0, n_expert) are left out (their slots get NaN from
+// moe_combine). One block; thread e scans all ids for expert e, so the order never depends on timing.
+// Dynamic shared memory: n_expert + 1 ints.
+extern "C" __global__ void moe_group(const int* ids, int n_slots, int n_expert, int* offsets, int* sorted) {
+    extern __shared__ int start[];
+    for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
+        int c = 0;
+        for (int s = 0; s < n_slots; ++s) c += ids[s] == e;
+        start[e + 1] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        start[0] = 0;
+        for (int e = 0; e < n_expert; ++e) start[e + 1] += start[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e <= n_expert; e += blockDim.x) offsets[e] = start[e];
+    for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
+        int pos = start[e];
+        for (int s = 0; s < n_slots; ++s) {
+            if (ids[s] == e) sorted[pos++] = s;
+        }
+    }
+}
+
+// x[t, r] += sum_j weights[t, j] * expert_out[t * k + j, r], the k terms summed in choice order first.
+// Grid (ceil(hidden / 256), n_tok), block 256. A slot whose id is out of range contributes NaN.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_combine(const float* expert_out, const int* ids, const float* weights, int k, int hidden, int n_expert,
+                float* x) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    const int t = blockIdx.y;
+    if (r >= hidden) return;
+    float s = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        const u64 slot = (u64)t * k + j;
+        const int e = ids[slot];
+        const float v = (e >= 0 && e < n_expert) ? expert_out[slot * hidden + r] : F32_NAN;
+        s += weights[slot] * v;
+    }
+    float* o = x + (u64)t * hidden + r;
+    *o = *o + s;
+}

@@ -1,0 +1,57 @@
+// RMSNorm and the per-head q/k RMSNorm fused with NEOX rotary embedding (HF transformers Qwen3RMSNorm,
+// apply_rotary_pos_emb with rotate_half).
+
+// out[r] = (x[r] * (1 / sqrt(mean(x[r]^2) + eps))) * w for each of `rows` rows of length n.
+// Grid rows, block RMS_THREADS: lane-strided partial sums of squares, block_sum.
+#define RMS_THREADS 256
+extern "C" __global__ void __launch_bounds__(RMS_THREADS)
+    rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
+    __shared__ float scratch[32];
+    const float* xr = x + (u64)blockIdx.x * n;
+    float* o = out + (u64)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, scratch);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = (xr[i] * r) * w[i];
+}
+
+// In place on x [n_tok, n_head, head_dim] (rows `row_stride` floats apart, head h at h * head_dim):
+// each head vector is RMS-normalised with weight w [head_dim] (skipped when w == 0), then rotated by NEOX
+// RoPE at position pos0 + t: for i < head_dim / 2, with a = angle(pos, i) = pos * inv_freq[i] in f64,
+//   x'[i] = x[i] cos a - x[i + half] sin a,   x'[i + half] = x[i + half] cos a + x[i] sin a,
+// cos and sin evaluated in f64 and rounded to f32 (the shared table definition of docs/numerics.md).
+// One warp per (t, head); grid ceil(n_tok * n_head / 4), block 128. head_dim even, <= 256.
+#define ROPE_WARPS 4
+extern "C" __global__ void __launch_bounds__(32 * ROPE_WARPS)
+    head_norm_rope(float* x, u64 row_stride, int n_tok, int n_head, int head_dim, const float* w, float eps,
+                   int pos0, const double* inv_freq) {
+    const int idx = blockIdx.x * ROPE_WARPS + (threadIdx.x >> 5);
+    if (idx >= n_tok * n_head) return;
+    const int lane = threadIdx.x & 31;
+    const int t = idx / n_head;
+    const int h = idx % n_head;
+    float* v = x + (u64)t * row_stride + (u64)h * head_dim;
+    const int half = head_dim / 2;
+    float r = 1.0f;
+    if (w != 0) {
+        float ss = 0.0f;
+        for (int i = lane; i < head_dim; i += WARP_SIZE) ss += v[i] * v[i];
+        ss = warp_sum(ss);
+        r = 1.0f / sqrtf(ss / (float)head_dim + eps);
+    }
+    const double pos = (double)(pos0 + t);
+    for (int i = lane; i < half; i += WARP_SIZE) {
+        float a = v[i];
+        float b = v[i + half];
+        if (w != 0) {
+            a = (a * r) * w[i];
+            b = (b * r) * w[i + half];
+        }
+        const double angle = pos * inv_freq[i];
+        const float c = (float)cos(angle);
+        const float s = (float)sin(angle);
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+    }
+}

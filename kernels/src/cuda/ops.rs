@@ -1,0 +1,500 @@
+//! Typed launchers of the kernels: each checks every length, shape and limit its kernel relies on, then
+//! queues the kernel on the device's stream. The operation each one computes, and in what order, is
+//! documented on the kernel in the `.cu` sources and in `docs/numerics.md`.
+
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+use super::device::{CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceMatrix};
+use super::error::CudaError;
+
+/// Weight rows per block of the matrix-vector kernels (`MV_WARPS` in quant.cu).
+const MV_WARPS: u32 = 4;
+/// Activation rows one warp multiplies per pass over a weight row (`TOKEN_TILE` in quant.cu).
+const TOKEN_TILE: usize = 8;
+/// Threads per block of `rmsnorm` (`RMS_THREADS` in norm_rope.cu).
+const RMS_THREADS: u32 = 256;
+/// Heads per block of `head_norm_rope` (`ROPE_WARPS`).
+const ROPE_WARPS: u32 = 4;
+/// Warps per block of `attention` (`ATT_WARPS`) and the largest head it holds in registers
+/// (32 lanes x `ATT_MAX_PER_LANE`).
+const ATT_WARPS: u32 = 4;
+const ATT_MAX_HEAD_DIM: usize = 32 * 8;
+/// Threads per block of `get_rows` and `moe_combine`.
+const ELEMENTWISE_THREADS: u32 = 128;
+const COMBINE_THREADS: u32 = 256;
+/// Threads of the one block of `moe_group` (one expert per thread, looping beyond).
+const GROUP_THREADS: u32 = 256;
+/// Largest dynamic shared memory a kernel may ask for without opting in (48 KiB on every device).
+const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
+/// Largest grid y / z dimension.
+const MAX_GRID_YZ: usize = 65535;
+
+/// Shape of one attention call: `n_tok` queries at positions `pos0 .. pos0 + n_tok` over a cache holding
+/// at least `pos0 + n_tok` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub n_tok: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub pos0: usize,
+}
+
+/// The routed slots grouped by expert ([`CudaDevice::moe_group`] fills it; only that kernel writes it,
+/// so its indices are always in range).
+pub struct ExpertGroups {
+    offsets: DeviceBuffer<i32>,
+    sorted: DeviceBuffer<i32>,
+    n_expert: usize,
+    n_slots: usize,
+}
+
+impl ExpertGroups {
+    /// Number of routed slots currently grouped.
+    pub fn n_slots(&self) -> usize {
+        self.n_slots
+    }
+}
+
+/// How an expert matrix-vector product finds each slot's expert.
+#[derive(Clone, Copy)]
+pub enum Routing<'a> {
+    /// Slot `s` uses expert `ids[s]`; one block row per slot (cheapest for a few slots: decode).
+    PerSlot { ids: DevSlice<'a, i32> },
+    /// The slots grouped by expert: each expert's rows are read once per tile of its slots (prefill).
+    Grouped(&'a ExpertGroups),
+}
+
+/// Converts a size to the kernel's `int`, naming what overflowed.
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v)
+        .map_err(|_| CudaError::invalid(op, format!("{what} = {v} exceeds the kernels' int range")))
+}
+
+fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
+    if have < want {
+        return Err(CudaError::invalid(op, format!("{what} holds {have} values, needs {want}")));
+    }
+    Ok(())
+}
+
+fn grid_yz(op: &'static str, what: &str, v: usize) -> Result<u32, CudaError> {
+    if v == 0 || v > MAX_GRID_YZ {
+        return Err(CudaError::invalid(op, format!("{what} = {v} must be in 1..={MAX_GRID_YZ}")));
+    }
+    Ok(v as u32)
+}
+
+impl CudaDevice {
+    /// `y[t] (+)= W x[t]` for `t < n_tok`: `x` is `[n_tok, w.cols]`, `y` is `[n_tok, w.rows]`; with
+    /// `accumulate` the products are added to `y` (a residual connection), otherwise they replace it.
+    pub fn matvec(
+        &self,
+        w: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        n_tok: usize,
+        y: DevSliceMut<'_, f32>,
+        accumulate: bool,
+    ) -> Result<(), CudaError> {
+        let op = "matvec";
+        if w.experts != 1 {
+            return Err(CudaError::invalid(
+                op,
+                format!("a stack of {} expert matrices: use moe_matvec", w.experts),
+            ));
+        }
+        need(op, "x", x.len, n_tok * w.cols)?;
+        need(op, "y", y.len, n_tok * w.rows)?;
+        let tiles = grid_yz(op, "token tiles", n_tok.div_ceil(TOKEN_TILE))?;
+        let (k, n, t) =
+            (to_i32(op, "cols", w.cols)?, to_i32(op, "rows", w.rows)?, to_i32(op, "n_tok", n_tok)?);
+        let cfg = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(MV_WARPS), tiles, 1),
+            block_dim: (32 * MV_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.kernels.formats[&w.ty].matvec;
+        let (wp, rb, acc) = (w.data.as_slice().ptr, w.row_bytes as u64, accumulate as i32);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp).arg(&rb).arg(&k).arg(&n).arg(&x.ptr).arg(&t).arg(&y.ptr).arg(&acc);
+        })
+    }
+
+    /// `out[t] = row tokens[t] of W`, dequantised (`out` is `[tokens.len(), w.cols]`). A token outside
+    /// `0..w.rows` gives a row of NaN.
+    pub fn get_rows(
+        &self,
+        w: &DeviceMatrix,
+        tokens: DevSlice<'_, i32>,
+        out: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let op = "get_rows";
+        if w.experts != 1 {
+            return Err(CudaError::invalid(op, "an expert stack has no rows to look up"));
+        }
+        let n_tok = tokens.len;
+        need(op, "out", out.len, n_tok * w.cols)?;
+        let ty = grid_yz(op, "tokens", n_tok)?;
+        let (k, n_rows) = (to_i32(op, "cols", w.cols)?, to_i32(op, "rows", w.rows)?);
+        let chunks = w.cols.div_ceil(8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (chunks.div_ceil(ELEMENTWISE_THREADS), ty, 1),
+            block_dim: (ELEMENTWISE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.kernels.formats[&w.ty].get_rows;
+        let (wp, rb) = (w.data.as_slice().ptr, w.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp).arg(&rb).arg(&k).arg(&n_rows).arg(&tokens.ptr).arg(&out.ptr);
+        })
+    }
+
+    /// RMSNorm of `rows` rows of length `n`: `out = (x / sqrt(mean(x^2) + eps)) * w`.
+    pub fn rmsnorm(
+        &self,
+        x: DevSlice<'_, f32>,
+        w: DevSlice<'_, f32>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+        out: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let op = "rmsnorm";
+        need(op, "x", x.len, rows * n)?;
+        need(op, "w", w.len, n)?;
+        need(op, "out", out.len, rows * n)?;
+        if rows == 0 || n == 0 {
+            return Err(CudaError::invalid(op, format!("empty shape [{rows}, {n}]")));
+        }
+        let rows_u32 = u32::try_from(rows).map_err(|_| CudaError::invalid(op, "too many rows"))?;
+        let n_i = to_i32(op, "n", n)?;
+        let cfg =
+            LaunchConfig { grid_dim: (rows_u32, 1, 1), block_dim: (RMS_THREADS, 1, 1), shared_mem_bytes: 0 };
+        self.launch(op, &self.kernels.rmsnorm, cfg, |b| {
+            b.arg(&x.ptr).arg(&w.ptr).arg(&n_i).arg(&eps).arg(&out.ptr);
+        })
+    }
+
+    /// In place on `n_tok` rows (`row_stride` floats apart) of `n_head` heads of `head_dim`: per-head RMSNorm
+    /// with `norm` (when given) and NEOX RoPE at positions `pos0 + t`, angles `pos * inv_freq[i]` in f64.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_rope(
+        &self,
+        x: DevSliceMut<'_, f32>,
+        row_stride: usize,
+        n_tok: usize,
+        n_head: usize,
+        head_dim: usize,
+        norm: Option<(DevSlice<'_, f32>, f32)>,
+        pos0: usize,
+        inv_freq: DevSlice<'_, f64>,
+    ) -> Result<(), CudaError> {
+        let op = "head_norm_rope";
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || n_tok == 0
+            || n_head == 0
+            || row_stride < n_head * head_dim
+        {
+            return Err(CudaError::invalid(
+                op,
+                format!("n_tok {n_tok}, {n_head} heads of {head_dim} (must be even) in rows of {row_stride}"),
+            ));
+        }
+        need(op, "x", x.len, (n_tok - 1) * row_stride + n_head * head_dim)?;
+        need(op, "inv_freq", inv_freq.len, head_dim / 2)?;
+        let (w_ptr, eps) = match norm {
+            Some((w, eps)) => {
+                need(op, "norm weight", w.len, head_dim)?;
+                (w.ptr, eps)
+            }
+            None => (0u64, 0.0f32),
+        };
+        let heads = n_tok * n_head;
+        let blocks = u32::try_from(heads.div_ceil(ROPE_WARPS as usize))
+            .map_err(|_| CudaError::invalid(op, "too many heads"))?;
+        let (t, h, d, p) = (
+            to_i32(op, "n_tok", n_tok)?,
+            to_i32(op, "n_head", n_head)?,
+            to_i32(op, "head_dim", head_dim)?,
+            to_i32(op, "position", pos0 + n_tok)?,
+        );
+        to_i32(op, "heads", heads)?;
+        let pos0_i = p - t;
+        let stride = row_stride as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (32 * ROPE_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(op, &self.kernels.head_norm_rope, cfg, |b| {
+            b.arg(&x.ptr)
+                .arg(&stride)
+                .arg(&t)
+                .arg(&h)
+                .arg(&d)
+                .arg(&w_ptr)
+                .arg(&eps)
+                .arg(&pos0_i)
+                .arg(&inv_freq.ptr);
+        })
+    }
+
+    /// Causal GQA attention: `out[t, h] = softmax(q[t, h] . K[0..=pos0+t] * scale) V[0..=pos0+t]` with the
+    /// kv head `h / (n_head / n_kv_head)`. Caches are `[positions, n_kv_head, head_dim]`.
+    pub fn attention(
+        &self,
+        q: DevSlice<'_, f32>,
+        k_cache: DevSlice<'_, f32>,
+        v_cache: DevSlice<'_, f32>,
+        out: DevSliceMut<'_, f32>,
+        shape: AttentionShape,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let op = "attention";
+        let AttentionShape { n_tok, n_head, n_kv_head, head_dim, pos0 } = shape;
+        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) || head_dim == 0 || head_dim > ATT_MAX_HEAD_DIM
+        {
+            return Err(CudaError::invalid(
+                op,
+                format!(
+                    "{n_head} query heads over {n_kv_head} kv heads of {head_dim} \
+                     (query heads must be a multiple of kv heads; head_dim 1..={ATT_MAX_HEAD_DIM})"
+                ),
+            ));
+        }
+        let q_len = n_tok * n_head * head_dim;
+        let kv_len = (pos0 + n_tok) * n_kv_head * head_dim;
+        need(op, "q", q.len, q_len)?;
+        need(op, "out", out.len, q_len)?;
+        need(op, "k_cache", k_cache.len, kv_len)?;
+        need(op, "v_cache", v_cache.len, kv_len)?;
+        let tok = grid_yz(op, "n_tok", n_tok)?;
+        let (h, kvh, d, p) = (
+            to_i32(op, "n_head", n_head)?,
+            to_i32(op, "n_kv_head", n_kv_head)?,
+            to_i32(op, "head_dim", head_dim)?,
+            to_i32(op, "position", pos0 + n_tok)?,
+        );
+        let pos0_i = p - n_tok as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (n_head as u32, tok, 1),
+            block_dim: (32 * ATT_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(op, &self.kernels.attention, cfg, |b| {
+            b.arg(&q.ptr)
+                .arg(&k_cache.ptr)
+                .arg(&v_cache.ptr)
+                .arg(&out.ptr)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&d)
+                .arg(&pos0_i)
+                .arg(&scale);
+        })
+    }
+
+    /// Router decisions of `n_tok` tokens: softmax over `n_expert` logits, the `k` most probable experts
+    /// (ties by lower index) into `ids` `[n_tok, k]`, their probabilities (divided by their sum when
+    /// `renormalise`) into `weights`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_topk(
+        &self,
+        logits: DevSlice<'_, f32>,
+        n_tok: usize,
+        n_expert: usize,
+        k: usize,
+        renormalise: bool,
+        ids: DevSliceMut<'_, i32>,
+        weights: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let op = "softmax_topk";
+        if k == 0 || k > n_expert || n_expert * 4 > MAX_DYNAMIC_SHARED {
+            return Err(CudaError::invalid(op, format!("top-{k} of {n_expert} experts")));
+        }
+        need(op, "logits", logits.len, n_tok * n_expert)?;
+        need(op, "ids", ids.len, n_tok * k)?;
+        need(op, "weights", weights.len, n_tok * k)?;
+        let blocks = u32::try_from(n_tok).map_err(|_| CudaError::invalid(op, "too many tokens"))?;
+        if blocks == 0 {
+            return Err(CudaError::invalid(op, "no tokens"));
+        }
+        let (e, k_i, norm) = (n_expert as i32, k as i32, renormalise as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: (n_expert * 4) as u32,
+        };
+        self.launch(op, &self.kernels.softmax_topk, cfg, |b| {
+            b.arg(&logits.ptr).arg(&e).arg(&k_i).arg(&norm).arg(&ids.ptr).arg(&weights.ptr);
+        })
+    }
+
+    /// Room to group up to `max_slots` routed slots over `n_expert` experts.
+    pub fn expert_groups(&self, n_expert: usize, max_slots: usize) -> Result<ExpertGroups, CudaError> {
+        Ok(ExpertGroups {
+            offsets: self.alloc_zeros(n_expert + 1)?,
+            sorted: self.alloc_zeros(max_slots)?,
+            n_expert,
+            n_slots: 0,
+        })
+    }
+
+    /// Groups the first `n_slots` routed slots of `ids` by expert into `groups` (slots with an id outside
+    /// the experts are left out; [`CudaDevice::moe_combine`] turns them into NaN).
+    pub fn moe_group(
+        &self,
+        ids: DevSlice<'_, i32>,
+        n_slots: usize,
+        groups: &mut ExpertGroups,
+    ) -> Result<(), CudaError> {
+        let op = "moe_group";
+        need(op, "ids", ids.len, n_slots)?;
+        need(op, "groups", groups.sorted.len(), n_slots)?;
+        if (groups.n_expert + 1) * 4 > MAX_DYNAMIC_SHARED {
+            return Err(CudaError::invalid(op, format!("{} experts", groups.n_expert)));
+        }
+        let (s, e) = (to_i32(op, "n_slots", n_slots)?, to_i32(op, "n_expert", groups.n_expert)?);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (GROUP_THREADS, 1, 1),
+            shared_mem_bytes: ((groups.n_expert + 1) * 4) as u32,
+        };
+        let (off, sorted) = (groups.offsets.as_slice().ptr, groups.sorted.as_slice().ptr);
+        self.launch(op, &self.kernels.moe_group, cfg, |b| {
+            b.arg(&ids.ptr).arg(&s).arg(&e).arg(&off).arg(&sorted);
+        })?;
+        groups.n_slots = n_slots;
+        Ok(())
+    }
+
+    /// Expert products over `n_slots` routed slots: `y[s] = W[expert(s)] x[s / in_div]` (`y` is
+    /// `[n_slots, w.rows]`, `x` rows of `w.cols`), or `silu(gate[s]) * (W[expert(s)] x[s / in_div])` with
+    /// `gate` (the SwiGLU of the up projection). `in_div` is k when `x` holds one row per token, 1 when it
+    /// holds one row per slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_matvec(
+        &self,
+        w: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        in_div: usize,
+        routing: Routing<'_>,
+        n_slots: usize,
+        y: DevSliceMut<'_, f32>,
+        gate: Option<DevSlice<'_, f32>>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_matvec";
+        if in_div == 0 || n_slots == 0 {
+            return Err(CudaError::invalid(op, format!("{n_slots} slots, in_div {in_div}")));
+        }
+        need(op, "x", x.len, ((n_slots - 1) / in_div + 1) * w.cols)?;
+        need(op, "y", y.len, n_slots * w.rows)?;
+        let gate_ptr = match gate {
+            Some(g) => {
+                need(op, "gate", g.len, n_slots * w.rows)?;
+                g.ptr
+            }
+            None => 0u64,
+        };
+        let (ids_ptr, off_ptr, sorted_ptr, grid_y) = match routing {
+            Routing::PerSlot { ids } => {
+                need(op, "ids", ids.len, n_slots)?;
+                (ids.ptr, 0u64, 0u64, grid_yz(op, "slots", n_slots)?)
+            }
+            Routing::Grouped(g) => {
+                if g.n_slots != n_slots || g.n_expert != w.experts {
+                    return Err(CudaError::invalid(
+                        op,
+                        format!(
+                            "groups of {} slots over {} experts used for {n_slots} slots over {} experts",
+                            g.n_slots, g.n_expert, w.experts
+                        ),
+                    ));
+                }
+                (0u64, g.offsets.as_slice().ptr, g.sorted.as_slice().ptr, grid_yz(op, "experts", w.experts)?)
+            }
+        };
+        let (k, n, e, div) = (
+            to_i32(op, "cols", w.cols)?,
+            to_i32(op, "rows", w.rows)?,
+            to_i32(op, "experts", w.experts)?,
+            to_i32(op, "in_div", in_div)?,
+        );
+        to_i32(op, "n_slots", n_slots)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(MV_WARPS), grid_y, 1),
+            block_dim: (32 * MV_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.kernels.formats[&w.ty].moe_matvec;
+        let (wp, eb, rb) = (w.data.as_slice().ptr, (w.row_bytes * w.rows) as u64, w.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp)
+                .arg(&eb)
+                .arg(&rb)
+                .arg(&k)
+                .arg(&n)
+                .arg(&e)
+                .arg(&x.ptr)
+                .arg(&div)
+                .arg(&ids_ptr)
+                .arg(&off_ptr)
+                .arg(&sorted_ptr)
+                .arg(&y.ptr)
+                .arg(&gate_ptr);
+        })
+    }
+
+    /// `x[t] += sum_j weights[t, j] * expert_out[t * k + j]` for `t < n_tok` (rows of `hidden`); a slot
+    /// whose id is not below `n_expert` contributes NaN.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_combine(
+        &self,
+        expert_out: DevSlice<'_, f32>,
+        ids: DevSlice<'_, i32>,
+        weights: DevSlice<'_, f32>,
+        n_tok: usize,
+        k: usize,
+        hidden: usize,
+        n_expert: usize,
+        x: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_combine";
+        need(op, "expert_out", expert_out.len, n_tok * k * hidden)?;
+        need(op, "ids", ids.len, n_tok * k)?;
+        need(op, "weights", weights.len, n_tok * k)?;
+        need(op, "x", x.len, n_tok * hidden)?;
+        let tok = grid_yz(op, "n_tok", n_tok)?;
+        let (k_i, h, e) =
+            (to_i32(op, "k", k)?, to_i32(op, "hidden", hidden)?, to_i32(op, "n_expert", n_expert)?);
+        let cfg = LaunchConfig {
+            grid_dim: ((hidden as u32).div_ceil(COMBINE_THREADS), tok, 1),
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(op, &self.kernels.moe_combine, cfg, |b| {
+            b.arg(&expert_out.ptr).arg(&ids.ptr).arg(&weights.ptr).arg(&k_i).arg(&h).arg(&e).arg(&x.ptr);
+        })
+    }
+
+    /// Queues `f` with the arguments `push` adds, and with [`super::SYNC_EACH_LAUNCH_ENV`] waits for it.
+    fn launch<'a>(
+        &'a self,
+        op: &'static str,
+        f: &'a CudaFunction,
+        cfg: LaunchConfig,
+        push: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
+    ) -> Result<(), CudaError> {
+        self.bind()?;
+        let mut builder = self.stream.launch_builder(f);
+        push(&mut builder);
+        // SAFETY: the caller checked every length and index the kernel uses against the views it passed,
+        // and the argument list matches the kernel's parameter types one for one.
+        unsafe { builder.launch(cfg) }.map_err(|e| CudaError::driver(format!("launching {op}"), e))?;
+        if self.sync_each_launch {
+            self.stream.synchronize().map_err(|e| CudaError::driver(format!("running {op}"), e))?;
+        }
+        Ok(())
+    }
+}

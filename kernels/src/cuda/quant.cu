@@ -1,0 +1,399 @@
+// GGUF block formats on the device: dequantisation and dequantise-dot matrix-vector products.
+//
+// Layouts and dequantisation formulas are ggml's (ggml-common.h, ggml-quants.c `dequantize_row_*`), the
+// same definitions as the CPU twins in `moe_kernels::quant`. Each value is computed with explicitly rounded
+// single operations (__fmul_rn, __fsub_rn, __fadd_rn) in ggml's order, so no FMA contraction can change
+// it: a dequantised weight is bit-identical to the CPU's f32 dequantisation.
+//
+// A row is read in chunks of 8 consecutive weights (every block size is a multiple of 8). Activations stay
+// f32: nothing is quantised on the activation side.
+
+// Every format provides:
+//   QK     weights per block (1 for the float formats)
+//   BYTES  bytes per block
+//   chunk(row, c, v)  v[0..8] = weights 8c .. 8c+8 of the row
+//   elem(row, e)      weight e alone (used for the tail of float rows whose length is not a multiple of 8)
+
+struct FmtF32 {
+    static constexpr int QK = 1;
+    static constexpr int BYTES = 4;
+    __device__ static __forceinline__ float elem(const u8* row, int e) {
+        return ((const float*)row)[e];
+    }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const float* r = (const float*)row + 8 * c;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = r[i];
+    }
+};
+
+struct FmtF16 {
+    static constexpr int QK = 1;
+    static constexpr int BYTES = 2;
+    __device__ static __forceinline__ float elem(const u8* row, int e) {
+        return f16_to_f32(((const u16*)row)[e]);
+    }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u16* r = (const u16*)row + 8 * c;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = f16_to_f32(r[i]);
+    }
+};
+
+struct FmtBF16 {
+    static constexpr int QK = 1;
+    static constexpr int BYTES = 2;
+    __device__ static __forceinline__ float elem(const u8* row, int e) {
+        return bf16_to_f32(((const u16*)row)[e]);
+    }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u16* r = (const u16*)row + 8 * c;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = bf16_to_f32(r[i]);
+    }
+};
+
+// block_q4_0: f16 d; u8 qs[16]. Weight j < 16 is the low nibble of qs[j], weight j + 16 its high nibble;
+// value (nibble - 8) * d.
+struct FmtQ4_0 {
+    static constexpr int QK = 32;
+    static constexpr int BYTES = 18;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 2) * BYTES;
+        const float d = f16_to_f32(load_u16(b));
+        const int w = c & 3;
+        const u8* qs = b + 2 + 8 * (w & 1);
+        const int shift = (w >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int x = ((qs[i] >> shift) & 0x0F) - 8;
+            v[i] = __fmul_rn((float)x, d);
+        }
+    }
+};
+
+// block_q5_0: f16 d; u8 qh[4] (bit j = fifth bit of weight j); u8 qs[16] (nibbles as in q4_0);
+// value (nibble | fifth bit << 4) - 16, times d.
+struct FmtQ5_0 {
+    static constexpr int QK = 32;
+    static constexpr int BYTES = 22;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 2) * BYTES;
+        const float d = f16_to_f32(load_u16(b));
+        const u32 qh = load_u32(b + 2);
+        const int w = c & 3;
+        const u8* qs = b + 6 + 8 * (w & 1);
+        const int shift = (w >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int j = 8 * w + i;
+            const int x = (int)(((qs[i] >> shift) & 0x0F) | (((qh >> j) & 1u) << 4)) - 16;
+            v[i] = __fmul_rn((float)x, d);
+        }
+    }
+};
+
+// block_q5_1: f16 d; f16 m; u8 qh[4]; u8 qs[16]; value (nibble | fifth bit << 4) * d + m.
+struct FmtQ5_1 {
+    static constexpr int QK = 32;
+    static constexpr int BYTES = 24;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 2) * BYTES;
+        const float d = f16_to_f32(load_u16(b));
+        const float m = f16_to_f32(load_u16(b + 2));
+        const u32 qh = load_u32(b + 4);
+        const int w = c & 3;
+        const u8* qs = b + 8 + 8 * (w & 1);
+        const int shift = (w >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int j = 8 * w + i;
+            const int x = (int)(((qs[i] >> shift) & 0x0F) | (((qh >> j) & 1u) << 4));
+            v[i] = __fadd_rn(__fmul_rn((float)x, d), m);
+        }
+    }
+};
+
+// block_q8_0: f16 d; i8 qs[32]; value q * d.
+struct FmtQ8_0 {
+    static constexpr int QK = 32;
+    static constexpr int BYTES = 34;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 2) * BYTES;
+        const float d = f16_to_f32(load_u16(b));
+        const i8* qs = (const i8*)(b + 2) + 8 * (c & 3);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn((float)qs[i], d);
+    }
+};
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (ggml's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* sc, int* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// block_q4_K: f16 d; f16 dmin; u8 scales[12]; u8 qs[128]. Sub-block s (32 weights) has scale d * sc_s and
+// min dmin * m_s; its nibbles are the low (s even) or high (s odd) halves of qs[32 * (s / 2) ..][0..32].
+// value (d * sc) * q - (dmin * m).
+struct FmtQ4_K {
+    static constexpr int QK = 256;
+    static constexpr int BYTES = 144;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 5) * BYTES;
+        const int w = c & 31;
+        const int s = w >> 2;
+        const float d = f16_to_f32(load_u16(b));
+        const float dmin = f16_to_f32(load_u16(b + 2));
+        int sc, m;
+        scale_min_k4(s, b + 4, &sc, &m);
+        const float d1 = __fmul_rn(d, (float)sc);
+        const float m1 = __fmul_rn(dmin, (float)m);
+        const u8* qs = b + 16 + 32 * (s >> 1) + 8 * (w & 3);
+        const int shift = (s & 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int q = (qs[i] >> shift) & 0x0F;
+            v[i] = __fsub_rn(__fmul_rn(d1, (float)q), m1);
+        }
+    }
+};
+
+// block_q5_K: f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]. As Q4_K, plus a fifth bit: bit s of
+// qh[l] for weight l of sub-block s. value (d * sc) * (nibble + 16 * bit) - (dmin * m).
+struct FmtQ5_K {
+    static constexpr int QK = 256;
+    static constexpr int BYTES = 176;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 5) * BYTES;
+        const int w = c & 31;
+        const int s = w >> 2;
+        const int l0 = 8 * (w & 3);
+        const float d = f16_to_f32(load_u16(b));
+        const float dmin = f16_to_f32(load_u16(b + 2));
+        int sc, m;
+        scale_min_k4(s, b + 4, &sc, &m);
+        const float d1 = __fmul_rn(d, (float)sc);
+        const float m1 = __fmul_rn(dmin, (float)m);
+        const u8* qh = b + 16 + l0;
+        const u8* qs = b + 48 + 32 * (s >> 1) + l0;
+        const int shift = (s & 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int q = ((qs[i] >> shift) & 0x0F) + (((qh[i] >> s) & 1) << 4);
+            v[i] = __fsub_rn(__fmul_rn(d1, (float)q), m1);
+        }
+    }
+};
+
+// block_q6_K: u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d. Weight e: half h = e / 128, r = e % 128,
+// quarter q = r / 32, l = r % 32; low 4 bits from ql[64h + 32 (q & 1) + l] (high nibble when q >= 2),
+// high 2 bits from qh[32h + l] >> 2q; scale scales[8h + l / 16 + 2q]. value (d * scale) * (bits - 32).
+struct FmtQ6_K {
+    static constexpr int QK = 256;
+    static constexpr int BYTES = 210;
+    __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+        const u8* b = row + (u64)(c >> 5) * BYTES;
+        const int e0 = 8 * (c & 31);
+        const int h = e0 >> 7;
+        const int r = e0 & 127;
+        const int q = r >> 5;
+        const int l0 = r & 31;
+        const float d = f16_to_f32(load_u16(b + 208));
+        const int scale = ((const i8*)(b + 192))[8 * h + (l0 >> 4) + 2 * q];
+        const float ds = __fmul_rn(d, (float)scale);
+        const u8* ql = b + 64 * h + 32 * (q & 1) + l0;
+        const u8* qh = b + 128 + 32 * h + l0;
+        const int lshift = (q >> 1) * 4;
+        const int hshift = 2 * q;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int x = (int)(((ql[i] >> lshift) & 0x0F) | (((qh[i] >> hshift) & 3) << 4)) - 32;
+            v[i] = __fmul_rn(ds, (float)x);
+        }
+    }
+};
+
+// Token tile: how many activation rows one warp multiplies with a weight row it has dequantised once.
+#define TOKEN_TILE 8
+// Warps (= weight rows) per block of the matrix-vector kernels.
+#define MV_WARPS 4
+
+// acc[j] = dot(weight row, xs[j]) for j < nt, in the canonical order: lane l accumulates chunks
+// l, l + 32, ... (each chunk's 8 products in order) into one partial sum per token, then warp_sum. A float
+// row whose length is not a multiple of 8 ends with a partial chunk, taken by the lane whose turn it is.
+template <class F>
+__device__ __forceinline__ void dot_tile(const u8* wrow, int k, const float* const* xs, int nt,
+                                         float* acc) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILE; ++j) acc[j] = 0.0f;
+    const int n_full = k >> 3;
+    for (int c = lane; c < n_full; c += WARP_SIZE) {
+        float v[8];
+        F::chunk(wrow, c, v);
+#pragma unroll
+        for (int j = 0; j < TOKEN_TILE; ++j) {
+            if (j < nt) {
+                const float* x = xs[j] + 8 * c;
+                float s = acc[j];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) s += v[i] * x[i];
+                acc[j] = s;
+            }
+        }
+    }
+    if (F::QK == 1) {
+        const int rem = k & 7;
+        if (rem != 0 && lane == (n_full & 31)) {
+            for (int i = 0; i < rem; ++i) {
+                const int e = 8 * n_full + i;
+                const float w = F::elem(wrow, e);
+                for (int j = 0; j < nt; ++j) acc[j] += w * xs[j][e];
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILE; ++j) acc[j] = warp_sum(acc[j]);
+}
+
+// y[t, r] (+)= dot(W row r, x[t]) for r < n, t < n_tok. W: n rows of row_bytes; x: [n_tok, k]; y: [n_tok, n].
+// Grid (ceil(n / MV_WARPS), ceil(n_tok / TOKEN_TILE)), block 32 * MV_WARPS.
+template <class F>
+__device__ __forceinline__ void matvec_impl(const u8* w, u64 row_bytes, int k, int n, const float* x,
+                                            int n_tok, float* y, int accumulate) {
+    const int row = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const int t0 = blockIdx.y * TOKEN_TILE;
+    const int nt = min(TOKEN_TILE, n_tok - t0);
+    const float* xs[TOKEN_TILE];
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILE; ++j) xs[j] = x + (u64)(t0 + min(j, nt - 1)) * k;
+    float acc[TOKEN_TILE];
+    dot_tile<F>(w + (u64)row * row_bytes, k, xs, nt, acc);
+    if ((threadIdx.x & 31) == 0) {
+        for (int j = 0; j < nt; ++j) {
+            float* o = y + (u64)(t0 + j) * n + row;
+            *o = accumulate ? *o + acc[j] : acc[j];
+        }
+    }
+}
+
+// Expert matrix-vector products over routed slots. A slot s = t * k_used + j is token t's j-th expert
+// ids[s]; its input row is x[s / in_div] (in_div = k_used when the input is the token's hidden state,
+// 1 when it is the slot's own activation) and its output row is y[s]. With `gate`, the output is
+// silu(gate[s, r]) * dot (the SwiGLU of the up projection); otherwise the dot itself.
+// Two schedules, the same arithmetic for every output:
+//   per slot  (offsets == 0): grid (ceil(n / MV_WARPS), n_slots); block y handles slot blockIdx.y.
+//   grouped   (offsets != 0): grid (ceil(n / MV_WARPS), n_expert); block y handles expert blockIdx.y's
+//             slots sorted[offsets[e] .. offsets[e + 1]] in tiles of TOKEN_TILE, reading its rows once
+//             per tile instead of once per slot.
+// An expert id outside [0, n_expert) yields NaN outputs instead of a read out of bounds.
+template <class F>
+__device__ __forceinline__ void moe_matvec_impl(const u8* w, u64 expert_bytes, u64 row_bytes, int k, int n,
+                                                int n_expert, const float* x, int in_div, const int* ids,
+                                                const int* offsets, const int* sorted, float* y,
+                                                const float* gate) {
+    const int row = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    int e, begin, end;
+    if (offsets != 0) {
+        e = blockIdx.y;
+        begin = offsets[e];
+        end = offsets[e + 1];
+    } else {
+        e = ids[blockIdx.y];
+        begin = blockIdx.y;
+        end = begin + 1;
+    }
+    const bool valid = e >= 0 && e < n_expert;
+    const u8* wrow = w + (valid ? (u64)e * expert_bytes : 0) + (u64)row * row_bytes;
+    for (int b = begin; b < end; b += TOKEN_TILE) {
+        const int nt = min(TOKEN_TILE, end - b);
+        int slots[TOKEN_TILE];
+        const float* xs[TOKEN_TILE];
+#pragma unroll
+        for (int j = 0; j < TOKEN_TILE; ++j) {
+            const int i = b + min(j, nt - 1);
+            slots[j] = offsets != 0 ? sorted[i] : i;
+            xs[j] = x + (u64)(slots[j] / in_div) * k;
+        }
+        float acc[TOKEN_TILE];
+        dot_tile<F>(wrow, k, xs, nt, acc);
+        if ((threadIdx.x & 31) == 0) {
+            for (int j = 0; j < nt; ++j) {
+                const u64 o = (u64)slots[j] * n + row;
+                float val = acc[j];
+                if (gate != 0) val = silu(gate[o]) * val;
+                y[o] = valid ? val : F32_NAN;
+            }
+        }
+    }
+}
+
+// out[t, 0..k] = row tokens[t] of W, dequantised (the embedding lookup; with tokens 0..n, a dequantiser).
+// Grid (ceil(ceil(k / 8) / 128), n_tok), block 128: thread c writes chunk c. A token >= n_rows gives NaN.
+template <class F>
+__device__ __forceinline__ void get_rows_impl(const u8* w, u64 row_bytes, int k, int n_rows, const int* tokens,
+                                              float* out) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int t = blockIdx.y;
+    if (8 * c >= k) return;
+    const int tok = tokens[t];
+    float* o = out + (u64)t * k + 8 * c;
+    const int n = min(8, k - 8 * c);
+    if (tok < 0 || tok >= n_rows) {
+        for (int i = 0; i < n; ++i) o[i] = F32_NAN;
+        return;
+    }
+    const u8* row = w + (u64)tok * row_bytes;
+    if (n == 8) {
+        float v[8];
+        F::chunk(row, c, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[i] = v[i];
+    } else {
+        for (int i = 0; i < n; ++i) o[i] = F::elem(row, 8 * c + i);
+    }
+}
+
+#define MOE_GATE_FORMAT_KERNELS(F, name)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                              \
+        matvec_##name(const u8* w, u64 row_bytes, int k, int n, const float* x, int n_tok, float* y,         \
+                      int accumulate) {                                                                      \
+        matvec_impl<F>(w, row_bytes, k, n, x, n_tok, y, accumulate);                                         \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                              \
+        moe_matvec_##name(const u8* w, u64 expert_bytes, u64 row_bytes, int k, int n, int n_expert,          \
+                          const float* x, int in_div, const int* ids, const int* offsets, const int* sorted, \
+                          float* y, const float* gate) {                                                     \
+        moe_matvec_impl<F>(w, expert_bytes, row_bytes, k, n, n_expert, x, in_div, ids, offsets, sorted, y,   \
+                           gate);                                                                            \
+    }                                                                                                        \
+    extern "C" __global__ void get_rows_##name(const u8* w, u64 row_bytes, int k, int n_rows,                \
+                                               const int* tokens, float* out) {                              \
+        get_rows_impl<F>(w, row_bytes, k, n_rows, tokens, out);                                              \
+    }
+
+MOE_GATE_FORMAT_KERNELS(FmtF32, f32)
+MOE_GATE_FORMAT_KERNELS(FmtF16, f16)
+MOE_GATE_FORMAT_KERNELS(FmtBF16, bf16)
+MOE_GATE_FORMAT_KERNELS(FmtQ4_0, q4_0)
+MOE_GATE_FORMAT_KERNELS(FmtQ5_0, q5_0)
+MOE_GATE_FORMAT_KERNELS(FmtQ5_1, q5_1)
+MOE_GATE_FORMAT_KERNELS(FmtQ8_0, q8_0)
+MOE_GATE_FORMAT_KERNELS(FmtQ4_K, q4_k)
+MOE_GATE_FORMAT_KERNELS(FmtQ5_K, q5_k)
+MOE_GATE_FORMAT_KERNELS(FmtQ6_K, q6_k)

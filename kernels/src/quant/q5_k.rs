@@ -1,0 +1,106 @@
+//! Q5_K: Q4_K with a fifth bit per weight (ggml `ggml-common.h` `block_q5_K`; `ggml-quants.c`
+//! `dequantize_row_q5_K`, `quantize_row_q5_K_ref`).
+//!
+//! Weight `l` of sub-block `j` is `d * sc_j * q - dmin * m_j`, `q` in `0..32`, `(sc_j, m_j)` from
+//! [`scale_min_k4`]. The low 4 bits are stored as in Q4_K (pair `p` of sub-blocks shares bytes
+//! `qs[32p..32p + 32]`, low nibble for sub-block `2p`, high for `2p + 1`); the fifth bit of weight `l` of
+//! sub-block `j` is bit `j` of `qh[l]`.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::dot::Decode;
+use super::k_common::{K_SCALE_SIZE, QK_K, QkxSearch, scale_min_k4};
+use super::q4_k::quantize_k4_k5;
+use super::{Block, f16_le};
+
+/// Q5_K block, 176 bytes: `d` (f16) at 0, `dmin` (f16) at 2, `scales` (12 bytes) at 4, `qh` (32 bytes
+/// of fifth bits) at 16, `qs` (128 bytes of low nibbles) at 48.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct BlockQ5K {
+    d: [u8; 2],
+    dmin: [u8; 2],
+    scales: [u8; K_SCALE_SIZE],
+    qh: [u8; QK_K / 8],
+    qs: [u8; QK_K / 2],
+}
+const _: () = assert!(size_of::<BlockQ5K>() == 176);
+
+/// The reference quantiser's scale search for Q5_K (`make_qkx2_quants(32, 31, ..., -0.5f, 0.1f, 15)`).
+const SEARCH: QkxSearch = QkxSearch { nmax: 31, rmin: -0.5, rdelta: 0.1, nstep: 15 };
+
+impl BlockQ5K {
+    /// The 5-bit quants of sub-blocks `2 * pair` and `2 * pair + 1`.
+    #[inline(always)]
+    fn pair_quants(&self, pair: usize) -> ([u8; 32], [u8; 32]) {
+        let (u1, u2) = (1u8 << (2 * pair), 2u8 << (2 * pair));
+        let qs = &self.qs[32 * pair..32 * pair + 32];
+        let lo = std::array::from_fn(|l| (qs[l] & 0xF) + if self.qh[l] & u1 != 0 { 16 } else { 0 });
+        let hi = std::array::from_fn(|l| (qs[l] >> 4) + if self.qh[l] & u2 != 0 { 16 } else { 0 });
+        (lo, hi)
+    }
+}
+
+impl Decode for BlockQ5K {
+    const WEIGHTS: usize = QK_K;
+
+    #[inline(always)]
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, min) = (f16_le(self.d), f16_le(self.dmin));
+        for (pair, out) in out.chunks_exact_mut(64).enumerate() {
+            let (sc1, m1) = scale_min_k4(2 * pair, &self.scales);
+            let (sc2, m2) = scale_min_k4(2 * pair + 1, &self.scales);
+            let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+            let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+            let (q_lo, q_hi) = self.pair_quants(pair);
+            let (lo, hi) = out.split_at_mut(32);
+            for (q, lo) in q_lo.iter().zip(lo) {
+                *lo = d1 * f32::from(*q) - m1;
+            }
+            for (q, hi) in q_hi.iter().zip(hi) {
+                *hi = d2 * f32::from(*q) - m2;
+            }
+        }
+    }
+}
+
+impl Block for BlockQ5K {
+    fn dequantize_f64(&self, out: &mut [f64]) {
+        let (d, min) = (f64::from(f16_le(self.d)), f64::from(f16_le(self.dmin)));
+        for (pair, out) in out.chunks_exact_mut(64).enumerate() {
+            let (sc1, m1) = scale_min_k4(2 * pair, &self.scales);
+            let (sc2, m2) = scale_min_k4(2 * pair + 1, &self.scales);
+            let (q_lo, q_hi) = self.pair_quants(pair);
+            let (lo, hi) = out.split_at_mut(32);
+            for (q, lo) in q_lo.iter().zip(lo) {
+                *lo = d * f64::from(sc1) * f64::from(*q) - min * f64::from(m1);
+            }
+            for (q, hi) in q_hi.iter().zip(hi) {
+                *hi = d * f64::from(sc2) * f64::from(*q) - min * f64::from(m2);
+            }
+        }
+    }
+
+    fn quantize(x: &[f32]) -> Self {
+        let q = quantize_k4_k5(x, SEARCH);
+        let mut qh = [0u8; QK_K / 8];
+        let mut qs = [0u8; QK_K / 2];
+        for (pair, qs) in qs.chunks_exact_mut(32).enumerate() {
+            let (m1, m2) = (1u8 << (2 * pair), 2u8 << (2 * pair));
+            let levels = &q.levels[64 * pair..64 * pair + 64];
+            for l in 0..32 {
+                let (mut l1, mut l2) = (levels[l], levels[l + 32]);
+                if l1 > 15 {
+                    l1 -= 16;
+                    qh[l] |= m1;
+                }
+                if l2 > 15 {
+                    l2 -= 16;
+                    qh[l] |= m2;
+                }
+                qs[l] = l1 | (l2 << 4);
+            }
+        }
+        BlockQ5K { d: q.d, dmin: q.dmin, scales: q.scales, qh, qs }
+    }
+}

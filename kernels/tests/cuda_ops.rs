@@ -1,0 +1,497 @@
+//! Every CUDA kernel against its CPU twin, in the manner of llama.cpp's `test-backend-ops`: cases are
+//! generated from parameter lists (sizes chosen not to be multiples of the block, the warp or the tiles),
+//! each case runs the op on both sides on the same random inputs and compares them with one routine (the
+//! normalised mean squared error, NMSE = sum (cuda - cpu)^2 / sum cpu^2) against a bound per op.
+//!
+//! Where no CUDA driver, NVRTC or device is found, every case is reported as ignored with the reason (CI
+//! has no GPU: the target compiles and passes by skipping, and says so). `compile::*` needs only NVRTC.
+//!
+//! Run on a GPU machine: `cargo test -p moe-kernels --features cuda --test cuda_ops`.
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    #[cfg(feature = "cuda")]
+    let trials = cases::all();
+    #[cfg(not(feature = "cuda"))]
+    let trials = vec![libtest_mimic::Trial::ignorable_test("cuda_kernels", || {
+        Ok(libtest_mimic::Completion::ignored_with(
+            "built without the `cuda` feature: run with --features cuda",
+        ))
+    })];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+#[cfg(feature = "cuda")]
+mod cases {
+    use std::sync::Arc;
+
+    use libtest_mimic::{Completion, Failed, Trial};
+    use moe_kernels::GgmlType;
+    use moe_kernels::cpu::{KvView, RopeTable, causal_attention_head, rms_norm, route, silu};
+    use moe_kernels::cuda::{AttentionShape, CudaDevice, CudaError, Routing, compile_program};
+    use moe_kernels::quant::{dequantize_row, dot_row, quantize_row};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    // Bounds on the NMSE between the CUDA result and its CPU twin. Both sides compute in f32 from the same
+    // inputs (the same dequantised weights: see `get_rows`), so they differ only by rounding in a
+    // different summation order: a dot product of K terms then differs by about sqrt(K) * 2^-24 relative
+    // (3e-6 for K = 2304, NMSE ~ 1e-11); a wrong nibble, scale or index gives NMSE >= 1e-3.
+    /// Dot products (matvec, MoE experts): 1000x above the rounding level, 1e5 below a layout error.
+    const NMSE_DOT: f64 = 1e-8;
+    /// Element-wise results after one reduction (RMSNorm, RoPE, router weights): a few roundings each.
+    const NMSE_ELEMENTWISE: f64 = 1e-12;
+    /// Attention: two dot products and a softmax over at most ~100 positions.
+    const NMSE_ATTENTION: f64 = 1e-10;
+
+    type Outcome = Result<Completion, Failed>;
+
+    /// The device, or the reason there is none (the case is then ignored).
+    fn device() -> Result<Arc<CudaDevice>, String> {
+        CudaDevice::get(0).map_err(|e| e.to_string())
+    }
+
+    /// Runs `body` on the device, turning "no CUDA here" into an ignored case.
+    fn on_device(body: impl FnOnce(&CudaDevice) -> Result<(), String>) -> Outcome {
+        match CudaDevice::get(0) {
+            Ok(d) => body(&d).map(|()| Completion::Completed).map_err(Failed::from),
+            Err(e) if e.is_unavailable() => Ok(Completion::ignored_with(e.to_string())),
+            Err(e) => Err(Failed::from(e.to_string())),
+        }
+    }
+
+    fn cuda(e: CudaError) -> String {
+        e.to_string()
+    }
+
+    /// sum (a - b)^2 / sum b^2, in f64 (sum (a - b)^2 when b is all zero).
+    fn nmse(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let (mut err, mut norm) = (0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            err += (x as f64 - y as f64).powi(2);
+            norm += (y as f64).powi(2);
+        }
+        if norm > 0.0 { err / norm } else { err }
+    }
+
+    /// Fails (naming the case) when the NMSE is above `bound` or not a number; prints it either way.
+    fn check_nmse(case: &str, a: &[f32], b: &[f32], bound: f64) -> Result<(), String> {
+        if let Some(i) = a.iter().position(|v| !v.is_finite()) {
+            return Err(format!("{case}: CUDA output {i} is {}", a[i]));
+        }
+        let e = nmse(a, b);
+        println!("    {case}: NMSE {e:.3e} (bound {bound:.0e})");
+        if e.is_nan() || e > bound {
+            return Err(format!("{case}: NMSE {e:.3e} exceeds {bound:.0e}"));
+        }
+        Ok(())
+    }
+
+    fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    fn normal_ish(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+        // Sum of uniforms: roughly normal, bounded, deterministic.
+        (0..n).map(|_| (r.random::<f32>() + r.random::<f32>() + r.random::<f32>() - 1.5) * scale).collect()
+    }
+
+    /// `rows` rows of `cols` random weights quantised to `ty` (llama.cpp's quantisers), and their bytes.
+    fn random_matrix(r: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+        let row_bytes = ty.row_bytes(cols).expect("test shapes hold whole blocks");
+        let mut bytes = vec![0u8; rows * row_bytes];
+        for row in bytes.chunks_exact_mut(row_bytes) {
+            let w = normal_ish(r, cols, 0.5);
+            quantize_row(ty, &w, row);
+        }
+        bytes
+    }
+
+    /// Row lengths to test per type: not multiples of 8 or 32 for the float types; 1, 3 and 9 blocks
+    /// (fewer and more blocks than lanes) for the quantised ones.
+    fn widths(ty: GgmlType) -> Vec<usize> {
+        match ty.block_size() {
+            1 => vec![67, 300, 1029],
+            b => vec![b, 3 * b, 9 * b],
+        }
+    }
+
+    pub fn all() -> Vec<Trial> {
+        let mut t = Vec::new();
+        t.push(Trial::ignorable_test("compile::compute_90", || match compile_program("compute_90") {
+            Ok(ptx) if ptx.contains(".entry moe_matvec_q4_k") => Ok(Completion::Completed),
+            Ok(_) => Err("the PTX lacks the moe_matvec_q4_k entry".into()),
+            Err(e) if e.is_unavailable() => Ok(Completion::ignored_with(e.to_string())),
+            Err(e) => Err(e.to_string().into()),
+        }));
+        for ty in GgmlType::ALL {
+            for cols in widths(ty) {
+                t.push(Trial::ignorable_test(format!("get_rows::{ty}::{cols}"), move || {
+                    on_device(|d| get_rows_case(d, ty, cols))
+                }));
+                for (rows, n_tok) in [(1, 1), (37, 3), (130, 9), (5, 17)] {
+                    t.push(Trial::ignorable_test(
+                        format!("matvec::{ty}::{rows}x{cols}::t{n_tok}"),
+                        move || on_device(|d| matvec_case(d, ty, rows, cols, n_tok)),
+                    ));
+                }
+            }
+        }
+        for (rows, n) in [(1, 5), (3, 64), (7, 1000), (2, 2048)] {
+            t.push(Trial::ignorable_test(format!("rmsnorm::{rows}x{n}"), move || {
+                on_device(|d| rmsnorm_case(d, rows, n))
+            }));
+        }
+        for (n_tok, n_head, head_dim, pos0, norm) in
+            [(1, 4, 16, 0, true), (5, 2, 24, 3, true), (3, 32, 128, 1000, true), (9, 4, 64, 7, false)]
+        {
+            t.push(Trial::ignorable_test(
+                format!("head_norm_rope::t{n_tok}_h{n_head}_d{head_dim}_at{pos0}_norm{norm}"),
+                move || on_device(|d| rope_case(d, n_tok, n_head, head_dim, pos0, norm)),
+            ));
+        }
+        for (n_tok, n_head, n_kv, head_dim, pos0) in
+            [(1, 4, 2, 16, 0), (5, 4, 2, 16, 0), (1, 32, 4, 128, 70), (37, 4, 1, 24, 3), (8, 8, 8, 256, 11)]
+        {
+            t.push(Trial::ignorable_test(
+                format!("attention::t{n_tok}_h{n_head}_kv{n_kv}_d{head_dim}_at{pos0}"),
+                move || on_device(|d| attention_case(d, n_tok, n_head, n_kv, head_dim, pos0)),
+            ));
+        }
+        for (n_tok, n_expert, k, ties) in
+            [(1, 8, 2, false), (13, 128, 8, false), (6, 37, 5, false), (4, 16, 4, true)]
+        {
+            t.push(Trial::ignorable_test(
+                format!("softmax_topk::t{n_tok}_e{n_expert}_k{k}_ties{ties}"),
+                move || on_device(|d| topk_case(d, n_tok, n_expert, k, ties)),
+            ));
+        }
+        let moe_cases = [
+            ("q4_k_m_mix", GgmlType::Q4_K, GgmlType::Q6_K, 256, 256, 8, 2, 11),
+            ("q8_0_odd", GgmlType::Q8_0, GgmlType::Q8_0, 96, 160, 7, 3, 9),
+            ("f32_odd", GgmlType::F32, GgmlType::F32, 45, 70, 5, 2, 6),
+            ("q5_k_wide", GgmlType::Q5_K, GgmlType::Q5_K, 512, 256, 16, 4, 20),
+        ];
+        for (name, ty_gu, ty_down, hidden, ffn, n_expert, k, n_tok) in moe_cases {
+            t.push(Trial::ignorable_test(format!("moe::{name}"), move || {
+                on_device(|d| moe_case(d, MoeShape { ty_gu, ty_down, hidden, ffn, n_expert, k, n_tok }))
+            }));
+        }
+        if let Err(reason) = device() {
+            println!("CUDA kernel tests: no usable CUDA here, the device cases are ignored: {reason}");
+        } else if let Ok(d) = device() {
+            println!("CUDA kernel tests on {}", d.info());
+        }
+        t
+    }
+
+    /// The device's dequantisation is bit-identical to the CPU's (both are ggml's f32 formulas, rounded
+    /// operation by operation). Looks up rows in a shuffled order, with repeats.
+    fn get_rows_case(d: &CudaDevice, ty: GgmlType, cols: usize) -> Result<(), String> {
+        let mut r = rng(cols as u64 * 31 + ty.ggml_id() as u64);
+        let rows = 11;
+        let bytes = random_matrix(&mut r, ty, rows, cols);
+        let w = d.upload_matrix(ty, cols, rows, 1, &bytes).map_err(cuda)?;
+        let ids: Vec<i32> = vec![3, 0, 10, 3, 7, 1];
+        let ids_d = d.upload(&ids).map_err(cuda)?;
+        let mut out = d.alloc_zeros::<f32>(ids.len() * cols).map_err(cuda)?;
+        d.get_rows(&w, ids_d.as_slice(), out.as_mut()).map_err(cuda)?;
+        let got = d.download(out.as_slice()).map_err(cuda)?;
+        let row_bytes = ty.row_bytes(cols).unwrap();
+        for (t, &id) in ids.iter().enumerate() {
+            let mut want = vec![0f32; cols];
+            dequantize_row(ty, &bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes], &mut want);
+            let have = &got[t * cols..(t + 1) * cols];
+            if let Some(i) = (0..cols).find(|&i| have[i].to_bits() != want[i].to_bits()) {
+                return Err(format!("row {id} weight {i}: CUDA {} vs CPU {}", have[i], want[i]));
+            }
+        }
+        // An id outside the table reads nothing and yields NaN.
+        let bad = d.upload(&[rows as i32]).map_err(cuda)?;
+        d.get_rows(&w, bad.as_slice(), out.slice_mut(0..cols).map_err(cuda)?).map_err(cuda)?;
+        let got = d.download(out.slice(0..cols).map_err(cuda)?).map_err(cuda)?;
+        if !got.iter().all(|v| v.is_nan()) {
+            return Err("an out-of-range id did not give NaN".into());
+        }
+        Ok(())
+    }
+
+    /// `y = W x` for several tokens against `dot_row`, then accumulated on top of a non-zero `y`.
+    fn matvec_case(
+        d: &CudaDevice,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        n_tok: usize,
+    ) -> Result<(), String> {
+        let mut r = rng((rows * 1000 + cols * 7 + n_tok) as u64 + ty.ggml_id() as u64);
+        let bytes = random_matrix(&mut r, ty, rows, cols);
+        let x = normal_ish(&mut r, n_tok * cols, 1.0);
+        let y0 = normal_ish(&mut r, n_tok * rows, 1.0);
+        let w = d.upload_matrix(ty, cols, rows, 1, &bytes).map_err(cuda)?;
+        let xd = d.upload(&x).map_err(cuda)?;
+        let mut yd = d.alloc_zeros::<f32>(n_tok * rows).map_err(cuda)?;
+        d.matvec(&w, xd.as_slice(), n_tok, yd.as_mut(), false).map_err(cuda)?;
+        let got = d.download(yd.as_slice()).map_err(cuda)?;
+        let row_bytes = ty.row_bytes(cols).unwrap();
+        let mut want = vec![0f32; n_tok * rows];
+        for t in 0..n_tok {
+            for o in 0..rows {
+                want[t * rows + o] =
+                    dot_row(ty, &bytes[o * row_bytes..(o + 1) * row_bytes], &x[t * cols..(t + 1) * cols]);
+            }
+        }
+        check_nmse("y = W x", &got, &want, NMSE_DOT)?;
+        let mut yd = d.upload(&y0).map_err(cuda)?;
+        d.matvec(&w, xd.as_slice(), n_tok, yd.as_mut(), true).map_err(cuda)?;
+        let got = d.download(yd.as_slice()).map_err(cuda)?;
+        let want: Vec<f32> = want.iter().zip(&y0).map(|(a, b)| a + b).collect();
+        check_nmse("y += W x", &got, &want, NMSE_DOT)
+    }
+
+    fn rmsnorm_case(d: &CudaDevice, rows: usize, n: usize) -> Result<(), String> {
+        let mut r = rng((rows * 7919 + n) as u64);
+        let x = normal_ish(&mut r, rows * n, 2.0);
+        let w: Vec<f32> = normal_ish(&mut r, n, 0.2).iter().map(|v| 1.0 + v).collect();
+        let eps = 1e-6f32;
+        let (xd, wd) = (d.upload(&x).map_err(cuda)?, d.upload(&w).map_err(cuda)?);
+        let mut out = d.alloc_zeros::<f32>(rows * n).map_err(cuda)?;
+        d.rmsnorm(xd.as_slice(), wd.as_slice(), rows, n, eps, out.as_mut()).map_err(cuda)?;
+        let got = d.download(out.as_slice()).map_err(cuda)?;
+        let mut want = vec![0f32; rows * n];
+        for (xr, o) in x.chunks_exact(n).zip(want.chunks_exact_mut(n)) {
+            rms_norm(xr, &w, eps, o);
+        }
+        check_nmse("rmsnorm", &got, &want, NMSE_ELEMENTWISE)
+    }
+
+    fn rope_case(
+        d: &CudaDevice,
+        n_tok: usize,
+        n_head: usize,
+        head_dim: usize,
+        pos0: usize,
+        norm: bool,
+    ) -> Result<(), String> {
+        let theta = 1e6;
+        let mut r = rng((n_tok * 131 + n_head * 17 + head_dim + pos0) as u64);
+        // Rows wider than the heads, to exercise the row stride (as for keys in the KV cache).
+        let stride = n_head * head_dim + 3;
+        let x = normal_ish(&mut r, n_tok * stride, 1.5);
+        let w: Vec<f32> = normal_ish(&mut r, head_dim, 0.2).iter().map(|v| 1.0 + v).collect();
+        let eps = 1e-6f32;
+        let table = RopeTable::<f32>::new(head_dim, theta);
+        let inv_freq: Vec<f64> =
+            (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+        let mut xd = d.upload(&x).map_err(cuda)?;
+        let (wd, fd) = (d.upload(&w).map_err(cuda)?, d.upload(&inv_freq).map_err(cuda)?);
+        let n = norm.then(|| (wd.as_slice(), eps));
+        d.head_norm_rope(xd.as_mut(), stride, n_tok, n_head, head_dim, n, pos0, fd.as_slice())
+            .map_err(cuda)?;
+        let got = d.download(xd.as_slice()).map_err(cuda)?;
+        let mut table = table;
+        table.ensure(pos0 + n_tok);
+        let mut want = x.clone();
+        for t in 0..n_tok {
+            for h in 0..n_head {
+                let s = t * stride + h * head_dim;
+                let head = &mut want[s..s + head_dim];
+                if norm {
+                    let src = head.to_vec();
+                    rms_norm(&src, &w, eps, head);
+                }
+                table.apply(head, pos0 + t);
+            }
+        }
+        check_nmse("head_norm_rope", &got, &want, NMSE_ELEMENTWISE)
+    }
+
+    fn attention_case(
+        d: &CudaDevice,
+        n_tok: usize,
+        n_head: usize,
+        n_kv: usize,
+        head_dim: usize,
+        pos0: usize,
+    ) -> Result<(), String> {
+        let mut r = rng((n_tok * 7 + n_head * 131 + n_kv * 17 + head_dim + pos0 * 3) as u64);
+        let n_pos = pos0 + n_tok;
+        let kv_dim = n_kv * head_dim;
+        let q = normal_ish(&mut r, n_tok * n_head * head_dim, 1.0);
+        let keys = normal_ish(&mut r, n_pos * kv_dim, 1.0);
+        let values = normal_ish(&mut r, n_pos * kv_dim, 1.0);
+        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        let (qd, kd, vd) =
+            (d.upload(&q).map_err(cuda)?, d.upload(&keys).map_err(cuda)?, d.upload(&values).map_err(cuda)?);
+        let mut out = d.alloc_zeros::<f32>(q.len()).map_err(cuda)?;
+        let shape = AttentionShape { n_tok, n_head, n_kv_head: n_kv, head_dim, pos0 };
+        d.attention(qd.as_slice(), kd.as_slice(), vd.as_slice(), out.as_mut(), shape, scale).map_err(cuda)?;
+        let got = d.download(out.as_slice()).map_err(cuda)?;
+        let mut want = vec![0f32; q.len()];
+        let mut scores = Vec::new();
+        for t in 0..n_tok {
+            for h in 0..n_head {
+                let kvh = h / (n_head / n_kv);
+                let kv = KvView { keys: &keys, values: &values, row_width: kv_dim, offset: kvh * head_dim };
+                let s = (t * n_head + h) * head_dim;
+                causal_attention_head(
+                    &q[s..s + head_dim],
+                    kv,
+                    pos0 + t + 1,
+                    scale,
+                    &mut scores,
+                    &mut want[s..s + head_dim],
+                );
+            }
+        }
+        check_nmse("attention", &got, &want, NMSE_ATTENTION)
+    }
+
+    /// Ids must match exactly, weights to rounding. With `ties`, every token's logits repeat a few values,
+    /// so equal probabilities meet at the top-k boundary and the lower index must win on both sides.
+    fn topk_case(d: &CudaDevice, n_tok: usize, n_expert: usize, k: usize, ties: bool) -> Result<(), String> {
+        let mut r = rng((n_tok * 1000 + n_expert * 10 + k) as u64);
+        let logits: Vec<f32> = if ties {
+            (0..n_tok * n_expert).map(|_| (r.random_range(0..3u32)) as f32 * 0.5).collect()
+        } else {
+            normal_ish(&mut r, n_tok * n_expert, 3.0)
+        };
+        let ld = d.upload(&logits).map_err(cuda)?;
+        let mut ids = d.alloc_zeros::<i32>(n_tok * k).map_err(cuda)?;
+        let mut wts = d.alloc_zeros::<f32>(n_tok * k).map_err(cuda)?;
+        d.softmax_topk(ld.as_slice(), n_tok, n_expert, k, true, ids.as_mut(), wts.as_mut()).map_err(cuda)?;
+        let got_ids = d.download(ids.as_slice()).map_err(cuda)?;
+        let got_w = d.download(wts.as_slice()).map_err(cuda)?;
+        let mut want_w = vec![0f32; n_tok * k];
+        let mut probs = vec![0f32; n_expert];
+        for t in 0..n_tok {
+            let mut experts = vec![0u32; k];
+            route(
+                &logits[t * n_expert..(t + 1) * n_expert],
+                true,
+                &mut probs,
+                &mut experts,
+                &mut want_w[t * k..(t + 1) * k],
+            );
+            let got: Vec<u32> = got_ids[t * k..(t + 1) * k].iter().map(|&e| e as u32).collect();
+            if got != experts {
+                return Err(format!("token {t}: CUDA chose {got:?}, CPU {experts:?}"));
+            }
+        }
+        check_nmse("router weights", &got_w, &want_w, NMSE_ELEMENTWISE)
+    }
+
+    #[derive(Clone, Copy)]
+    struct MoeShape {
+        ty_gu: GgmlType,
+        ty_down: GgmlType,
+        hidden: usize,
+        ffn: usize,
+        n_expert: usize,
+        k: usize,
+        n_tok: usize,
+    }
+
+    /// A whole MoE block after the router: experts chosen on the device from router logits in which token
+    /// t strongly prefers expert t mod E (so every expert is selected at least once), then gate, up (with
+    /// SwiGLU), down and the weighted sum added to x, by both schedules (per slot and grouped by expert),
+    /// against the CPU composition of `route`, `dot_row` and `silu`. The two schedules must agree bit for
+    /// bit: they run the same arithmetic per output.
+    fn moe_case(d: &CudaDevice, s: MoeShape) -> Result<(), String> {
+        let MoeShape { ty_gu, ty_down, hidden, ffn, n_expert, k, n_tok } = s;
+        if n_tok < n_expert {
+            return Err("the case must have at least one token per expert".into());
+        }
+        let mut r = rng((hidden * 13 + ffn * 7 + n_expert * 3 + k + n_tok) as u64);
+        let gate_w = random_matrix(&mut r, ty_gu, n_expert * ffn, hidden);
+        let up_w = random_matrix(&mut r, ty_gu, n_expert * ffn, hidden);
+        let down_w = random_matrix(&mut r, ty_down, n_expert * hidden, ffn);
+        let h = normal_ish(&mut r, n_tok * hidden, 1.0);
+        let x0 = normal_ish(&mut r, n_tok * hidden, 1.0);
+        let mut logits = normal_ish(&mut r, n_tok * n_expert, 1.0);
+        for t in 0..n_tok {
+            logits[t * n_expert + t % n_expert] += 8.0;
+        }
+        let slots = n_tok * k;
+
+        let gd = d.upload_matrix(ty_gu, hidden, ffn, n_expert, &gate_w).map_err(cuda)?;
+        let ud = d.upload_matrix(ty_gu, hidden, ffn, n_expert, &up_w).map_err(cuda)?;
+        let dd = d.upload_matrix(ty_down, ffn, hidden, n_expert, &down_w).map_err(cuda)?;
+        let (hd, ld) = (d.upload(&h).map_err(cuda)?, d.upload(&logits).map_err(cuda)?);
+        let mut ids = d.alloc_zeros::<i32>(slots).map_err(cuda)?;
+        let mut wts = d.alloc_zeros::<f32>(slots).map_err(cuda)?;
+        d.softmax_topk(ld.as_slice(), n_tok, n_expert, k, true, ids.as_mut(), wts.as_mut()).map_err(cuda)?;
+        let mut groups = d.expert_groups(n_expert, slots).map_err(cuda)?;
+        d.moe_group(ids.as_slice(), slots, &mut groups).map_err(cuda)?;
+
+        let mut results = Vec::new();
+        for grouped in [false, true] {
+            let routing =
+                if grouped { Routing::Grouped(&groups) } else { Routing::PerSlot { ids: ids.as_slice() } };
+            let mut gate = d.alloc_zeros::<f32>(slots * ffn).map_err(cuda)?;
+            let mut act = d.alloc_zeros::<f32>(slots * ffn).map_err(cuda)?;
+            let mut out = d.alloc_zeros::<f32>(slots * hidden).map_err(cuda)?;
+            let mut x = d.upload(&x0).map_err(cuda)?;
+            d.moe_matvec(&gd, hd.as_slice(), k, routing, slots, gate.as_mut(), None).map_err(cuda)?;
+            d.moe_matvec(&ud, hd.as_slice(), k, routing, slots, act.as_mut(), Some(gate.as_slice()))
+                .map_err(cuda)?;
+            d.moe_matvec(&dd, act.as_slice(), 1, routing, slots, out.as_mut(), None).map_err(cuda)?;
+            d.moe_combine(
+                out.as_slice(),
+                ids.as_slice(),
+                wts.as_slice(),
+                n_tok,
+                k,
+                hidden,
+                n_expert,
+                x.as_mut(),
+            )
+            .map_err(cuda)?;
+            results.push(d.download(x.as_slice()).map_err(cuda)?);
+        }
+
+        // The CPU composition.
+        let (gu_rb, down_rb) = (ty_gu.row_bytes(hidden).unwrap(), ty_down.row_bytes(ffn).unwrap());
+        let mut want = x0.clone();
+        let mut seen = vec![false; n_expert];
+        let mut probs = vec![0f32; n_expert];
+        for t in 0..n_tok {
+            let ht = &h[t * hidden..(t + 1) * hidden];
+            let (mut experts, mut weights) = (vec![0u32; k], vec![0f32; k]);
+            route(&logits[t * n_expert..(t + 1) * n_expert], true, &mut probs, &mut experts, &mut weights);
+            let mut sum = vec![0f32; hidden];
+            for (&e, &wt) in experts.iter().zip(&weights) {
+                let e = e as usize;
+                seen[e] = true;
+                let act: Vec<f32> = (0..ffn)
+                    .map(|f| {
+                        let row = (e * ffn + f) * gu_rb;
+                        let g = dot_row(ty_gu, &gate_w[row..row + gu_rb], ht);
+                        let u = dot_row(ty_gu, &up_w[row..row + gu_rb], ht);
+                        silu(g) * u
+                    })
+                    .collect();
+                for (o, s) in sum.iter_mut().enumerate() {
+                    let row = (e * hidden + o) * down_rb;
+                    *s += wt * dot_row(ty_down, &down_w[row..row + down_rb], &act);
+                }
+            }
+            for (xv, s) in want[t * hidden..(t + 1) * hidden].iter_mut().zip(&sum) {
+                *xv += s;
+            }
+        }
+        if let Some(e) = seen.iter().position(|&s| !s) {
+            return Err(format!("expert {e} was never selected: the case does not cover every expert"));
+        }
+        check_nmse("moe per slot", &results[0], &want, NMSE_DOT)?;
+        check_nmse("moe grouped", &results[1], &want, NMSE_DOT)?;
+        if let Some(i) = (0..want.len()).find(|&i| results[0][i].to_bits() != results[1][i].to_bits()) {
+            return Err(format!(
+                "per-slot and grouped schedules differ at {i}: {} vs {}",
+                results[0][i], results[1][i]
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! End-to-end tests of `cargo moe-gate`: the binary on the fixture model (tests/fixtures/public-tiny,
+//! HF transformers' float64 outputs are its ground truth elsewhere) with contracts written per test.
+//! Exit codes are DESIGN §4's: 0 every blocking gate holds, 101 a blocking gate failed, 2 not judged.
+
+mod common;
+
+use common::{CPU_CUDA_REF_RUNS, CPU_REF_RUNS, cuda_usable, fixture_model, gate_in, write_contract};
+use moe_engine::trace::{Precision, Trace};
+
+// Tolerances of the passing contract. The cpu backend (f32) is held to rel error <= 1e-4 against an f64
+// forward on these fixtures (issue 2 item 7; it reaches ~1e-6). A relative error r gives
+// cosine >= 1 - r^2/2 and nmse <= r^2, so cosine >= 0.99999 and nmse <= 1e-8 hold with margin while
+// still failing any real defect (8-bit activation quantisation gives nmse ~1e-5).
+const PASSING_CRITERIA: &str = "  - {id: HID, title: hidden states agree, compare: [cpu, reference], tap: hidden, metric: cosine,
+     per: [prompt, layer], threshold: {min: 0.99999}, gate: all}
+  - {id: LOGITS, title: logits agree, compare: [cpu, reference], tap: logits, metric: nmse,
+     per: [prompt], threshold: {max: 1.0e-8}, gate: all}
+  - {id: TOPK, title: same experts, compare: [cpu, reference], tap: router_experts, metric: topk_set,
+     per: [prompt, layer], tie_margin: 1.0e-6, gate: all}
+  - {id: ARG, title: same next token, compare: [cpu, reference], tap: logits, metric: argmax, per: [prompt], gate: all}
+  - {id: GREEDY, title: same greedy tokens, compare: [cpu, reference], tap: logits, metric: greedy, steps: 4,
+     per: [prompt], gate: all}";
+
+/// No f32 forward reproduces an f64 one bit for bit, so `max_abs <= 0` on the hidden states must fail.
+const IMPOSSIBLE_CRITERION: &str = "  - {id: EXACT, title: bit-exact hidden states, compare: [cpu, reference], tap: hidden,
+     metric: max_abs, per: [prompt, layer], threshold: {max: 0.0}, gate: all}";
+
+#[test]
+fn passing_contract_exits_0_and_reports_every_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_contract(dir.path(), "e2e-pass-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let reports = dir.path().join("reports");
+    let junit = dir.path().join("extra-junit.xml");
+    let out = gate_in(
+        dir.path(),
+        &[
+            "--contract",
+            path.to_str().unwrap(),
+            "--report-dir",
+            reports.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.all());
+    // 3 prompts x 2 layers (HID, TOPK) + 3 x 3 per-prompt criteria.
+    assert!(out.stdout.contains("running 21 tests"), "{}", out.all());
+    assert!(out.stdout.contains("test e2e-pass-v1::HID::p_long::layer01 ... ok"), "{}", out.all());
+    assert!(out.stdout.contains("test result: ok. 21 passed; 0 failed"), "{}", out.all());
+    for section in ["criteria", "per layer: worst value", "next token at the last position", "timings:"] {
+        assert!(out.stdout.contains(section), "missing `{section}`:\n{}", out.all());
+    }
+    assert!(out.stdout.contains("gate: PASSED: every blocking gate holds (21 trials judged, 0 ignored)"));
+    assert!(out.stderr.contains("(smoke_model: no usable CUDA device") || cuda_usable(), "{}", out.all());
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["schema_version"], 1);
+    assert_eq!(json["verdict"]["exit_code"], 0);
+    assert_eq!(json["trials"].as_array().unwrap().len(), 21);
+    assert_eq!(json["layers"][0]["criterion"], "HID");
+    assert_eq!(json["layers"][0]["rows"].as_array().unwrap().len(), 2);
+    // Every (run, prompt) forward ran exactly once, however many trials read it.
+    for run in json["timings"]["runs"].as_array().unwrap() {
+        assert_eq!(run["prompts"], 3, "{run}");
+        assert_eq!(run["tokens"], 12, "{run}");
+        assert_eq!(run["greedy_steps"], 12, "4 greedy steps after each of 3 prompts: {run}");
+    }
+    for file in ["report.md", "layers.svg", "junit.xml"] {
+        let text = std::fs::read_to_string(reports.join(file)).unwrap();
+        assert!(text.contains("e2e-pass-v1"), "{file}");
+    }
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("tests=\"21\" failures=\"0\""), "{xml}");
+}
+
+#[test]
+fn failing_contract_exits_101_names_the_trial_and_diagnoses() {
+    let dir = tempfile::tempdir().unwrap();
+    let criteria = format!("{PASSING_CRITERIA}\n{IMPOSSIBLE_CRITERION}");
+    let path = write_contract(dir.path(), "e2e-fail-v1", CPU_REF_RUNS, &criteria, "");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 101, "{}", out.all());
+    assert!(out.stdout.contains("test e2e-fail-v1::EXACT::p_mid::layer00 ... FAILED"), "{}", out.all());
+    assert!(out.stdout.contains("gate: FAILED: blocking gate EXACT does not hold"), "{}", out.all());
+    // The diagnosis: first divergent layer 0, layer 0 run alone on the reference's input is as close to
+    // the reference as f32 allows, so it is accumulated rounding, not a defect.
+    assert!(out.stdout.contains("EXACT::p_mid (cpu vs reference, 2 failing trials)"), "{}", out.all());
+    assert!(out.stdout.contains("first divergent layer: 0"), "{}", out.all());
+    assert!(out.stdout.contains("isolated layer 0 of cpu on the reference's input: nmse"), "{}", out.all());
+    assert!(out.stdout.contains("reference router margin at the top-2 boundary, layer 0"), "{}", out.all());
+}
+
+#[test]
+fn known_divergences_are_expected_failures_and_strict_ones_must_keep_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let known = "  - {criterion: EXACT, status: benign, note: f32 cannot match f64 bit for bit}";
+    let path = write_contract(dir.path(), "e2e-known-v1", CPU_REF_RUNS, IMPOSSIBLE_CRITERION, known);
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("ignored, expected failure (benign: f32 cannot match f64"), "{}", out.all());
+    assert!(out.stdout.contains("0/6 (6 expected failures)"), "{}", out.all());
+
+    let strict = "  - {criterion: HID, where: {layer: 0}, status: investigating, strict: true, note: tracked in issue 9}";
+    let path = write_contract(dir.path(), "e2e-strict-v1", CPU_REF_RUNS, PASSING_CRITERIA, strict);
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 101, "{}", out.all());
+    assert!(out.stdout.contains("test e2e-strict-v1::HID::p_short::layer00 ... FAILED"), "{}", out.all());
+    assert!(out.stdout.contains("unexpected pass"), "{}", out.all());
+}
+
+#[test]
+fn cuda_trials_are_ignored_without_cuda_and_required_cuda_is_exit_2() {
+    if cuda_usable() {
+        eprintln!("skipped: CUDA is usable here, so its absence cannot be tested");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let criteria = "  - {id: GPU, title: cuda agrees with cpu, compare: [cuda, cpu], tap: hidden, metric: cosine,
+     per: [prompt, layer], threshold: {min: 0.9999}, gate: all}
+  - {id: CPU, title: cpu agrees with f64, compare: [cpu, reference], tap: hidden, metric: cosine,
+     per: [prompt, layer], threshold: {min: 0.99999}, gate: all}";
+    let path = write_contract(dir.path(), "e2e-cuda-v1", CPU_CUDA_REF_RUNS, criteria, "");
+    let contract = path.to_str().unwrap();
+
+    let out = gate_in(dir.path(), &["--contract", contract]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("test e2e-cuda-v1::GPU::p_mid::layer01 ... ignored"), "{}", out.all());
+    assert!(out.stdout.contains("6 passed; 0 failed; 6 ignored"), "{}", out.all());
+    assert!(out.stdout.contains("cuda: unavailable (built without the `cuda` feature"), "{}", out.all());
+
+    // Decided when listing, so nextest (which lists with --ignored) shows them skipped.
+    let out = gate_in(dir.path(), &["--contract", contract, "--list", "--ignored"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let listed: Vec<&str> = out.stdout.lines().filter(|l| l.ends_with(": test")).collect();
+    assert_eq!(listed.len(), 6, "{}", out.all());
+    assert!(listed.iter().all(|l| l.contains("::GPU::")), "{listed:?}");
+
+    let out = gate_in(dir.path(), &["--contract", contract, "--require-cuda"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("error: CUDA is required (--require-cuda) but not usable"), "{}", out.all());
+}
+
+#[test]
+fn list_filters_and_exact_select_trials_without_running_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_contract(dir.path(), "e2e-filter-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let contract = path.to_str().unwrap();
+
+    let out = gate_in(dir.path(), &["--contract", contract, "--list"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("e2e-filter-v1::TOPK::p_long::layer01: test"), "{}", out.all());
+    assert!(out.stdout.contains("e2e-filter-v1::ARG::p_short: test"), "{}", out.all());
+    assert!(!out.stdout.contains("gate:"), "listing prints no summary: {}", out.all());
+
+    let name = "e2e-filter-v1::HID::p_mid::layer01";
+    let out = gate_in(dir.path(), &["--contract", contract, "--exact", name]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("running 1 test"), "{}", out.all());
+    assert!(out.stdout.contains("1 passed; 0 failed; 0 ignored; 0 measured; 20 filtered out"), "{}", out.all());
+
+    let out = gate_in(dir.path(), &["--contract", contract, "ARG", "--skip", "p_long"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("running 2 tests"), "{}", out.all());
+
+    // The installed-subcommand form (`cargo-moe-gate moe-gate ...`) parses the same way.
+    let out = gate_in(dir.path(), &["moe-gate", "--contract", contract, "--list", "--format", "terse"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(out.stdout.lines().filter(|l| l.ends_with(": test")).count(), 21, "{}", out.all());
+}
+
+#[test]
+fn json_format_keeps_stdout_machine_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_contract(dir.path(), "e2e-json-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap(), "--format", "json", "ARG"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ok = events.iter().filter(|e| e["type"] == "test" && e["event"] == "ok").count();
+    assert_eq!(ok, 3, "{}", out.all());
+    assert!(out.stderr.contains("gate: PASSED"), "the summary goes to stderr: {}", out.all());
+}
+
+#[test]
+fn broken_contracts_exit_2_with_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown_field = PASSING_CRITERIA.replace("gate: all}\n  - {id: LOGITS", "gate: all, bogus: 1}\n  - {id: LOGITS");
+    let path = write_contract(dir.path(), "e2e-broken-v1", CPU_REF_RUNS, &unknown_field, "");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    let expected = format!("error: {}:16:", path.display());
+    assert!(out.stderr.contains(&expected) && out.stderr.contains("bogus"), "{}", out.all());
+
+    let unknown_run = PASSING_CRITERIA.replace("compare: [cpu, reference], tap: logits, metric: nmse", "compare: [gpu, reference], tap: logits, metric: nmse");
+    let path = write_contract(dir.path(), "e2e-badrun-v1", CPU_REF_RUNS, &unknown_run, "");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    let expected = format!("error: {}:17:", path.display());
+    assert!(out.stderr.contains(&expected) && out.stderr.contains("gpu"), "{}", out.all());
+
+    let out = gate_in(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stdout.contains("INVALID") && out.stdout.contains("1 invalid"), "{}", out.all());
+
+    let out = gate_in(dir.path(), &["--contract", dir.path().join("absent-v1.yaml").to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("cannot read the contract"), "{}", out.all());
+}
+
+#[test]
+fn unloadable_models_and_unknown_places_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_contract(dir.path(), "e2e-model-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let missing = dir.path().join("missing.gguf");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap(), "--model", missing.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains(&format!("error: cannot load model `{}`", missing.display())), "{}", out.all());
+
+    let not_gguf = dir.path().join("not.gguf");
+    std::fs::write(&not_gguf, b"this is not a model").unwrap();
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap(), "--model", not_gguf.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+
+    // A contract by name needs the workspace; outside one the error says what to do.
+    let out = gate_in(dir.path(), &["--contract", "qwen3-moe-forward-gpu-v1"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("cannot find the moe-gate workspace"), "{}", out.all());
+
+    let out = gate_in(dir.path(), &["--no-such-flag"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+}
+
+#[test]
+fn nan_in_a_layer_fails_the_trials_that_read_it_and_says_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = with_nan_in(&fixture_model(), "blk.1.ffn_norm.weight", dir.path());
+    let path = write_contract(dir.path(), "e2e-nan-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap(), "--model", model.to_str().unwrap()]);
+    assert_eq!(out.code, 101, "{}", out.all());
+    assert!(out.stdout.contains("test e2e-nan-v1::HID::p_mid::layer00 ... ok"), "{}", out.all());
+    assert!(out.stdout.contains("test e2e-nan-v1::HID::p_mid::layer01 ... FAILED"), "{}", out.all());
+    assert!(out.stdout.contains("non-finite value"), "{}", out.all());
+    assert!(out.stdout.contains("a non-finite value appears first at"), "{}", out.all());
+}
+
+/// A copy of `model` with the first value of tensor `name` (F32) replaced by NaN.
+fn with_nan_in(model: &std::path::Path, name: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(model).unwrap();
+    let file = moe_engine::gguf::GgufFile::open(model).unwrap();
+    let info = file.tensor(name).unwrap_or_else(|| panic!("the fixture has {name}"));
+    let data = file.tensor_data(info).to_vec();
+    let at = bytes.windows(data.len()).position(|w| w == data).expect("the tensor's bytes are in the file");
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let out = dir.join("nan.gguf");
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+#[test]
+fn trace_writes_the_design_format_and_rejects_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_model();
+    let model = model.to_str().unwrap();
+    let out_path = dir.path().join("t.safetensors");
+    let out_str = out_path.to_str().unwrap();
+    let out = gate_in(
+        dir.path(),
+        &["trace", "--model", model, "--tokens", "17,42,99", "--backend", "reference", "--out", out_str],
+    );
+    assert_eq!(out.code, 0, "{}", out.all());
+    let trace = Trace::read_safetensors(&out_path).unwrap();
+    assert_eq!(trace.tokens, vec![17, 42, 99]);
+    assert_eq!(trace.backend, "reference");
+    assert_eq!(trace.precision, Precision::F64, "the reference keeps f64 (DESIGN §5)");
+    assert_eq!(trace.layers.len(), 2);
+    assert_eq!((trace.logits.rows, trace.logits.cols), (3, 256));
+    assert_eq!((trace.layers[1].hidden.rows, trace.layers[1].hidden.cols), (3, 64));
+    assert_eq!(trace.top_k(), 2);
+
+    let cases: [(&[&str], &str); 4] = [
+        (&["--tokens", "1,2", "--backend", "gpu", "--out", out_str], "unknown backend `gpu`"),
+        (&["--tokens", "1,300", "--backend", "cpu", "--out", out_str], "token id 300"),
+        (&["--tokens", "", "--backend", "cpu", "--out", out_str], "--tokens"),
+        (&["--tokens", "1", "--backend", "cpu", "--out", "/nonexistent-dir/t.safetensors"], "cannot write"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["trace", "--model", model];
+        full.extend_from_slice(args);
+        let out = gate_in(dir.path(), &full);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.all());
+        assert!(out.stderr.contains(expected), "{args:?} should say `{expected}`: {}", out.all());
+    }
+}
