@@ -187,7 +187,16 @@ mod tests {
     #[test]
     fn trace_tokens_are_comma_separated() {
         let cli = parse(&[
-            "g", "trace", "--model", "m.gguf", "--tokens", "785,9217,308", "--backend", "cpu", "--out", "t.st",
+            "g",
+            "trace",
+            "--model",
+            "m.gguf",
+            "--tokens",
+            "785,9217,308",
+            "--backend",
+            "cpu",
+            "--out",
+            "t.st",
         ]);
         match cli.command {
             Some(Command::Trace(t)) => {

@@ -25,7 +25,8 @@ pub fn run(command: Command) -> Result<u8, GateError> {
 
 /// `trace`: one forward with a trace, written as safetensors (DESIGN §5).
 fn trace(args: &TraceArgs) -> Result<u8, GateError> {
-    let backend: BackendKind = args.backend.parse().map_err(|e| GateError::Usage(format!("--backend: {e}")))?;
+    let backend: BackendKind =
+        args.backend.parse().map_err(|e| GateError::Usage(format!("--backend: {e}")))?;
     let policy: Policy = args.policy.parse().map_err(|e| GateError::Usage(format!("--policy: {e}")))?;
     if args.tokens.is_empty() {
         return Err(GateError::Usage("--tokens: the prompt is empty; pass at least one token id".into()));
@@ -69,14 +70,33 @@ fn synth(args: &SynthArgs) -> Result<u8, GateError> {
 /// `quantize`: re-quantises a GGUF file to another tensor mix, keeping its metadata.
 fn quantize(args: &QuantizeArgs) -> Result<u8, GateError> {
     let mix = QuantMix::from_name(&args.quant).ok_or_else(|| {
-        GateError::Usage(format!("--quant {}: unknown; valid quants are {}", args.quant, QuantMix::valid_names()))
+        GateError::Usage(format!(
+            "--quant {}: unknown; valid quants are {}",
+            args.quant,
+            QuantMix::valid_names()
+        ))
     })?;
-    moe_engine::quantize::requantize(&args.input, &args.out, mix).map_err(|e| GateError::Model {
-        spec: args.input.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    moe_engine::quantize::requantize(&args.input, &args.out, mix)
+        .map_err(|e| GateError::Model { spec: args.input.display().to_string(), reason: e.to_string() })?;
     println!("wrote {} ({} re-quantised to {mix})", args.out.display(), args.input.display());
     Ok(0)
+}
+
+/// Appends one line to `out` (the listing is printed at once, so a closed pipe ends it quietly).
+macro_rules! outln {
+    ($out:expr) => {
+        $out.push('\n')
+    };
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Prints text to stdout; a reader that went away (`| head`) is not an error.
+pub(crate) fn print_all(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// `validate`: loads each contract; prints `ok` or the error with its line; exit 2 if any is invalid.
@@ -89,10 +109,12 @@ fn validate(args: &ValidateArgs) -> Result<u8, GateError> {
     if paths.is_empty() {
         return Err(GateError::Usage("no contract files to validate".into()));
     }
+    let mut out = String::new();
     let mut invalid = 0;
     for path in &paths {
         match moe_contracts::load(path) {
-            Ok(c) => println!(
+            Ok(c) => outln!(
+                out,
                 "ok      {} ({} {}, {}, {} criteria)",
                 path.display(),
                 c.contract,
@@ -102,48 +124,62 @@ fn validate(args: &ValidateArgs) -> Result<u8, GateError> {
             ),
             Err(e) => {
                 invalid += 1;
-                println!("INVALID {e}");
+                outln!(out, "INVALID {e}");
                 if let Some(snippet) = e.snippet() {
-                    println!("{snippet}");
+                    outln!(out, "{snippet}");
                 }
             }
         }
     }
-    println!("{} contracts, {} valid, {invalid} invalid", paths.len(), paths.len() - invalid);
+    outln!(out, "{} contracts, {} valid, {invalid} invalid", paths.len(), paths.len() - invalid);
+    print_all(&out);
     Ok(if invalid == 0 { 0 } else { 2 })
 }
 
 /// `list`: the workspace's contracts and their criteria.
 fn list() -> Result<u8, GateError> {
     let workspace = Workspace::discover()?;
+    let mut out = String::new();
     let mut invalid = 0;
     for path in workspace.contract_files()? {
         let c = match moe_contracts::load(&path) {
             Ok(c) => c,
             Err(e) => {
                 invalid += 1;
-                println!("INVALID {e}\n");
+                outln!(out, "INVALID {e}\n");
                 continue;
             }
         };
-        let default = if workspace.default_contract.as_deref() == Some(c.contract.as_str()) { " (default)" } else { "" };
-        println!("{} {} [{}]{default}: {}", c.contract, c.version, c.status, c.title);
-        println!("  model {} (smoke model {}), file {}", c.model, c.smoke_model, path.display());
+        let default = if workspace.default_contract.as_deref() == Some(c.contract.as_str()) {
+            " (default)"
+        } else {
+            ""
+        };
+        outln!(out, "{} {} [{}]{default}: {}", c.contract, c.version, c.status, c.title);
+        outln!(out, "  model {} (smoke model {}), file {}", c.model, c.smoke_model, path.display());
         let runs: Vec<String> =
             c.runs.iter().map(|(id, r)| format!("{id}={}/{}", r.backend, r.policy)).collect();
-        println!("  runs: {}", runs.join(", "));
+        outln!(out, "  runs: {}", runs.join(", "));
         for k in &c.criteria {
             let threshold = match (k.threshold.min, k.threshold.max) {
                 (None, None) => String::new(),
                 _ => format!(", {}", k.threshold),
             };
             let blocking = if k.blocking { "" } else { ", advisory" };
-            println!(
+            outln!(
+                out,
                 "  {}: {} vs {}, {} of {}, gate {}{threshold}{blocking} - {}",
-                k.id, k.compare[0], k.compare[1], k.metric, k.tap, k.gate, k.title
+                k.id,
+                k.compare[0],
+                k.compare[1],
+                k.metric,
+                k.tap,
+                k.gate,
+                k.title
             );
         }
-        println!();
+        outln!(out);
     }
+    print_all(&out);
     Ok(if invalid == 0 { 0 } else { 2 })
 }

@@ -30,6 +30,11 @@ pub const NEAR_TIE_MARGIN: f64 = 1e-4;
 /// defect this gate was built to catch) gives about 1e-5. 1e-8 sits between them with 1000x margin either way.
 pub const ISOLATED_DEFECT_NMSE: f64 = 1e-8;
 
+/// Reference forwards the diagnosis may add (for prompts no trial needed the reference of). On the
+/// production shape an f64 forward takes seconds per prompt; past this many the remaining diagnoses go
+/// without a reference, and say how to get one (filter the gate to that prompt).
+pub const MAX_EXTRA_REFERENCE_FORWARDS: usize = 4;
+
 /// The run id of the reference backend the diagnosis creates when the contract has no reference run.
 const AD_HOC_REFERENCE: &str = "reference (diagnosis)";
 
@@ -41,6 +46,11 @@ pub struct Diagnoser<'a> {
     pub prompts: &'a [Prompt],
     pub recorded: &'a mut Recorded,
     pub backends: &'a mut HashMap<String, Box<dyn Forward>>,
+    /// Isolated errors already computed, by (run, prompt, layer): criteria failing at the same place
+    /// share them.
+    pub isolated_cache: HashMap<(String, String, usize), Option<IsolatedError>>,
+    /// Reference forwards run so far for the diagnosis.
+    pub extra_reference_forwards: usize,
 }
 
 impl Diagnoser<'_> {
@@ -50,7 +60,7 @@ impl Diagnoser<'_> {
         plans: &[TrialPlan],
         statuses: &[TrialStatus],
         outcomes: &[Option<TrialOutcome>],
-    ) -> Result<Vec<Diagnosis>, GateError> {
+    ) -> Vec<Diagnosis> {
         let mut groups: BTreeMap<(usize, String), Vec<usize>> = BTreeMap::new();
         let mut order: Vec<(usize, String)> = Vec::new();
         for (i, plan) in plans.iter().enumerate() {
@@ -69,26 +79,30 @@ impl Diagnoser<'_> {
             let members = &groups[&key];
             let failing: Vec<(&TrialPlan, &TrialOutcome)> =
                 members.iter().filter_map(|&i| outcomes[i].as_ref().map(|o| (&plans[i], o))).collect();
-            if let Some(d) = self.diagnose(&failing)? {
-                out.push(d);
-            }
+            out.extend(self.diagnose(&failing));
         }
-        Ok(out)
+        out
     }
 
     /// The diagnosis of the failing trials of one (criterion, prompt).
-    fn diagnose(&mut self, failing: &[(&TrialPlan, &TrialOutcome)]) -> Result<Option<Diagnosis>, GateError> {
-        let Some(&(first_plan, _)) = failing.first() else { return Ok(None) };
+    fn diagnose(&mut self, failing: &[(&TrialPlan, &TrialOutcome)]) -> Option<Diagnosis> {
+        let &(first_plan, _) = failing.first()?;
         let criterion = criterion_of(self.contract, first_plan).clone();
         let prompt_id = first_plan.prompt.clone();
-        let Some(prompt) = self.prompts.iter().find(|p| p.id == prompt_id).cloned() else { return Ok(None) };
+        let prompt = self.prompts.iter().find(|p| p.id == prompt_id).cloned()?;
         let reference = self.reference_run(&criterion);
-        self.ensure_reference_trace(&reference, &prompt)?;
+        // A diagnosis that cannot be completed must not turn a judged run into an unjudged one: what
+        // fails here becomes a note.
+        let mut notes = Vec::new();
+        let has_reference = self.ensure_reference_trace(&reference, &prompt).unwrap_or_else(|e| {
+            notes.push(format!("no reference trace: {e}"));
+            false
+        });
         let mut d = Diagnosis {
             criterion: criterion.id.clone(),
             prompt: prompt_id.clone(),
             compare: criterion.compare.clone(),
-            reference: Some(reference.clone()),
+            reference: has_reference.then(|| reference.clone()),
             failing_trials: failing.iter().map(|(p, _)| p.name.clone()).collect(),
             non_finite: failing.iter().find_map(|(_, o)| o.non_finite.clone()),
             first_divergent_layer: None,
@@ -98,21 +112,34 @@ impl Diagnoser<'_> {
             distance_to_reference: Vec::new(),
             closer: None,
             summary: String::new(),
+            notes,
         };
         let candidates: Vec<String> =
             criterion.compare.iter().filter(|r| **r != reference).cloned().collect();
         if criterion.tap.is_per_layer() {
-            let first = failing.iter().filter_map(|(p, o)| p.layer.map(|l| (l, o.value))).min_by_key(|(l, _)| *l);
-            d.first_divergent_layer = first.map(|(l, _)| l).or_else(|| self.first_routing_difference(&criterion, &prompt_id));
+            let first =
+                failing.iter().filter_map(|(p, o)| p.layer.map(|l| (l, o.value))).min_by_key(|(l, _)| *l);
+            d.first_divergent_layer =
+                first.map(|(l, _)| l).or_else(|| self.first_routing_difference(&criterion, &prompt_id));
             d.end_to_end = first.map(|(_, v)| v);
         } else {
             d.first_divergent_layer = self.first_routing_difference(&criterion, &prompt_id);
         }
         if let Some(layer) = d.first_divergent_layer {
             for run in &candidates {
-                if let Some(iso) = self.isolated(run, &reference, &prompt, layer)? {
-                    d.isolated.push(iso);
-                }
+                let key = (run.clone(), prompt.id.clone(), layer);
+                let iso = match self.isolated_cache.get(&key) {
+                    Some(cached) => cached.clone(),
+                    None => {
+                        let iso = self.isolated(run, &reference, &prompt, layer).unwrap_or_else(|e| {
+                            d.notes.push(format!("isolated layer unavailable: {e}"));
+                            None
+                        });
+                        self.isolated_cache.insert(key, iso.clone());
+                        iso
+                    }
+                };
+                d.isolated.extend(iso);
             }
             d.router_margin = self.router_margin(&reference, &prompt_id, layer);
         }
@@ -126,7 +153,7 @@ impl Diagnoser<'_> {
             d.closer = Some(if a.nmse <= b.nmse { a.run.clone() } else { b.run.clone() });
         }
         d.summary = self.summarize(&criterion, &d, &reference, &prompt_id);
-        Ok(Some(d))
+        Some(d)
     }
 
     /// The run taken as the truth: the criterion's reference, else a run on the reference backend, else a
@@ -147,16 +174,20 @@ impl Diagnoser<'_> {
     }
 
     /// Records the reference's trace of `prompt` if no trial needed it.
-    fn ensure_reference_trace(&mut self, reference: &str, prompt: &Prompt) -> Result<(), GateError> {
+    fn ensure_reference_trace(&mut self, reference: &str, prompt: &Prompt) -> Result<bool, GateError> {
         let key = (reference.to_string(), prompt.id.clone());
         if self.recorded.traces.contains_key(&key) {
-            return Ok(());
+            return Ok(true);
         }
+        if self.extra_reference_forwards >= MAX_EXTRA_REFERENCE_FORWARDS {
+            return Ok(false);
+        }
+        self.extra_reference_forwards += 1;
         let model_spec = self.model_spec;
         let backend = self.backend(reference)?;
         let (trace, _) = trace_prompt(model_spec, backend, prompt)?;
         self.recorded.traces.insert(key, trace);
-        Ok(())
+        Ok(true)
     }
 
     /// The backend of `run`, created (and kept) if the run had no forward yet.
@@ -166,8 +197,9 @@ impl Diagnoser<'_> {
                 Some(spec) => (spec.backend, spec.policy),
                 None => (BackendKind::Reference, Policy::Fast),
             };
-            let backend = create_backend(kind, Arc::clone(self.weights), policy)
-                .map_err(|e| GateError::engine(format!("creating the {kind} backend of `{run}` for the diagnosis"), e))?;
+            let backend = create_backend(kind, Arc::clone(self.weights), policy).map_err(|e| {
+                GateError::engine(format!("creating the {kind} backend of `{run}` for the diagnosis"), e)
+            })?;
             self.backends.insert(run.to_string(), backend);
         }
         Ok(self.backends.get_mut(run).expect("inserted above").as_mut())
@@ -195,9 +227,9 @@ impl Diagnoser<'_> {
             return Ok(None);
         }
         let backend = self.backend(run)?;
-        let got = backend
-            .run_layer(layer, &input)
-            .map_err(|e| GateError::engine(format!("run `{run}`: layer {layer} alone for the diagnosis"), e))?;
+        let got = backend.run_layer(layer, &input).map_err(|e| {
+            GateError::engine(format!("run `{run}`: layer {layer} alone for the diagnosis"), e)
+        })?;
         Ok(Some(IsolatedError {
             run: run.to_string(),
             layer,
@@ -212,7 +244,15 @@ impl Diagnoser<'_> {
         let logits = &trace.layers.get(layer)?.router_logits;
         let k = trace.top_k();
         (0..logits.rows)
-            .map(|pos| (pos, moe_contracts::metrics::router_margin(&moe_contracts::metrics::softmax(logits.row(pos)), k)))
+            .map(|pos| {
+                (
+                    pos,
+                    moe_contracts::metrics::router_margin(
+                        &moe_contracts::metrics::softmax(logits.row(pos)),
+                        k,
+                    ),
+                )
+            })
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(position, margin)| RouterMargin { layer, position, margin, k })
     }
@@ -234,7 +274,13 @@ impl Diagnoser<'_> {
     }
 
     /// nmse of `run` against the reference: at `hidden.L`, or on the logits.
-    fn distance(&self, run: &str, reference: &str, prompt: &str, layer: Option<usize>) -> Option<RunDistance> {
+    fn distance(
+        &self,
+        run: &str,
+        reference: &str,
+        prompt: &str,
+        layer: Option<usize>,
+    ) -> Option<RunDistance> {
         let t = self.trace(run, prompt)?;
         let r = self.trace(reference, prompt)?;
         let (at, a, b) = match layer {
@@ -256,7 +302,17 @@ impl Diagnoser<'_> {
             _ => String::new(),
         };
         if let Some(nf) = &d.non_finite {
-            return format!("a non-finite value appears first at {nf}: fix that before anything else{closer}");
+            return format!(
+                "a non-finite value appears first at {nf}: fix that before anything else{closer}"
+            );
+        }
+        if d.reference.is_none() {
+            return format!(
+                "not compared with the reference: it has no trace of this prompt (see the notes; at most \
+                 {MAX_EXTRA_REFERENCE_FORWARDS} reference forwards are added for a diagnosis); run the gate \
+                 filtered to `{}::{prompt}` to diagnose this one",
+                criterion.id
+            );
         }
         let tie_margin = criterion.tie_margin.unwrap_or(NEAR_TIE_MARGIN);
         let Some(layer) = d.first_divergent_layer else {
@@ -267,7 +323,9 @@ impl Diagnoser<'_> {
                          a near-tie, a flip here is benign{closer}"
                     );
                 }
-                return format!("routing agrees in every layer: the logits drift by accumulated rounding{closer}");
+                return format!(
+                    "routing agrees in every layer: the logits drift by accumulated rounding{closer}"
+                );
             }
             return format!("no layer could be singled out{closer}");
         };
@@ -292,10 +350,15 @@ impl Diagnoser<'_> {
         }
         if !d.isolated.is_empty() {
             let worst = d.isolated.iter().map(|i| i.nmse).fold(0.0, f64::max);
+            let cause = match (layer, routing_differs) {
+                (0, _) => "what differs is rounding, not a defect".to_string(),
+                (_, false) => "the divergence accumulates from earlier layers".to_string(),
+                (_, true) => "the divergence accumulates from earlier layers and flips an expert choice here"
+                    .to_string(),
+            };
             return format!(
-                "layer {layer} is right on the reference's input (isolated nmse {worst:.3e}): the divergence \
-                 accumulates from earlier layers{}{closer}",
-                if routing_differs { " and flips an expert choice here" } else { "" }
+                "layer {layer} is right on the reference's input (isolated nmse {worst:.3e}, at rounding level): \
+                 {cause}{closer}"
             );
         }
         format!("the divergence starts at layer {layer}{closer}")
@@ -324,7 +387,144 @@ fn embeddings(weights: &ModelWeights, tokens: &[u32]) -> Matrix {
     let hidden = weights.config.hidden;
     let mut data = vec![0.0f64; tokens.len() * hidden];
     for (row, &t) in data.chunks_mut(hidden).zip(tokens) {
-        moe_kernels::quant::dequantize_row_f64(weights.token_embd.ty, weights.token_embd.row(t as usize), row);
+        moe_kernels::quant::dequantize_row_f64(
+            weights.token_embd.ty,
+            weights.token_embd.row(t as usize),
+            row,
+        );
     }
     Matrix::from_f64(tokens.len(), hidden, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_engine::trace::LayerTrace;
+    use std::path::Path;
+
+    const CONTRACT: &str = "contract: diag-v1
+version: 1.0.0
+status: active
+title: diagnosis
+model: m.gguf
+smoke_model: m.gguf
+prompts:
+  - {id: p, tokens: [1, 2]}
+runs:
+  cpu: {backend: cpu}
+  reference: {backend: reference}
+criteria:
+  - {id: HID, title: h, compare: [cpu, reference], tap: hidden, metric: cosine, per: [prompt, layer],
+     threshold: {min: 0.9999}, gate: all}
+  - {id: TOPK, title: t, compare: [cpu, reference], tap: router_experts, metric: topk_set,
+     per: [prompt, layer], tie_margin: 1.0e-3, gate: all}
+amendments:
+  - {version: 1.0.0, date: 2026-11-29, kind: created, summary: test}
+";
+
+    fn diagnosis(layer: usize, isolated_nmse: f64) -> Diagnosis {
+        Diagnosis {
+            criterion: "HID".into(),
+            prompt: "p".into(),
+            compare: ["cpu".into(), "reference".into()],
+            reference: Some("reference".into()),
+            failing_trials: vec![],
+            non_finite: None,
+            first_divergent_layer: Some(layer),
+            end_to_end: Some(0.99),
+            isolated: vec![IsolatedError { run: "cpu".into(), layer, nmse: isolated_nmse, cosine: 1.0 }],
+            router_margin: Some(RouterMargin { layer, position: 1, margin: 1e-6, k: 2 }),
+            distance_to_reference: vec![],
+            closer: None,
+            summary: String::new(),
+            notes: vec![],
+        }
+    }
+
+    /// A 2-layer trace whose layer-1 router picks `experts` at both positions.
+    fn trace(experts: [u32; 2]) -> Trace {
+        let mut t = Trace::new("m", "cpu", "fast", moe_engine::trace::Precision::F32);
+        t.tokens = vec![1, 2];
+        for l in 0..2 {
+            let chosen = if l == 1 { experts } else { [0, 1] };
+            t.layers.push(LayerTrace {
+                hidden: Matrix::zeros(2, 4),
+                router_logits: Matrix::zeros(2, 4),
+                router_experts: [chosen, chosen].concat(),
+                router_weights: Matrix::zeros(2, 2),
+            });
+        }
+        t
+    }
+
+    /// Runs `f` with a Diagnoser over the fixture model and the given recorded traces.
+    fn with_diagnoser(recorded: &mut Recorded, f: impl FnOnce(&mut Diagnoser<'_>)) {
+        let contract = moe_contracts::parse(CONTRACT, Path::new("diag-v1.yaml")).unwrap();
+        let weights = crate::model::resolve_model("../tests/fixtures/public-tiny/model.gguf").unwrap();
+        let prompts = contract.expand_prompts();
+        let mut backends = HashMap::new();
+        let mut d = Diagnoser {
+            contract: &contract,
+            weights: &weights,
+            model_spec: "m",
+            prompts: &prompts,
+            recorded,
+            backends: &mut backends,
+            isolated_cache: HashMap::new(),
+            extra_reference_forwards: 0,
+        };
+        f(&mut d);
+    }
+
+    #[test]
+    fn summary_sentences_follow_the_evidence() {
+        let mut recorded = Recorded::default();
+        with_diagnoser(&mut recorded, |dg| {
+            let hid = dg.contract.criterion("HID").unwrap().clone();
+            let say = |dg: &Diagnoser<'_>, d: &Diagnosis| dg.summarize(&hid, d, "reference", "p");
+
+            let mut d = diagnosis(3, 1e-12);
+            d.non_finite = Some("cpu: hidden.2[5]".into());
+            assert!(say(dg, &d).starts_with("a non-finite value appears first at cpu: hidden.2[5]"));
+
+            let s = say(dg, &diagnosis(3, 2e-5));
+            assert!(s.starts_with("layer 3 of `cpu` computes something else than the reference"), "{s}");
+
+            let s = say(dg, &diagnosis(3, 1e-12));
+            assert!(s.contains("accumulates from earlier layers"), "{s}");
+            let s = say(dg, &diagnosis(0, 1e-12));
+            assert!(s.contains("what differs is rounding"), "{s}");
+
+            let mut d = diagnosis(3, 1e-12);
+            d.reference = None;
+            assert!(say(dg, &d).starts_with("not compared with the reference"));
+        });
+    }
+
+    #[test]
+    fn a_flip_at_a_near_tie_is_called_a_tie() {
+        let mut recorded = Recorded::default();
+        recorded.traces.insert(("cpu".into(), "p".into()), trace([0, 2]));
+        recorded.traces.insert(("reference".into(), "p".into()), trace([0, 1]));
+        with_diagnoser(&mut recorded, |dg| {
+            let topk = dg.contract.criterion("TOPK").unwrap().clone();
+            assert_eq!(dg.first_routing_difference(&topk, "p"), Some(1));
+            let s = dg.summarize(&topk, &diagnosis(1, 2e-5), "reference", "p");
+            assert!(s.starts_with("router near-tie at layer 1"), "a margin of 1e-6 < tie_margin 1e-3: {s}");
+            let mut clear = diagnosis(1, 2e-5);
+            clear.router_margin = Some(RouterMargin { layer: 1, position: 0, margin: 0.2, k: 2 });
+            let s = dg.summarize(&topk, &clear, "reference", "p");
+            assert!(s.starts_with("layer 1 of `cpu` computes something else"), "{s}");
+        });
+    }
+
+    #[test]
+    fn layer_zero_input_is_the_exact_embedding() {
+        let weights = crate::model::resolve_model("../tests/fixtures/public-tiny/model.gguf").unwrap();
+        let e = embeddings(&weights, &[3, 0]);
+        assert_eq!((e.rows, e.cols), (2, weights.config.hidden));
+        let mut row = vec![0.0; weights.config.hidden];
+        moe_kernels::quant::dequantize_row_f64(weights.token_embd.ty, weights.token_embd.row(3), &mut row);
+        assert_eq!(e.row(0), row.as_slice());
+    }
 }

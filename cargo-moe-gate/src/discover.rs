@@ -40,8 +40,9 @@ impl Workspace {
             return Err(GateError::WorkspaceMetadata {
                 manifest,
                 field: "moe-gate",
-                reason: "missing; add the table with contracts-dir = \"contracts\" and default-contract = \"ID\""
-                    .into(),
+                reason:
+                    "missing; add the table with contracts-dir = \"contracts\" and default-contract = \"ID\""
+                        .into(),
             });
         };
         let string_field = |field: &'static str| -> Result<Option<String>, GateError> {
@@ -64,10 +65,8 @@ impl Workspace {
     pub fn contract_files(&self) -> Result<Vec<PathBuf>, GateError> {
         let entries = std::fs::read_dir(&self.contracts_dir)
             .map_err(|source| GateError::ContractsDir { dir: self.contracts_dir.clone(), source })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_yaml(p))
-            .collect();
+        let mut files: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_yaml(p)).collect();
         files.sort();
         Ok(files)
     }
@@ -109,7 +108,8 @@ pub fn locate_contract(arg: Option<&str>) -> Result<PathBuf, GateError> {
         None => workspace.default_contract.clone().ok_or_else(|| GateError::WorkspaceMetadata {
             manifest: workspace.root.join("Cargo.toml"),
             field: "default-contract",
-            reason: "missing, and no --contract given; pass --contract NAME|PATH or set default-contract".into(),
+            reason: "missing, and no --contract given; pass --contract NAME|PATH or set default-contract"
+                .into(),
         })?,
     };
     workspace.contract_by_name(&name)
@@ -191,6 +191,9 @@ mod tests {
     #[test]
     fn cargo_error_line_is_extracted() {
         let s = "warning: something\nerror: could not find `Cargo.toml` in `/tmp` or any parent directory\n";
-        assert_eq!(first_error_line(s), "error: could not find `Cargo.toml` in `/tmp` or any parent directory");
+        assert_eq!(
+            first_error_line(s),
+            "error: could not find `Cargo.toml` in `/tmp` or any parent directory"
+        );
     }
 }

@@ -36,7 +36,11 @@ impl CudaStatus {
 
 /// Tries to create a CUDA backend on `weights`. `CudaUnavailable` (no driver, no device, or a build
 /// without the `cuda` feature) is an answer, not an error; any other failure is an error.
-pub fn probe_cuda(needed: bool, weights: &Arc<ModelWeights>, policy: Policy) -> Result<CudaStatus, GateError> {
+pub fn probe_cuda(
+    needed: bool,
+    weights: &Arc<ModelWeights>,
+    policy: Policy,
+) -> Result<CudaStatus, GateError> {
     match create_backend(BackendKind::Cuda, Arc::clone(weights), policy) {
         Ok(backend) => Ok(CudaStatus { needed, unavailable: None, probe: Some(backend) }),
         Err(EngineError::CudaUnavailable { reason }) => {
@@ -107,7 +111,7 @@ mod tests {
 
     #[test]
     fn missing_model_file_is_a_model_error() {
-        let e = resolve_model("/nonexistent/dir/model.gguf").err().expect("a missing file must fail");
+        let e = resolve_model("/nonexistent/dir/model.gguf").expect_err("a missing file must fail");
         let text = e.to_string();
         assert!(text.starts_with("cannot load model `/nonexistent/dir/model.gguf`"), "{text}");
     }

@@ -88,8 +88,7 @@ pub fn trace_prompt(
         BackendKind::Reference => Precision::F64,
         BackendKind::Cpu | BackendKind::Cuda => Precision::F32,
     };
-    let mut trace =
-        Trace::new(model_spec, backend.kind().as_str(), backend.policy().as_str(), precision);
+    let mut trace = Trace::new(model_spec, backend.kind().as_str(), backend.policy().as_str(), precision);
     let last = backend.forward(&prompt.tokens, Some(&mut trace)).map_err(|e| {
         GateError::engine(format!("the {} forward of prompt `{}`", backend.kind(), prompt.id), e)
     })?;
@@ -168,7 +167,10 @@ fn run_job(
             trace_prompt(model_spec, backend.as_mut(), prompt).map_err(|e| with_run(e, &job.run))?;
         if *steps > 0 {
             let decoded = greedy_decode(backend.as_mut(), last, *steps).map_err(|e| {
-                GateError::engine(format!("run `{}`: greedy decoding after prompt `{}`", job.run, prompt.id), e)
+                GateError::engine(
+                    format!("run `{}`: greedy decoding after prompt `{}`", job.run, prompt.id),
+                    e,
+                )
             })?;
             greedy.push((prompt.id.clone(), decoded));
         }
@@ -182,7 +184,9 @@ fn run_job(
 
 fn with_run(e: GateError, run: &str) -> GateError {
     match e {
-        GateError::Engine { what, source } => GateError::Engine { what: format!("run `{run}`: {what}"), source },
+        GateError::Engine { what, source } => {
+            GateError::Engine { what: format!("run `{run}`: {what}"), source }
+        }
         other => other,
     }
 }
@@ -206,9 +210,10 @@ impl Progress {
 
     fn bar(&self, run: &str) -> ProgressBar {
         let len = self.lengths.get(run).copied().unwrap_or(0);
-        let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} prompts {elapsed:>4} {msg}")
-            .expect("the progress template is valid")
-            .progress_chars("=> ");
+        let style =
+            ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} prompts {elapsed:>4} {msg}")
+                .expect("the progress template is valid")
+                .progress_chars("=> ");
         self.multi.add(ProgressBar::new(len).with_style(style).with_prefix(run.to_string()))
     }
 }

@@ -65,7 +65,12 @@ pub fn select(
 
 /// The forwards the selected trials need: per run, its prompts in contract order, each with the greedy
 /// steps a greedy criterion asks of it. Each (run, prompt) appears once, however many trials read it.
-pub fn jobs(contract: &Contract, plans: &[TrialPlan], selection: &[Selection], prompts: &[Prompt]) -> Vec<RunJob> {
+pub fn jobs(
+    contract: &Contract,
+    plans: &[TrialPlan],
+    selection: &[Selection],
+    prompts: &[Prompt],
+) -> Vec<RunJob> {
     let mut needed: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
     for (plan, sel) in plans.iter().zip(selection) {
         if *sel != Selection::Run {
@@ -169,7 +174,11 @@ pub fn libtest_trials(
                     Err(failure_message(plan, o, status).into())
                 }
                 (TrialStatus::ExpectedFailure, Some(o)) => {
-                    let kd = plan.expected.as_ref().map(|k| format!("{}: {}", k.status, k.note)).unwrap_or_default();
+                    let kd = plan
+                        .expected
+                        .as_ref()
+                        .map(|k| format!("{}: {}", k.status, k.note))
+                        .unwrap_or_default();
                     Ok(Completion::ignored_with(format!("expected failure ({kd}): {}", o.detail)))
                 }
                 (TrialStatus::Ignored(reason), _) => Ok(Completion::ignored_with(reason)),
@@ -184,6 +193,86 @@ pub fn libtest_trials(
 mod tests {
     use super::*;
     use moe_contracts::KnownDivergence;
+    use std::path::Path;
+
+    /// Two prompts, cpu/cuda/reference runs, a per-layer CUDA criterion, a CPU one and a greedy one.
+    const CONTRACT: &str = "contract: sel-v1
+version: 1.0.0
+status: active
+title: selection
+model: synth:big
+smoke_model: synth:tiny
+prompts:
+  - {id: pa, tokens: [1, 2]}
+  - {id: pb, tokens: [3]}
+runs:
+  cpu: {backend: cpu}
+  cuda: {backend: cuda}
+  reference: {backend: reference}
+criteria:
+  - {id: GPU, title: g, compare: [cuda, cpu], tap: hidden, metric: cosine, per: [prompt, layer],
+     threshold: {min: 0.9}, gate: all}
+  - {id: CPU, title: c, compare: [cpu, reference], tap: hidden, metric: cosine, per: [prompt, layer],
+     threshold: {min: 0.9}, gate: all}
+  - {id: GREEDY, title: d, compare: [cpu, reference], tap: logits, metric: greedy, steps: 5, per: [prompt],
+     prompts: [pb], gate: all}
+amendments:
+  - {version: 1.0.0, date: 2026-11-29, kind: created, summary: test}
+";
+
+    fn contract() -> Contract {
+        moe_contracts::parse(CONTRACT, Path::new("sel-v1.yaml")).unwrap()
+    }
+
+    fn args(extra: &[&str]) -> Arguments {
+        Arguments::from_iter(std::iter::once("gate").chain(extra.iter().copied()))
+    }
+
+    #[test]
+    fn cuda_trials_are_ignored_with_the_reason_and_filters_apply() {
+        let c = contract();
+        let plans = c.plan(2);
+        let sel = select(&c, &plans, &args(&[]), Some("no driver"));
+        let by_name = |n: &str| &sel[plans.iter().position(|p| p.name == n).unwrap()];
+        assert_eq!(
+            by_name("sel-v1::GPU::pa::layer01"),
+            &Selection::Ignored("needs CUDA, which is unavailable: no driver".into())
+        );
+        assert_eq!(by_name("sel-v1::CPU::pa::layer01"), &Selection::Run);
+        let sel = select(&c, &plans, &args(&[]), None);
+        assert!(sel.iter().all(|s| *s == Selection::Run), "with CUDA everything runs");
+        let sel = select(&c, &plans, &args(&["--skip", "layer00", "CPU"]), Some("no driver"));
+        let running: Vec<&str> = plans
+            .iter()
+            .zip(&sel)
+            .filter(|(_, s)| **s == Selection::Run)
+            .map(|(p, _)| p.name.as_str())
+            .collect();
+        assert_eq!(running, vec!["sel-v1::CPU::pa::layer01", "sel-v1::CPU::pb::layer01"]);
+        let sel = select(&c, &plans, &args(&["--ignored"]), Some("no driver"));
+        assert!(
+            plans.iter().zip(&sel).all(|(p, s)| (p.criterion == "GPU") == matches!(s, Selection::Ignored(_)))
+        );
+    }
+
+    #[test]
+    fn each_run_and_prompt_is_forwarded_once_with_its_greedy_steps() {
+        let c = contract();
+        let plans = c.plan(2);
+        let prompts = c.expand_prompts();
+        let sel = select(&c, &plans, &args(&[]), Some("no driver"));
+        let all = jobs(&c, &plans, &sel, &prompts);
+        let summary: Vec<(String, Vec<(String, usize)>)> = all
+            .iter()
+            .map(|j| (j.run.clone(), j.prompts.iter().map(|(p, s)| (p.id.clone(), *s)).collect()))
+            .collect();
+        let expected = vec![("pa".to_string(), 0), ("pb".to_string(), 5)];
+        assert_eq!(summary, vec![("cpu".to_string(), expected.clone()), ("reference".to_string(), expected)]);
+        let sel = select(&c, &plans, &args(&["--exact", "sel-v1::CPU::pa::layer00"]), Some("no driver"));
+        let one = jobs(&c, &plans, &sel, &prompts);
+        assert_eq!(one.len(), 2);
+        assert!(one.iter().all(|j| j.prompts.len() == 1 && j.prompts[0] == (prompts[0].clone(), 0)));
+    }
 
     fn plan(expected: Option<KnownDivergence>) -> TrialPlan {
         TrialPlan {
@@ -217,8 +306,14 @@ mod tests {
         let run = Selection::Run;
         assert_eq!(status(&plan(None), &run, Some(&outcome(true))), TrialStatus::Passed);
         assert_eq!(status(&plan(None), &run, Some(&outcome(false))), TrialStatus::Failed);
-        assert_eq!(status(&plan(Some(known(false))), &run, Some(&outcome(false))), TrialStatus::ExpectedFailure);
-        assert_eq!(status(&plan(Some(known(true))), &run, Some(&outcome(false))), TrialStatus::ExpectedFailure);
+        assert_eq!(
+            status(&plan(Some(known(false))), &run, Some(&outcome(false))),
+            TrialStatus::ExpectedFailure
+        );
+        assert_eq!(
+            status(&plan(Some(known(true))), &run, Some(&outcome(false))),
+            TrialStatus::ExpectedFailure
+        );
         assert_eq!(status(&plan(Some(known(true))), &run, Some(&outcome(true))), TrialStatus::UnexpectedPass);
         assert_eq!(status(&plan(Some(known(false))), &run, Some(&outcome(true))), TrialStatus::Passed);
         assert_eq!(
@@ -232,7 +327,10 @@ mod tests {
     fn unexpected_pass_message_says_what_to_do() {
         let p = plan(Some(known(true)));
         let msg = failure_message(&p, &outcome(true), &TrialStatus::UnexpectedPass);
-        assert!(msg.contains("unexpected pass") && msg.contains("issue 7") && msg.contains("remove"), "{msg}");
+        assert!(
+            msg.contains("unexpected pass") && msg.contains("issue 7") && msg.contains("remove"),
+            "{msg}"
+        );
         let mut o = outcome(false);
         o.non_finite = Some("cpu: hidden.0[3]".into());
         let msg = failure_message(&plan(None), &o, &TrialStatus::Failed);

@@ -146,7 +146,7 @@ fn float_rows<'a>(
     let get = |(run, trace): (&str, &'a Trace)| -> Result<&'a Matrix, Problem> {
         let m = float_tap(trace, tap, layer)
             .ok_or_else(|| Problem::Unjudgeable(format!("run `{run}` recorded no `{name}`")))?;
-        if m.rows != trace.tokens.len() || m.data.len() != m.rows * m.cols {
+        if m.cols == 0 || m.rows != trace.tokens.len() || m.data.len() != m.rows * m.cols {
             return Err(Problem::Unjudgeable(format!(
                 "run `{run}`: `{name}` has {} rows of {} for {} tokens",
                 m.rows,
@@ -349,7 +349,7 @@ fn expert_rows<'a>(
         let ids = layer.and_then(|l| trace.layers.get(l)).map(|l| l.router_experts.as_slice());
         let ids = ids.ok_or_else(|| Problem::Unjudgeable(format!("run `{run}` recorded no `{name}`")))?;
         let t = trace.tokens.len();
-        if t == 0 || ids.len() % t != 0 {
+        if t == 0 || ids.is_empty() || !ids.len().is_multiple_of(t) {
             return Err(Problem::Unjudgeable(format!(
                 "run `{run}`: `{name}` holds {} ids for {t} tokens",
                 ids.len()

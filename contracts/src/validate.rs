@@ -139,14 +139,14 @@ impl Validator<'_> {
             );
         }
         let mut out = Vec::with_capacity(sets.value.len());
-        let mut ids: BTreeMap<String, &S<String>> = BTreeMap::new();
+        let mut ids: BTreeSet<String> = BTreeSet::new();
         for raw in &sets.value {
             let set = self.prompt_set(raw)?;
             // A generated set's own id is a name too (criteria may select the whole set); an explicit
             // prompt's set id is its prompt id.
             let own = matches!(set, PromptSet::Generated { .. }).then(|| set.id().to_string());
             for name in own.into_iter().chain(set.expand().into_iter().map(|p| p.id)) {
-                if ids.insert(name.clone(), &raw.id).is_some() {
+                if !ids.insert(name.clone()) {
                     return self.fail(
                         &raw.id,
                         format!("prompt id `{name}` is used twice"),

@@ -346,3 +346,22 @@ fn gate_forms_all_n_of_m_and_fraction() {
     let fraction = gate_contract("0.5");
     assert!(pos_summary(&fraction, 1));
 }
+
+#[test]
+fn ill_shaped_recordings_fail_without_panicking() {
+    let c = contract();
+    let mut cuda = trace("cuda");
+    cuda.logits = Matrix::from_f64(2, 0, vec![]);
+    cuda.layers[0].router_experts.clear();
+    cuda.layers[1].hidden = Matrix::from_f64(1, 3, vec![1.0, 2.0, 3.0]);
+    let rec = recorded(cuda);
+    for (name, words) in [
+        ("ev::ARG::p", "run `cuda`: `logits` has 2 rows of 0 for 2 tokens"),
+        ("ev::TOPK::p::layer00", "run `cuda`: `router_experts.0` holds 0 ids for 2 tokens"),
+        ("ev::HID::p::layer01", "run `cuda`: `hidden.1` has 1 rows of 3 for 2 tokens"),
+    ] {
+        let out = outcome(&c, &rec, name);
+        assert!(!out.passed && out.value.is_nan(), "{name}");
+        assert_eq!(out.detail, words);
+    }
+}

@@ -138,6 +138,7 @@ mod cases {
                 }
             }
         }
+        t.push(Trial::ignorable_test("invalid_arguments_are_refused", || on_device(invalid_arguments_case)));
         for (rows, n) in [(1, 5), (3, 64), (7, 1000), (2, 2048)] {
             t.push(Trial::ignorable_test(format!("rmsnorm::{rows}x{n}"), move || {
                 on_device(|d| rmsnorm_case(d, rows, n))
@@ -242,12 +243,40 @@ mod cases {
                     dot_row(ty, &bytes[o * row_bytes..(o + 1) * row_bytes], &x[t * cols..(t + 1) * cols]);
             }
         }
-        check_nmse("y = W x", &got, &want, NMSE_DOT)?;
+        check_nmse(&format!("matvec {ty} {rows}x{cols} t{n_tok}"), &got, &want, NMSE_DOT)?;
         let mut yd = d.upload(&y0).map_err(cuda)?;
         d.matvec(&w, xd.as_slice(), n_tok, yd.as_mut(), true).map_err(cuda)?;
         let got = d.download(yd.as_slice()).map_err(cuda)?;
         let want: Vec<f32> = want.iter().zip(&y0).map(|(a, b)| a + b).collect();
-        check_nmse("y += W x", &got, &want, NMSE_DOT)
+        check_nmse(&format!("matvec+= {ty} {rows}x{cols} t{n_tok}"), &got, &want, NMSE_DOT)
+    }
+
+    /// Inconsistent lengths and misaligned activations are refused on the host, before any launch.
+    fn invalid_arguments_case(d: &CudaDevice) -> Result<(), String> {
+        let mut r = rng(7);
+        let (rows, cols) = (4, 256);
+        let w = d
+            .upload_matrix(GgmlType::Q4_K, cols, rows, 1, &random_matrix(&mut r, GgmlType::Q4_K, rows, cols))
+            .map_err(cuda)?;
+        let x = d.upload(&normal_ish(&mut r, 2 * cols + 1, 1.0)).map_err(cuda)?;
+        let mut y = d.alloc_zeros::<f32>(2 * rows).map_err(cuda)?;
+        let refused = |res: Result<(), CudaError>, what: &str| match res {
+            Err(CudaError::InvalidArgument { .. }) => Ok(()),
+            other => Err(format!("{what}: expected InvalidArgument, got {other:?}")),
+        };
+        let x_short = x.slice(0..cols).map_err(cuda)?;
+        refused(d.matvec(&w, x_short, 2, y.as_mut(), false), "x shorter than 2 tokens")?;
+        let x_odd = x.slice(1..2 * cols + 1).map_err(cuda)?;
+        refused(d.matvec(&w, x_odd, 2, y.as_mut(), false), "misaligned activations")?;
+        let y_short = y.slice_mut(0..rows).map_err(cuda)?;
+        refused(d.matvec(&w, x.slice(0..2 * cols).map_err(cuda)?, 2, y_short, false), "y too short")?;
+        if d.upload_matrix(GgmlType::Q4_K, 100, 1, 1, &[0u8; 144]).is_ok() {
+            return Err("a row of 100 Q4_K weights was accepted".into());
+        }
+        if x.slice(5..3).is_ok() || x.slice(0..2 * cols + 2).is_ok() {
+            return Err("an out-of-range view was accepted".into());
+        }
+        Ok(())
     }
 
     fn rmsnorm_case(d: &CudaDevice, rows: usize, n: usize) -> Result<(), String> {
@@ -263,7 +292,7 @@ mod cases {
         for (xr, o) in x.chunks_exact(n).zip(want.chunks_exact_mut(n)) {
             rms_norm(xr, &w, eps, o);
         }
-        check_nmse("rmsnorm", &got, &want, NMSE_ELEMENTWISE)
+        check_nmse(&format!("rmsnorm {rows}x{n}"), &got, &want, NMSE_ELEMENTWISE)
     }
 
     fn rope_case(
@@ -304,7 +333,12 @@ mod cases {
                 table.apply(head, pos0 + t);
             }
         }
-        check_nmse("head_norm_rope", &got, &want, NMSE_ELEMENTWISE)
+        check_nmse(
+            &format!("head_norm_rope t{n_tok} h{n_head} d{head_dim} at{pos0}"),
+            &got,
+            &want,
+            NMSE_ELEMENTWISE,
+        )
     }
 
     fn attention_case(
@@ -345,7 +379,12 @@ mod cases {
                 );
             }
         }
-        check_nmse("attention", &got, &want, NMSE_ATTENTION)
+        check_nmse(
+            &format!("attention t{n_tok} h{n_head} kv{n_kv} d{head_dim} at{pos0}"),
+            &got,
+            &want,
+            NMSE_ATTENTION,
+        )
     }
 
     /// Ids must match exactly, weights to rounding. With `ties`, every token's logits repeat a few values,
@@ -379,7 +418,12 @@ mod cases {
                 return Err(format!("token {t}: CUDA chose {got:?}, CPU {experts:?}"));
             }
         }
-        check_nmse("router weights", &got_w, &want_w, NMSE_ELEMENTWISE)
+        check_nmse(
+            &format!("softmax_topk weights t{n_tok} e{n_expert} k{k}"),
+            &got_w,
+            &want_w,
+            NMSE_ELEMENTWISE,
+        )
     }
 
     #[derive(Clone, Copy)]
@@ -484,8 +528,18 @@ mod cases {
         if let Some(e) = seen.iter().position(|&s| !s) {
             return Err(format!("expert {e} was never selected: the case does not cover every expert"));
         }
-        check_nmse("moe per slot", &results[0], &want, NMSE_DOT)?;
-        check_nmse("moe grouped", &results[1], &want, NMSE_DOT)?;
+        check_nmse(
+            &format!("moe per-slot {ty_gu}/{ty_down} e{n_expert} k{k} t{n_tok}"),
+            &results[0],
+            &want,
+            NMSE_DOT,
+        )?;
+        check_nmse(
+            &format!("moe grouped {ty_gu}/{ty_down} e{n_expert} k{k} t{n_tok}"),
+            &results[1],
+            &want,
+            NMSE_DOT,
+        )?;
         if let Some(i) = (0..want.len()).find(|&i| results[0][i].to_bits() != results[1][i].to_bits()) {
             return Err(format!(
                 "per-slot and grouped schedules differ at {i}: {} vs {}",

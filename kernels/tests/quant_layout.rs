@@ -109,7 +109,7 @@ fn q5_0_block_by_hand() {
     block[0..2].copy_from_slice(&F16_QUARTER.to_le_bytes());
     block[2..6].copy_from_slice(&qh.to_le_bytes());
     for j in 0..16 {
-        block[6 + j] = (j as u8 * 5 + 1) & 0xFF;
+        block[6 + j] = j as u8 * 5 + 1;
     }
     let expected: Vec<f64> =
         (0..32).map(|i| (f64::from(q5_quant(qh, &block[6..], i)) - 16.0) * 0.25).collect();
@@ -196,7 +196,7 @@ fn k_scale_unpacking_matches_hand_packed_bytes() {
 /// `32 * (j / 2)..`; even sub-blocks use the low nibble, odd ones the high nibble.
 fn k_low_bits(qs: &[u8], j: usize, l: usize) -> u8 {
     let byte = qs[32 * (j / 2) + l];
-    if j % 2 == 0 { byte & 0xF } else { byte >> 4 }
+    if j.is_multiple_of(2) { byte & 0xF } else { byte >> 4 }
 }
 
 #[test]
@@ -259,8 +259,8 @@ fn q6_k_block_by_hand() {
     // block_q6_K: ql[128] @0, qh[64] @128, scales[16] (i8) @192, d (f16) @208.
     const SCALES6: [i8; 16] = [-128, 127, 1, -1, 5, -7, 64, -64, 3, 2, -3, 100, -100, 0, 9, -9];
     let mut block = vec![0u8; 210];
-    for i in 0..128 {
-        block[i] = (i * 13 + 5) as u8;
+    for (i, b) in block[..128].iter_mut().enumerate() {
+        *b = (i * 13 + 5) as u8;
     }
     for i in 0..64 {
         block[128 + i] = (i * 29 + 7) as u8;

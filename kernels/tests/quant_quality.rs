@@ -59,6 +59,9 @@ fn dot_product_error(ty: GgmlType, a: &[f32], b: &[f32]) -> f64 {
     (f64::from(dot_row(ty, &quantize(ty, a), b)) - reference).abs() / a.len() as f64
 }
 
+/// Measured when written (cos signal / Gaussian): Q4_0 0.00112 / 0.00130, Q5_0 0.00059 / 0.00064,
+/// Q5_1 0.00056 / 0.00058, Q8_0 0.00007 / 0.00008, Q4_K 0.00098 / 0.00110, Q5_K 0.00053 / 0.00056,
+/// Q6_K 0.00026 / 0.00027, BF16 0.00004 / 0.00003, F16 0.000004 / 0.000003.
 #[test]
 fn quantisation_error_is_within_llama_cpp_bounds() {
     let inputs = [("cos signal", generate_data(0.0, 2.0)), ("gaussian", gaussian(0x9a55))];
@@ -97,7 +100,12 @@ fn more_bits_give_less_error() {
         // Same bits, better scheme: the K-quants' per-sub-block scales and mins beat one scale per 32.
         (GgmlType::Q4_0, GgmlType::Q4_K),
     ] {
-        assert!(e(coarser) > e(finer), "{coarser} ({}) should err more than {finer} ({})", e(coarser), e(finer));
+        assert!(
+            e(coarser) > e(finer),
+            "{coarser} ({}) should err more than {finer} ({})",
+            e(coarser),
+            e(finer)
+        );
     }
     assert_eq!(e(GgmlType::F32), 0.0);
 }
@@ -117,14 +125,5 @@ fn q8_0_error_is_at_most_half_a_step() {
         for (x, w) in xs.iter().zip(ws) {
             assert!((f64::from(*x) - f64::from(*w)).abs() <= slack, "block {b}: {x} -> {w}, d = {d}");
         }
-    }
-}
-
-#[test]
-fn print_errors_for_the_record() {
-    let x = gaussian(0x9a55);
-    let c = generate_data(0.0, 2.0);
-    for ty in GgmlType::ALL {
-        println!("{ty}: gaussian {:.6} cos {:.6}", total_quantization_error(ty, &x), total_quantization_error(ty, &c));
     }
 }

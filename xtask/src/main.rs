@@ -123,7 +123,11 @@ fn ci(args: &[String]) -> Result<()> {
     gate.args(["run", "--quiet", "--package", "cargo-moe-gate", "--", "--report-dir"]).arg(&report_dir);
     step("cargo moe-gate (default contract, default model)", gate)?;
 
-    println!("\nci: all steps green in {:.1} s (gate reports in {})", started.elapsed().as_secs_f64(), report_dir.display());
+    println!(
+        "\nci: all steps green in {:.1} s (gate reports in {})",
+        started.elapsed().as_secs_f64(),
+        report_dir.display()
+    );
     Ok(())
 }
 
@@ -139,7 +143,8 @@ fn bench(args: &[String]) -> Result<()> {
         match a.as_str() {
             "--gate-only" => gate_only = true,
             "--runs" => {
-                runs = it.next().context("--runs needs a number")?.parse().context("--runs needs a number")?;
+                runs =
+                    it.next().context("--runs needs a number")?.parse().context("--runs needs a number")?;
                 if runs == 0 {
                     bail!("--runs must be at least 1");
                 }
@@ -149,7 +154,16 @@ fn bench(args: &[String]) -> Result<()> {
     }
     if !gate_only {
         let mut benches = cargo();
-        benches.args(["bench", "--workspace", "--", "--warm-up-time", "1", "--measurement-time", "2"]);
+        benches.args([
+            "bench",
+            "--workspace",
+            "--benches",
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "2",
+        ]);
         step("cargo bench (short)", benches)?;
     }
     let gate = gate_timing(runs)?;
@@ -164,7 +178,8 @@ fn gate_timing(runs: usize) -> Result<String> {
     let mut build = cargo();
     build.args(["build", "--quiet", "--package", "cargo-moe-gate"]);
     step("cargo build -p cargo-moe-gate (dev profile, as `cargo moe-gate` runs)", build)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
     let exe = target.join("debug/cargo-moe-gate");
     let report_dir = target.join("moe-gate-bench");
     let mut walls = Vec::with_capacity(runs);
@@ -221,9 +236,13 @@ fn format_gate_section(walls: &[f64], report: &Value) -> String {
         walls[walls.len() - 1]
     ));
     s.push_str(&format!("- verdict: {}\n\n", text(&report["verdict"]["line"])));
-    s.push_str("Breakdown of the last run (report.json `timings`):\n\n| phase | seconds | work |\n| :--- | ---: | :--- |\n");
+    s.push_str("Breakdown of the last run (report.json `timings`; runs go in parallel, one thread each):\n\n| phase | seconds | work |\n| :--- | ---: | :--- |\n");
     let t = &report["timings"];
-    s.push_str(&format!("| model build/load | {:.3} | {} |\n", num(&t["model_s"]), text(&report["model"]["spec"])));
+    s.push_str(&format!(
+        "| model build/load | {:.3} | {} |\n",
+        num(&t["model_s"]),
+        text(&report["model"]["spec"])
+    ));
     for run in t["runs"].as_array().into_iter().flatten() {
         s.push_str(&format!(
             "| run `{}` | {:.3} | {} {}, {} prompts, {} tokens, {} greedy steps |\n",
@@ -236,7 +255,10 @@ fn format_gate_section(walls: &[f64], report: &Value) -> String {
             text(&run["greedy_steps"])
         ));
     }
-    s.push_str(&format!("| evaluation | {:.3} | every trial from the recorded traces |\n", num(&t["evaluation_s"])));
+    s.push_str(&format!(
+        "| evaluation | {:.3} | every trial from the recorded traces |\n",
+        num(&t["evaluation_s"])
+    ));
     s.push_str(&format!("| diagnosis | {:.3} | |\n", num(&t["diagnosis_s"])));
     s.push_str(&format!("| total (in process) | {:.3} | |\n", num(&t["total_s"])));
     s
@@ -255,14 +277,24 @@ fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-/// CPU model and core count, from /proc/cpuinfo where there is one.
+/// CPU model, core count and load (other work on the machine slows the gate), from /proc where there
+/// is one.
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!("{model}, {cores} cores available, {}", std::env::consts::OS)
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|l| format!(", load average {l} when measured")))
+        .unwrap_or_default();
+    format!("{model}, {cores} cores available, {}{load}", std::env::consts::OS)
 }
 
 /// Replaces the "## Gate" section of docs/benchmarks.md (up to the next `## ` heading), or appends it;
@@ -279,7 +311,8 @@ fn replace_section(doc: &str, heading: &str, section: &str) -> String {
     let Some(start) = lines.iter().position(|l| l.trim_end() == heading) else {
         return format!("{}\n\n{}\n", doc.trim_end(), section.trim_end());
     };
-    let end = lines[start + 1..].iter().position(|l| l.starts_with("## ")).map_or(lines.len(), |i| start + 1 + i);
+    let end =
+        lines[start + 1..].iter().position(|l| l.starts_with("## ")).map_or(lines.len(), |i| start + 1 + i);
     let before = lines[..start].join("\n");
     let after = lines[end..].join("\n");
     let mut out = String::new();
@@ -305,7 +338,10 @@ mod tests {
     fn gate_section_replaces_only_itself() {
         let doc = "# Benchmarks\n\n## CPU\n\ncpu numbers\n\n## Gate\n\nold\n\n## Later\n\nkeep\n";
         let new = replace_section(doc, "## Gate", "## Gate\n\nnew numbers\n");
-        assert_eq!(new, "# Benchmarks\n\n## CPU\n\ncpu numbers\n\n## Gate\n\nnew numbers\n\n## Later\n\nkeep\n");
+        assert_eq!(
+            new,
+            "# Benchmarks\n\n## CPU\n\ncpu numbers\n\n## Gate\n\nnew numbers\n\n## Later\n\nkeep\n"
+        );
         let appended = replace_section("# Benchmarks\n\n## CPU\n\nx\n", "## Gate", "## Gate\n\ny");
         assert_eq!(appended, "# Benchmarks\n\n## CPU\n\nx\n\n## Gate\n\ny\n");
         let last = replace_section("# B\n\n## Gate\n\nold\n", "## Gate", "## Gate\n\nnew");

@@ -20,7 +20,8 @@ pub fn render(report: &GateReport) -> String {
         report.timings.total_s
     );
     for criterion in &report.criteria {
-        let trials: Vec<&TrialReport> = report.trials.iter().filter(|t| t.criterion == criterion.id).collect();
+        let trials: Vec<&TrialReport> =
+            report.trials.iter().filter(|t| t.criterion == criterion.id).collect();
         let failures = trials.iter().filter(|t| t.status.is_failure()).count();
         let skipped = trials.iter().filter(|t| is_skipped(&t.status)).count();
         let _ = writeln!(
@@ -47,7 +48,9 @@ fn testcase(report: &GateReport, t: &TrialReport) -> String {
     let classname = format!("{}::{}", report.contract.id, t.criterion);
     let mut out =
         format!("    <testcase name=\"{}\" classname=\"{}\" time=\"0\"", esc(&t.name), esc(&classname));
-    let message = |kind: &str, msg: &str| format!("      <{kind} message=\"{}\">{}</{kind}>\n", esc(msg), esc(&t.detail));
+    let message = |kind: &str, msg: &str| {
+        format!("      <{kind} message=\"{}\">{}</{kind}>\n", esc(msg), esc(&t.detail))
+    };
     let body = match &t.status {
         TrialStatus::Passed => None,
         TrialStatus::Failed => Some(message("failure", &t.detail)),
@@ -107,7 +110,9 @@ mod tests {
             xml.contains("<testcase name=\"c-v1::HID::p_b::layer01\" classname=\"c-v1::HID\" time=\"0\">\n      <failure message=\"cosine 0.95\">"),
             "{xml}"
         );
-        assert!(xml.contains("<testcase name=\"c-v1::HID::p_a::layer00\" classname=\"c-v1::HID\" time=\"0\"/>"));
+        assert!(
+            xml.contains("<testcase name=\"c-v1::HID::p_a::layer00\" classname=\"c-v1::HID\" time=\"0\"/>")
+        );
         assert_eq!(esc("a<b & \"c\"\n\u{1}"), "a&lt;b &amp; &quot;c&quot;&#10;");
     }
 

@@ -23,7 +23,8 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&format!("- tool: {}, report schema {}\n", report.tool, report.schema_version));
 
     out.push_str("\n## Criteria\n\n");
-    let mut t = Table::new(["criterion", "title", "compare", "metric", "threshold", "gate", "passed", "verdict"]);
+    let mut t =
+        Table::new(["criterion", "title", "compare", "metric", "threshold", "gate", "passed", "verdict"]);
     for c in &report.criteria {
         let (result, verdict) = criterion_result(c);
         let blocking = if c.blocking { "" } else { " (advisory)" };
@@ -52,7 +53,9 @@ fn layers(report: &GateReport) -> String {
     if report.layers.is_empty() {
         return String::new();
     }
-    let mut out = String::from("\n## Per layer\n\nWorst value over prompts (and which prompt); ✗ marks a failed trial.\n\n");
+    let mut out = String::from(
+        "\n## Per layer\n\nWorst value over prompts (and which prompt); ✗ marks a failed trial.\n\n",
+    );
     for table in &report.layers {
         out.push_str(&format!("### {} ({})\n\n", table.criterion, table.metric));
         let mut t = Table::new(["layer", "worst", "prompt", ""]);
@@ -75,7 +78,9 @@ fn argmax(report: &GateReport) -> String {
     if report.argmax.is_empty() {
         return String::new();
     }
-    let mut out = String::from("\n## Next token\n\nArgmax at the last position: token (logit, margin to the runner-up).\n\n");
+    let mut out = String::from(
+        "\n## Next token\n\nArgmax at the last position: token (logit, margin to the runner-up).\n\n",
+    );
     let mut t = Table::new(["prompt", "tokens", "agree"]);
     for row in &report.argmax {
         let tokens: Vec<String> = row
@@ -83,7 +88,11 @@ fn argmax(report: &GateReport) -> String {
             .iter()
             .map(|r| format!("{}: {} ({:.4}, {:.2e})", r.run, r.token, r.logit, r.margin))
             .collect();
-        t.row([row.prompt.clone(), tokens.join("; "), if row.agree { "yes".into() } else { "**no**".into() }]);
+        t.row([
+            row.prompt.clone(),
+            tokens.join("; "),
+            if row.agree { "yes".into() } else { "**no**".into() },
+        ]);
     }
     out.push_str(&t.to_markdown());
     out
@@ -106,7 +115,10 @@ fn failures(report: &GateReport) -> String {
         .trials
         .iter()
         .filter(|t| {
-            matches!(t.status, TrialStatus::Failed | TrialStatus::UnexpectedPass | TrialStatus::ExpectedFailure)
+            matches!(
+                t.status,
+                TrialStatus::Failed | TrialStatus::UnexpectedPass | TrialStatus::ExpectedFailure
+            )
         })
         .collect();
     if listed.is_empty() {
@@ -153,7 +165,10 @@ mod tests {
     #[test]
     fn markdown_has_verdict_tables_and_failures() {
         let md = render(&sample::report());
-        assert!(md.starts_with("# moe-gate: c-v1 1.0.0\n\n**FAILED: blocking gate HID does not hold**"), "{md}");
+        assert!(
+            md.starts_with("# moe-gate: c-v1 1.0.0\n\n**FAILED: blocking gate HID does not hold**"),
+            "{md}"
+        );
         assert!(md.contains("| HID | hidden states agree | cpu vs reference | cosine of hidden | min 0.9999 | all | 3/4 | FAILS |"), "{md}");
         assert!(md.contains("| 1 | 0.950000000 | p_b | ✗ |"), "{md}");
         assert!(md.contains("| `c-v1::HID::p_b::layer01` | FAILED | cosine 0.95 |"), "{md}");

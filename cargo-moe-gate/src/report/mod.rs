@@ -297,6 +297,8 @@ pub struct Diagnosis {
     pub closer: Option<String>,
     /// One sentence that puts it together.
     pub summary: String,
+    /// Parts of the diagnosis that could not be computed, and why.
+    pub notes: Vec<String>,
 }
 
 /// The isolated error of one run at one layer.
@@ -379,6 +381,9 @@ pub fn fmt_value(metric: &str, v: f64) -> String {
         return if v > 0.0 { "inf".into() } else { "-inf".into() };
     }
     match metric {
+        // Near 1, the digits that matter are in 1 - cosine.
+        "cosine" if v == 1.0 => "1".into(),
+        "cosine" if (1.0 - v).abs() < 1e-6 => format!("1 - {:.2e}", 1.0 - v),
         "cosine" => format!("{v:.9}"),
         "argmax" | "topk_set" | "bitwise" | "greedy" => {
             if v.fract() == 0.0 && v.abs() < 1e15 {
@@ -496,7 +501,13 @@ pub(crate) mod sample {
                         failed: false,
                         values: values_0,
                     },
-                    LayerRow { layer: 1, worst: 0.95, worst_prompt: "p_b".into(), failed: true, values: values_1 },
+                    LayerRow {
+                        layer: 1,
+                        worst: 0.95,
+                        worst_prompt: "p_b".into(),
+                        failed: true,
+                        values: values_1,
+                    },
                 ],
             }],
             argmax: vec![ArgmaxRow {
@@ -518,9 +529,14 @@ pub(crate) mod sample {
                 end_to_end: Some(0.95),
                 isolated: vec![IsolatedError { run: "cpu".into(), layer: 1, nmse: 0.08, cosine: 0.96 }],
                 router_margin: Some(RouterMargin { layer: 1, position: 2, margin: 0.2, k: 2 }),
-                distance_to_reference: vec![RunDistance { run: "cpu".into(), at: "hidden.1".into(), nmse: 0.09 }],
+                distance_to_reference: vec![RunDistance {
+                    run: "cpu".into(),
+                    at: "hidden.1".into(),
+                    nmse: 0.09,
+                }],
                 closer: None,
                 summary: "layer 1 itself diverges".into(),
+                notes: vec!["isolated layer unavailable: the backend has no run_layer".into()],
             }],
             verdict: Verdict {
                 exit_code: 101,
@@ -571,7 +587,9 @@ mod tests {
 
     #[test]
     fn values_are_formatted_per_metric() {
-        assert_eq!(fmt_value("cosine", 0.999999873), "0.999999873");
+        assert_eq!(fmt_value("cosine", 0.99999873), "0.999998730");
+        assert_eq!(fmt_value("cosine", 1.0 - 3.25e-12), "1 - 3.25e-12");
+        assert_eq!(fmt_value("cosine", 1.0), "1");
         assert_eq!(fmt_value("nmse", 3.2e-9), "3.200e-9");
         assert_eq!(fmt_value("max_abs", 0.5), "0.5000");
         assert_eq!(fmt_value("topk_set", 2.0), "2");

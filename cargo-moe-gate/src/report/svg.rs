@@ -75,7 +75,11 @@ pub fn render(report: &GateReport) -> Result<String, GateError> {
     Ok(svg)
 }
 
-fn chart(contract: &str, table: &LayerTable, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), GateError> {
+fn chart(
+    contract: &str,
+    table: &LayerTable,
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+) -> Result<(), GateError> {
     let axis = Axis::for_metric(&table.metric);
     let prompts: Vec<&String> = {
         let mut p: Vec<&String> = table.rows.iter().flat_map(|r| r.values.keys()).collect();
@@ -96,6 +100,8 @@ fn chart(contract: &str, table: &LayerTable, area: &DrawingArea<SVGBackend<'_>, 
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let caption = format!("{contract}::{} — {} per layer", table.criterion, table.metric);
     let x_range = 0f64..(max_layer.max(1) as f64);
+    // One tick per layer up to 24 layers (48-layer models get every other one).
+    let x_labels = (max_layer + 1).min(24);
     let mut builder = ChartBuilder::on(area);
     builder.caption(caption, ("sans-serif", 16)).margin(12).x_label_area_size(36).y_label_area_size(72);
     let series: Vec<(&String, Vec<(f64, f64)>)> = prompts
@@ -114,9 +120,12 @@ fn chart(contract: &str, table: &LayerTable, area: &DrawingArea<SVGBackend<'_>, 
     match axis {
         Axis::OneMinus | Axis::Log => {
             let (lo, hi) = (lo.max(LOG_FLOOR) / 2.0, (hi * 2.0).max(LOG_FLOOR * 10.0));
-            let mut chart = builder.build_cartesian_2d(x_range.clone(), (lo..hi).log_scale()).map_err(plot_err)?;
+            let mut chart =
+                builder.build_cartesian_2d(x_range.clone(), (lo..hi).log_scale()).map_err(plot_err)?;
             chart
                 .configure_mesh()
+                .x_labels(x_labels)
+                .x_label_formatter(&layer_label)
                 .x_desc("layer")
                 .y_desc(axis.label(&table.metric))
                 .y_label_formatter(&|v| format!("{v:.0e}"))
@@ -126,8 +135,16 @@ fn chart(contract: &str, table: &LayerTable, area: &DrawingArea<SVGBackend<'_>, 
         }
         Axis::Linear => {
             let pad = ((hi - lo).abs() * 0.1).max(0.5);
-            let mut chart = builder.build_cartesian_2d(x_range.clone(), (lo - pad)..(hi + pad)).map_err(plot_err)?;
-            chart.configure_mesh().x_desc("layer").y_desc(axis.label(&table.metric)).draw().map_err(plot_err)?;
+            let mut chart =
+                builder.build_cartesian_2d(x_range.clone(), (lo - pad)..(hi + pad)).map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_labels(x_labels)
+                .x_label_formatter(&layer_label)
+                .x_desc("layer")
+                .y_desc(axis.label(&table.metric))
+                .draw()
+                .map_err(plot_err)?;
             draw_series(&mut chart, &series, threshold, &x_range)?;
         }
     }
@@ -150,9 +167,9 @@ where
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)).point_size(3))
             .map_err(plot_err)?;
         if show_legend {
-            drawn.label(prompt.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
+            drawn
+                .label(prompt.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
         }
     }
     if let Some(t) = threshold.filter(|t| t.is_finite()) {
@@ -169,6 +186,11 @@ where
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(plot_err)
+}
+
+/// Layers are whole numbers; ticks between them get no label.
+fn layer_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-9 { format!("{x:.0}") } else { String::new() }
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> GateError {

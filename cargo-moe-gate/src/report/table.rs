@@ -1,5 +1,5 @@
-//! A small table renderer shared by the terminal and markdown reports: first column left-aligned, the
-//! others right-aligned (they hold numbers).
+//! A small table renderer shared by the terminal and markdown reports: columns whose cells are all
+//! numbers are right-aligned, the others left-aligned.
 
 /// A table of strings with a header row.
 #[derive(Debug, Clone, Default)]
@@ -29,26 +29,25 @@ impl Table {
     /// Aligned plain text, indented by `indent` spaces.
     pub fn to_text(&self, indent: usize) -> String {
         let widths = self.widths();
+        let right = self.numeric_columns();
         let pad = " ".repeat(indent);
         let mut out = String::new();
         let line = |cells: &[String], out: &mut String| {
-            out.push_str(&pad);
-            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            let mut text = pad.clone();
+            for (i, cell) in cells.iter().enumerate() {
                 if i > 0 {
-                    out.push_str("  ");
+                    text.push_str("  ");
                 }
-                let n = cell.chars().count();
-                let fill = " ".repeat(w.saturating_sub(n));
-                if i == 0 {
-                    out.push_str(cell);
-                    if i + 1 < cells.len() {
-                        out.push_str(&fill);
-                    }
+                let fill = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+                if right[i] {
+                    text.push_str(&fill);
+                    text.push_str(cell);
                 } else {
-                    out.push_str(&fill);
-                    out.push_str(cell);
+                    text.push_str(cell);
+                    text.push_str(&fill);
                 }
             }
+            out.push_str(text.trim_end());
             out.push('\n');
         };
         line(&self.header, &mut out);
@@ -66,12 +65,28 @@ impl Table {
         let mut out = String::new();
         out.push_str(&format!("| {} |\n", self.header.iter().map(esc).collect::<Vec<_>>().join(" | ")));
         let align: Vec<&str> =
-            (0..self.header.len()).map(|i| if i == 0 { ":---" } else { "---:" }).collect();
+            self.numeric_columns().iter().map(|&r| if r { "---:" } else { ":---" }).collect();
         out.push_str(&format!("| {} |\n", align.join(" | ")));
         for row in &self.rows {
             out.push_str(&format!("| {} |\n", row.iter().map(esc).collect::<Vec<_>>().join(" | ")));
         }
         out
+    }
+
+    /// Whether each column holds numbers only (empty cells aside); the first column never does.
+    fn numeric_columns(&self) -> Vec<bool> {
+        let numeric = |cell: &str| {
+            cell.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '+' || c == '.')
+                || cell.starts_with("NaN")
+                || cell.starts_with("inf")
+        };
+        (0..self.header.len())
+            .map(|i| {
+                i > 0
+                    && self.rows.iter().any(|r| !r[i].is_empty())
+                    && self.rows.iter().all(|r| r[i].is_empty() || numeric(&r[i]))
+            })
+            .collect()
     }
 
     fn widths(&self) -> Vec<usize> {
@@ -95,12 +110,19 @@ mod tests {
         t.row(["0", "0.99"]);
         t.row(["12", "1"]);
         assert_eq!(t.to_text(2), "  layer  cosine\n  -----  ------\n  0        0.99\n  12          1\n");
+        let mut t = Table::new(["criterion", "metric", "passed"]);
+        t.row(["A", "cosine", "3/4"]);
+        t.row(["LONGER", "nmse", "12/12"]);
+        assert_eq!(
+            t.to_text(0),
+            "criterion  metric  passed\n---------  ------  ------\nA          cosine     3/4\nLONGER     nmse     12/12\n"
+        );
     }
 
     #[test]
     fn markdown_escapes_pipes_and_pads_rows() {
         let mut t = Table::new(["a", "b"]);
         t.row(["x|y"]);
-        assert_eq!(t.to_markdown(), "| a | b |\n| :--- | ---: |\n| x\\|y |  |\n");
+        assert_eq!(t.to_markdown(), "| a | b |\n| :--- | :--- |\n| x\\|y |  |\n");
     }
 }

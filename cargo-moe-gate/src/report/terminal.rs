@@ -4,6 +4,9 @@
 use super::table::Table;
 use super::{CriterionReport, Diagnosis, GateReport, TrialStatus, fmt_value};
 
+/// Diagnoses shown in the terminal; the files under `--report-dir` hold all of them.
+pub const MAX_TERMINAL_DIAGNOSES: usize = 12;
+
 /// The whole summary as text.
 pub fn render(report: &GateReport) -> String {
     let mut out = String::new();
@@ -51,7 +54,8 @@ pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
     if !extras.is_empty() {
         result.push_str(&format!(" ({})", extras.join(", ")));
     }
-    let verdict = match (c.total == 0 && c.unexpected_passes.is_empty(), c.gate_holds, c.blocking) {
+    let nothing_judged = c.total == 0 && c.unexpected_passes.is_empty() && c.expected_failures == 0;
+    let verdict = match (nothing_judged, c.gate_holds, c.blocking) {
         (true, _, _) => "not judged",
         (false, true, _) => "holds",
         (false, false, true) => "FAILS",
@@ -61,7 +65,8 @@ pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
 }
 
 fn criteria_section(report: &GateReport) -> String {
-    let mut t = Table::new(["criterion", "compare", "tap", "metric", "threshold", "gate", "passed", "verdict"]);
+    let mut t =
+        Table::new(["criterion", "compare", "tap", "metric", "threshold", "gate", "passed", "verdict"]);
     for c in &report.criteria {
         let (result, verdict) = criterion_result(c);
         t.row([
@@ -92,7 +97,9 @@ fn layers_section(report: &GateReport) -> String {
         let mut row = vec![layer.to_string()];
         for table in &report.layers {
             row.push(match table.rows.iter().find(|r| r.layer == layer) {
-                Some(r) => format!("{}{}", fmt_value(&table.metric, r.worst), if r.failed { " ✗" } else { "  " }),
+                Some(r) => {
+                    format!("{}{}", fmt_value(&table.metric, r.worst), if r.failed { " ✗" } else { "  " })
+                }
                 None => "-  ".into(),
             });
         }
@@ -136,8 +143,14 @@ fn diagnoses_section(report: &GateReport) -> String {
         return String::new();
     }
     let mut out = String::from("\ndiagnosis\n");
-    for d in &report.diagnoses {
+    for d in report.diagnoses.iter().take(MAX_TERMINAL_DIAGNOSES) {
         out.push_str(&diagnosis_text(d, "  "));
+    }
+    if report.diagnoses.len() > MAX_TERMINAL_DIAGNOSES {
+        out.push_str(&format!(
+            "  ... and {} more (every diagnosis is in report.md and report.json under --report-dir)\n",
+            report.diagnoses.len() - MAX_TERMINAL_DIAGNOSES
+        ));
     }
     out
 }
@@ -187,6 +200,9 @@ pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
         let closer = d.closer.as_ref().map(|c| format!("; closer: {c}")).unwrap_or_default();
         out.push_str(&item(format!("distance to the reference: {}{closer}", parts.join(", "))));
     }
+    for note in &d.notes {
+        out.push_str(&item(format!("note: {note}")));
+    }
     out.push_str(&format!("{indent}  => {}\n", d.summary));
     out
 }
@@ -233,6 +249,7 @@ mod tests {
         assert_eq!(argmax_line.matches("17 (3.2500, 5.00e-1)").count(), 2, "{argmax_line}");
         assert!(argmax_line.ends_with("yes"), "{argmax_line}");
         assert!(text.contains("first divergent layer: 1"), "{text}");
+        assert!(text.contains("- note: isolated layer unavailable: the backend has no run_layer"), "{text}");
         assert!(text.contains("reference router margin at the top-2 boundary, layer 1: 0.2000 (position 2)"));
         assert!(text.contains("gate: FAILED: blocking gate HID does not hold"), "{text}");
     }

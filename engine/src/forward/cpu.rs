@@ -1,15 +1,18 @@
 //! The `cpu` backend (DESIGN §6): f32 activations, rayon across weight rows (and experts and attention
-//! heads in the shared forward), and each weight row multiplied straight from its quantised blocks by
-//! `moe_kernels::quant::dot_row`: no dequantised copy of the weights, no quantisation of activations.
+//! heads in the shared forward), and each weight row multiplied straight from its quantised blocks in
+//! `moe_kernels::quant::dot_row`'s operation order: no dequantised copy of the weights (at most one row
+//! per thread), no quantisation of activations.
 
 use std::sync::Arc;
 
+use moe_kernels::cpu::dot;
 use moe_kernels::quant::{dequantize_row, dot_row};
 
 use super::numerics::{Mat, Numerics, matmul_by_rows};
 use super::qwen3_moe::Qwen3Moe;
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::error::EngineError;
+use crate::trace::Precision;
 use crate::weights::ModelWeights;
 
 /// A CPU forward of `weights`. Only [`Policy::Fast`] exists so far: the canonical operation order of
@@ -30,18 +33,27 @@ struct CpuNumerics;
 
 impl Numerics for CpuNumerics {
     type F = f32;
+    const PRECISION: Precision = Precision::F32;
 
+    /// One token: `dot_row` straight from the blocks. Several tokens (prefill): each row is decoded once
+    /// into a per-thread scratch row (the f32 values `dot_row` decodes block by block) and multiplied
+    /// with every token by `moe_kernels::cpu::dot`, whose lane order is `dot_row`'s, so a prefill gives the
+    /// same bits as decoding its tokens one at a time.
     fn matmul(&self, w: Mat<'_>, x: &[f32], out: &mut [f32]) {
         let n_tok = x.len() / w.cols;
+        if n_tok == 1 {
+            matmul_by_rows(w.rows, 1, out, || (), |_, r, o| o[0] = dot_row(w.ty, w.row(r), x));
+            return;
+        }
         matmul_by_rows(
             w.rows,
             n_tok,
             out,
-            || (),
-            |_, r, o| {
-                let row = w.row(r);
-                for (t, o) in o.iter_mut().enumerate() {
-                    *o = dot_row(w.ty, row, &x[t * w.cols..(t + 1) * w.cols]);
+            || vec![0f32; w.cols],
+            |decoded, r, o| {
+                dequantize_row(w.ty, w.row(r), decoded);
+                for (o, xt) in o.iter_mut().zip(x.chunks_exact(w.cols)) {
+                    *o = dot(decoded, xt);
                 }
             },
         );

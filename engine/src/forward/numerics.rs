@@ -5,6 +5,7 @@
 use moe_kernels::GgmlType;
 use moe_kernels::cpu::Real;
 
+use crate::trace::Precision;
 use crate::weights::WeightTensor;
 
 /// A 2-D view of weight rows in their stored format: `rows` rows of `cols` weights, each `row_bytes` long.
@@ -41,6 +42,9 @@ impl<'a> Mat<'a> {
 pub(crate) trait Numerics: Send + Sync + 'static {
     /// The float type every activation is held in.
     type F: Real;
+
+    /// The width its traces are stored in (that of `F`).
+    const PRECISION: Precision;
 
     /// `out[t][r] = w.row(r) · x[t]` for every row `r` of `w` and every row `t` of `x`
     /// (`x` is `[n_tok][w.cols]`, `out` is `[n_tok][w.rows]`). Reads each weight row once for all tokens.

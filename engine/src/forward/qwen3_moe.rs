@@ -21,7 +21,7 @@ use super::numerics::{Mat, Numerics};
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
-use crate::trace::{LayerTrace, Matrix, Precision, Trace};
+use crate::trace::{LayerTrace, Matrix, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
 
 /// A Qwen3-MoE forward with its KV cache, on the numerics `N`.
@@ -37,7 +37,6 @@ pub(crate) struct Qwen3Moe<N: Numerics> {
 struct Model<N: Numerics> {
     kind: BackendKind,
     policy: Policy,
-    precision: Precision,
     weights: Arc<ModelWeights>,
     numerics: N,
     norms: Vec<LayerNorms<N::F>>,
@@ -78,7 +77,6 @@ struct Routing<F> {
 impl<N: Numerics> Qwen3Moe<N> {
     /// A forward of `weights` on `numerics`, reporting itself as `kind` / `policy`.
     pub fn new(kind: BackendKind, policy: Policy, weights: Arc<ModelWeights>, numerics: N) -> Self {
-        let precision = if std::mem::size_of::<N::F>() == 8 { Precision::F64 } else { Precision::F32 };
         let vector = |w: &WeightTensor| {
             let m = Mat::of(w);
             let mut v = vec![N::F::ZERO; m.cols];
@@ -100,7 +98,7 @@ impl<N: Numerics> Qwen3Moe<N> {
         let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta);
         let eps = N::F::from_f64(cfg.rms_eps);
         let cache = (0..cfg.n_layer).map(|_| LayerCache::new()).collect();
-        let model = Model { kind, policy, precision, weights, numerics, norms, output_norm, eps };
+        let model = Model { kind, policy, weights, numerics, norms, output_norm, eps };
         Self { model, rope, cache, n_cached: 0 }
     }
 
@@ -128,7 +126,7 @@ impl<N: Numerics> Qwen3Moe<N> {
                 let logits = self.model.lm_head(&x);
                 trace.backend = self.model.kind.to_string();
                 trace.policy = self.model.policy.to_string();
-                trace.precision = self.model.precision;
+                trace.precision = N::PRECISION;
                 trace.tokens = tokens.to_vec();
                 trace.layers = layer_traces;
                 trace.logits = to_matrix(n_tok, vocab, &logits);

@@ -9,6 +9,7 @@ use moe_kernels::quant::{dequantize_row, dequantize_row_f64};
 use super::numerics::{Mat, Numerics, matmul_by_rows};
 use super::qwen3_moe::Qwen3Moe;
 use crate::backend::{BackendKind, Forward, Policy};
+use crate::trace::Precision;
 use crate::weights::ModelWeights;
 
 /// How the reference turns stored weights into f64.
@@ -50,6 +51,7 @@ impl ReferenceNumerics {
 
 impl Numerics for ReferenceNumerics {
     type F = f64;
+    const PRECISION: Precision = Precision::F64;
 
     fn matmul(&self, w: Mat<'_>, x: &[f64], out: &mut [f64]) {
         let n_tok = x.len() / w.cols;

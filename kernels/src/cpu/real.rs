@@ -62,14 +62,17 @@ macro_rules! impl_real {
 impl_real!(f32);
 impl_real!(f64);
 
-/// Number of independent partial sums in [`dot`]: eight lanes let the compiler vectorise the loop (two
-/// AVX registers of f32) and make the rounding error grow with `n / 8` instead of `n`.
-const LANES: usize = 8;
+/// Number of independent partial sums in [`dot`]: sixteen lanes let the compiler vectorise the loop and
+/// make the rounding error grow with `n / 16` instead of `n`. The same count and order as
+/// [`crate::quant::dot_row`], so one dot-product definition serves weights and activations alike.
+const LANES: usize = 16;
 
 /// The dot product of `a` and `b`, accumulated in `F`.
 ///
-/// Operation order (the definition): element `i` is added to partial sum `i % 8` in increasing `i`; the
-/// eight partial sums are then combined pairwise (`s[j] += s[j + 4]`, then `+2`, then `+1`).
+/// Operation order (the definition, shared with [`crate::quant::dot_row`]): the product `a[i] * b[i]`
+/// is added to partial sum `i % 16` in increasing `i`; the partial sums are then reduced by the halving
+/// tree `s[j] += s[j + h]` for `h = 8, 4, 2, 1`, and the result is `s[0]`. So for a decoded weight row
+/// `w = dequantize_row(row)`, `dot(&w, x) == dot_row(ty, row, x)` bit for bit.
 ///
 /// # Panics
 /// If `a` and `b` differ in length.
@@ -114,11 +117,41 @@ mod tests {
             let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
             let abs_sum: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum();
             let got = dot(&a, &b) as f64;
-            // Eight lanes of n/8 sequential additions plus a 3-level tree: each of the (n/8 + 3) roundings
+            // Sixteen lanes of n/16 sequential additions plus a 4-level tree: each of the (n/8 + 3) roundings
             // is at most 2^-24 relative to the running sum, bounded by the sum of |products|; one more for
             // rounding each product to f32.
-            let bound = (n as f64 / 8.0 + 5.0) * f32::EPSILON as f64 / 2.0 * abs_sum + f64::MIN_POSITIVE;
+            let bound = (n as f64 / 16.0 + 6.0) * f32::EPSILON as f64 / 2.0 * abs_sum + f64::MIN_POSITIVE;
             assert!((got - exact).abs() <= bound, "n={n}: {got} vs {exact} (bound {bound})");
+        }
+    }
+
+    #[test]
+    fn dot_of_a_decoded_row_is_dot_row_bit_for_bit() {
+        use crate::GgmlType;
+        use crate::quant::{dequantize_row, dot_row, quantize_row};
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ];
+        for ty in types {
+            for n in [256usize, 512, 768] {
+                let src: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+                let mut row = vec![0u8; ty.row_bytes(n).expect("whole blocks")];
+                quantize_row(ty, &src, &mut row);
+                let mut w = vec![0f32; n];
+                dequantize_row(ty, &row, &mut w);
+                assert_eq!(dot(&w, &x).to_bits(), dot_row(ty, &row, &x).to_bits(), "{ty} n={n}");
+            }
         }
     }
 

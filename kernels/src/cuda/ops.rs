@@ -78,6 +78,18 @@ fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), Cu
     Ok(())
 }
 
+/// Quantised-format kernels read activations as float4 (see `load_x8` in quant.cu): the view must start on a
+/// 16-byte boundary (every view at a multiple of 4 values of a buffer does).
+fn check_x_alignment(op: &'static str, w: &DeviceMatrix, x: &DevSlice<'_, f32>) -> Result<(), CudaError> {
+    if w.ty.is_quantized() && x.ptr % 16 != 0 {
+        return Err(CudaError::invalid(
+            op,
+            format!("activations for {} weights must start at a multiple of 4 values of a buffer", w.ty),
+        ));
+    }
+    Ok(())
+}
+
 fn grid_yz(op: &'static str, what: &str, v: usize) -> Result<u32, CudaError> {
     if v == 0 || v > MAX_GRID_YZ {
         return Err(CudaError::invalid(op, format!("{what} = {v} must be in 1..={MAX_GRID_YZ}")));
@@ -105,6 +117,7 @@ impl CudaDevice {
         }
         need(op, "x", x.len, n_tok * w.cols)?;
         need(op, "y", y.len, n_tok * w.rows)?;
+        check_x_alignment(op, w, &x)?;
         let tiles = grid_yz(op, "token tiles", n_tok.div_ceil(TOKEN_TILE))?;
         let (k, n, t) =
             (to_i32(op, "cols", w.cols)?, to_i32(op, "rows", w.rows)?, to_i32(op, "n_tok", n_tok)?);
@@ -389,6 +402,7 @@ impl CudaDevice {
             return Err(CudaError::invalid(op, format!("{n_slots} slots, in_div {in_div}")));
         }
         need(op, "x", x.len, ((n_slots - 1) / in_div + 1) * w.cols)?;
+        check_x_alignment(op, w, &x)?;
         need(op, "y", y.len, n_slots * w.rows)?;
         let gate_ptr = match gate {
             Some(g) => {

@@ -231,26 +231,46 @@ struct FmtQ6_K {
 // Warps (= weight rows) per block of the matrix-vector kernels.
 #define MV_WARPS 4
 
+// x[0..8] of an activation row. Quantised formats have rows of a multiple of 8 weights and the launcher
+// checks that x is 16-byte aligned, so every chunk of x is: two float4 loads. Float formats may have any
+// row length: scalar loads.
+template <class F>
+__device__ __forceinline__ void load_x8(const float* __restrict__ p, float* xv) {
+    if (F::QK > 1) {
+        const float4 a = ((const float4*)p)[0];
+        const float4 b = ((const float4*)p)[1];
+        xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+        xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xv[i] = p[i];
+    }
+}
+
 // acc[j] = dot(weight row, xs[j]) for j < nt, in the canonical order: lane l accumulates chunks
 // l, l + 32, ... (each chunk's 8 products in order) into one partial sum per token, then warp_sum. A float
 // row whose length is not a multiple of 8 ends with a partial chunk, taken by the lane whose turn it is.
+// The chunk loop is unrolled so the loads of several chunks are in flight together; the additions stay in
+// chunk order.
 template <class F>
-__device__ __forceinline__ void dot_tile(const u8* wrow, int k, const float* const* xs, int nt,
+__device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, const float* const* xs, int nt,
                                          float* acc) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int j = 0; j < TOKEN_TILE; ++j) acc[j] = 0.0f;
     const int n_full = k >> 3;
+#pragma unroll 4
     for (int c = lane; c < n_full; c += WARP_SIZE) {
         float v[8];
         F::chunk(wrow, c, v);
 #pragma unroll
         for (int j = 0; j < TOKEN_TILE; ++j) {
             if (j < nt) {
-                const float* x = xs[j] + 8 * c;
+                float xv[8];
+                load_x8<F>(xs[j] + 8 * c, xv);
                 float s = acc[j];
 #pragma unroll
-                for (int i = 0; i < 8; ++i) s += v[i] * x[i];
+                for (int i = 0; i < 8; ++i) s += v[i] * xv[i];
                 acc[j] = s;
             }
         }
@@ -371,14 +391,15 @@ __device__ __forceinline__ void get_rows_impl(const u8* w, u64 row_bytes, int k,
 
 #define MOE_GATE_FORMAT_KERNELS(F, name)                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                              \
-        matvec_##name(const u8* w, u64 row_bytes, int k, int n, const float* x, int n_tok, float* y,         \
-                      int accumulate) {                                                                      \
+        matvec_##name(const u8* __restrict__ w, u64 row_bytes, int k, int n, const float* __restrict__ x,    \
+                      int n_tok, float* __restrict__ y, int accumulate) {                                                                      \
         matvec_impl<F>(w, row_bytes, k, n, x, n_tok, y, accumulate);                                         \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                              \
-        moe_matvec_##name(const u8* w, u64 expert_bytes, u64 row_bytes, int k, int n, int n_expert,          \
-                          const float* x, int in_div, const int* ids, const int* offsets, const int* sorted, \
-                          float* y, const float* gate) {                                                     \
+        moe_matvec_##name(const u8* __restrict__ w, u64 expert_bytes, u64 row_bytes, int k, int n,           \
+                          int n_expert, const float* __restrict__ x, int in_div, const int* __restrict__ ids, \
+                          const int* __restrict__ offsets, const int* __restrict__ sorted,                   \
+                          float* __restrict__ y, const float* __restrict__ gate) {                                                     \
         moe_matvec_impl<F>(w, expert_bytes, row_bytes, k, n, n_expert, x, in_div, ids, offsets, sorted, y,   \
                            gate);                                                                            \
     }                                                                                                        \

@@ -9,43 +9,30 @@
 //! lane `i % 16` as [`super::dot_row`] defines.
 
 use bytemuck::{Pod, Zeroable};
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::dot::{self, Decode, Lanes};
+use super::f16_bits_to_f32;
 
-/// Weights per unit of the float dot product (a multiple of the 16 lanes; one f32 stack buffer holds it).
+/// Weights per unit of the float dot product (a multiple of the 16 lanes).
 const CHUNK: usize = 256;
 
-/// Reads the little-endian f32 at each 4-byte chunk of `src`.
+/// The f32 at each little-endian 4-byte chunk of `src`.
 #[inline(always)]
 fn f32s(src: &[u8]) -> impl Iterator<Item = f32> + '_ {
     src.as_chunks::<4>().0.iter().map(|b| f32::from_le_bytes(*b))
 }
 
-/// Reads the little-endian binary16 at each 2-byte chunk of `src`.
+/// The binary16 bits at each little-endian 2-byte chunk of `src`.
 #[inline(always)]
-fn f16s(src: &[u8]) -> impl Iterator<Item = f16> + '_ {
-    src.as_chunks::<2>().0.iter().map(|b| f16::from_bits(u16::from_le_bytes(*b)))
+fn u16s(src: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    src.as_chunks::<2>().0.iter().map(|b| u16::from_le_bytes(*b))
 }
 
-/// Reads the little-endian bfloat16 at each 2-byte chunk of `src`, widened to f32 (exact).
+/// bfloat16 bits widened to f32 (exact: they are its upper half).
 #[inline(always)]
-fn bf16s(src: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    src.as_chunks::<2>().0.iter().map(|b| f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16))
-}
-
-/// Widens binary16 values to f32 in bulk (F16C when the CPU has it; exact either way).
-#[inline(always)]
-fn f16_to_f32(src: &[u8], out: &mut [f32]) {
-    let mut halves = [f16::ZERO; CHUNK];
-    for (chunk, out) in src.chunks(2 * CHUNK).zip(out.chunks_mut(CHUNK)) {
-        let halves = &mut halves[..out.len()];
-        for (h, v) in halves.iter_mut().zip(f16s(chunk)) {
-            *h = v;
-        }
-        halves.convert_to_f32_slice(out);
-    }
+fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 pub(crate) fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
@@ -55,12 +42,14 @@ pub(crate) fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
 }
 
 pub(crate) fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
-    f16_to_f32(src, dst);
+    for (out, bits) in dst.iter_mut().zip(u16s(src)) {
+        *out = f16_bits_to_f32(bits);
+    }
 }
 
 pub(crate) fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
-    for (out, v) in dst.iter_mut().zip(bf16s(src)) {
-        *out = v;
+    for (out, bits) in dst.iter_mut().zip(u16s(src)) {
+        *out = bf16_bits_to_f32(bits);
     }
 }
 
@@ -70,15 +59,17 @@ pub(crate) fn dequantize_f32_f64(src: &[u8], dst: &mut [f64]) {
     }
 }
 
+/// Through the `half` crate, independently of [`f16_bits_to_f32`].
 pub(crate) fn dequantize_f16_f64(src: &[u8], dst: &mut [f64]) {
-    for (out, v) in dst.iter_mut().zip(f16s(src)) {
-        *out = v.to_f64();
+    for (out, bits) in dst.iter_mut().zip(u16s(src)) {
+        *out = f16::from_bits(bits).to_f64();
     }
 }
 
+/// Through the `half` crate, independently of [`bf16_bits_to_f32`].
 pub(crate) fn dequantize_bf16_f64(src: &[u8], dst: &mut [f64]) {
-    for (out, v) in dst.iter_mut().zip(bf16s(src)) {
-        *out = f64::from(v);
+    for (out, bits) in dst.iter_mut().zip(u16s(src)) {
+        *out = bf16::from_bits(bits).to_f64();
     }
 }
 
@@ -103,42 +94,51 @@ pub(crate) fn quantize_bf16(src: &[f32], dst: &mut [u8]) {
 /// [`CHUNK`] F32 weights.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct ChunkF32([u8; 4 * CHUNK]);
+pub(crate) struct ChunkF32([[u8; 4]; CHUNK]);
 
 /// [`CHUNK`] F16 weights.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct ChunkF16([u8; 2 * CHUNK]);
+pub(crate) struct ChunkF16([[u8; 2]; CHUNK]);
 
 /// [`CHUNK`] BF16 weights.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct ChunkBF16([u8; 2 * CHUNK]);
+pub(crate) struct ChunkBF16([[u8; 2]; CHUNK]);
 
 impl Decode for ChunkF32 {
     const WEIGHTS: usize = CHUNK;
+    type Weights = [f32; CHUNK];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
-        dequantize_f32(&self.0, out);
+    fn dequantize(&self, out: &mut [f32; CHUNK]) {
+        for (out, bytes) in out.iter_mut().zip(&self.0) {
+            *out = f32::from_le_bytes(*bytes);
+        }
     }
 }
 
 impl Decode for ChunkF16 {
     const WEIGHTS: usize = CHUNK;
+    type Weights = [f32; CHUNK];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
-        f16_to_f32(&self.0, out);
+    fn dequantize(&self, out: &mut [f32; CHUNK]) {
+        for (out, bytes) in out.iter_mut().zip(&self.0) {
+            *out = f16_bits_to_f32(u16::from_le_bytes(*bytes));
+        }
     }
 }
 
 impl Decode for ChunkBF16 {
     const WEIGHTS: usize = CHUNK;
+    type Weights = [f32; CHUNK];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
-        dequantize_bf16(&self.0, out);
+    fn dequantize(&self, out: &mut [f32; CHUNK]) {
+        for (out, bytes) in out.iter_mut().zip(&self.0) {
+            *out = bf16_bits_to_f32(u16::from_le_bytes(*bytes));
+        }
     }
 }
 

@@ -15,22 +15,27 @@ pub(crate) const K_SCALE_SIZE: usize = 12;
 /// Below this magnitude a group counts as all zero (ggml `GROUP_MAX_EPS`).
 pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// The 6-bit scale and 6-bit min of sub-block `j` (0..8) of a Q4_K/Q5_K super-block.
+/// The 6-bit scales and 6-bit mins of the eight sub-blocks of a Q4_K/Q5_K super-block.
 ///
-/// Layout of the 12 bytes `q` (ggml `get_scale_min_k4`): for `j < 4`, the scale is the low 6 bits of
-/// `q[j]` and the min the low 6 bits of `q[j + 4]`; for `j >= 4`, the scale's low 4 bits are the low
-/// nibble of `q[j + 4]` and its high 2 bits the top 2 bits of `q[j - 4]`, the min's low 4 bits are the
-/// high nibble of `q[j + 4]` and its high 2 bits the top 2 bits of `q[j]`.
+/// Layout of the 12 bytes `q` (ggml `get_scale_min_k4`): for `j < 4`, scale `j` is the low 6 bits of
+/// `q[j]` and min `j` the low 6 bits of `q[j + 4]`; for `j >= 4`, scale `j` has the low nibble of
+/// `q[j + 4]` as its low 4 bits and the top 2 bits of `q[j - 4]` as its high 2 bits, and min `j` has the
+/// high nibble of `q[j + 4]` and the top 2 bits of `q[j]`.
 #[inline(always)]
-pub(crate) fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+pub(crate) fn unpack_scale_min_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        scales[j] = q[j] & 63;
+        mins[j] = q[j + 4] & 63;
     }
+    for j in 4..8 {
+        scales[j] = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        mins[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+    (scales, mins)
 }
 
-/// Packs eight 6-bit scales and mins into the 12-byte layout [`scale_min_k4`] reads (values above 63
+/// Packs eight 6-bit scales and mins into the 12-byte layout [`unpack_scale_min_k4`] reads (values above 63
 /// lose their high bits, as in ggml).
 pub(crate) fn pack_scale_min_k4(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
     let mut q = [0u8; K_SCALE_SIZE];
@@ -232,10 +237,7 @@ mod tests {
         for base in 0..64usize {
             let scales: [u8; 8] = std::array::from_fn(|j| ((base + 7 * j) % 64) as u8);
             let mins: [u8; 8] = std::array::from_fn(|j| ((base * 3 + 11 * j) % 64) as u8);
-            let q = pack_scale_min_k4(&scales, &mins);
-            for j in 0..8 {
-                assert_eq!(scale_min_k4(j, &q), (scales[j], mins[j]), "sub-block {j}");
-            }
+            assert_eq!(unpack_scale_min_k4(&pack_scale_min_k4(&scales, &mins)), (scales, mins));
         }
     }
 }

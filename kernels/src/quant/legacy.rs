@@ -7,7 +7,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::dot::Decode;
-use super::{Block, f16_le, f16_le_from};
+use super::{Block, f16_le, f16_le_f64, f16_le_from};
 
 /// Weights per legacy block (ggml `QK4_0`, `QK5_0`, `QK5_1`).
 const QK: usize = 32;
@@ -45,16 +45,15 @@ pub(crate) struct BlockQ5_1 {
 }
 const _: () = assert!(size_of::<BlockQ5_1>() == 24);
 
-/// The 5-bit quants of a Q5_0/Q5_1 block, in weight order.
+/// The 5-bit quants of a Q5_0/Q5_1 block, in weight order: the low nibbles of `qs`, plus 16 where
+/// bit `i` of `qh` is set.
 #[inline(always)]
 fn quants5(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
     let qh = u32::from_le_bytes(qh);
     let mut q = [0u8; QK];
     for j in 0..QK / 2 {
-        let hi0 = (((qh >> j) << 4) & 0x10) as u8;
-        let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
-        q[j] = (qs[j] & 0x0F) | hi0;
-        q[j + QK / 2] = (qs[j] >> 4) | hi1;
+        q[j] = (qs[j] & 0x0F) | if qh & (1 << j) != 0 { 0x10 } else { 0 };
+        q[j + QK / 2] = (qs[j] >> 4) | if qh & (1 << (j + QK / 2)) != 0 { 0x10 } else { 0 };
     }
     q
 }
@@ -106,21 +105,21 @@ fn inverse_or_zero(d: f32) -> f32 {
 
 impl Decode for BlockQ4_0 {
     const WEIGHTS: usize = QK;
+    type Weights = [f32; QK];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK]) {
         let d = f16_le(self.d);
-        let (lo, hi) = out.split_at_mut(QK / 2);
-        for ((q, lo), hi) in self.qs.iter().zip(lo).zip(hi) {
-            *lo = ((q & 0x0F) as i32 - 8) as f32 * d;
-            *hi = ((q >> 4) as i32 - 8) as f32 * d;
+        for j in 0..QK / 2 {
+            out[j] = (i32::from(self.qs[j] & 0x0F) - 8) as f32 * d;
+            out[j + QK / 2] = (i32::from(self.qs[j] >> 4) - 8) as f32 * d;
         }
     }
 }
 
 impl Block for BlockQ4_0 {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let d = f64::from(f16_le(self.d));
+        let d = f16_le_f64(self.d);
         let (lo, hi) = out.split_at_mut(QK / 2);
         for ((q, lo), hi) in self.qs.iter().zip(lo).zip(hi) {
             *lo = f64::from(i32::from(q & 0x0F) - 8) * d;
@@ -144,19 +143,20 @@ impl Block for BlockQ4_0 {
 
 impl Decode for BlockQ5_0 {
     const WEIGHTS: usize = QK;
+    type Weights = [f32; QK];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK]) {
         let d = f16_le(self.d);
         for (q, out) in quants5(self.qh, &self.qs).iter().zip(out) {
-            *out = (*q as i32 - 16) as f32 * d;
+            *out = (i32::from(*q) - 16) as f32 * d;
         }
     }
 }
 
 impl Block for BlockQ5_0 {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let d = f64::from(f16_le(self.d));
+        let d = f16_le_f64(self.d);
         for (q, out) in quants5(self.qh, &self.qs).iter().zip(out) {
             *out = f64::from(i32::from(*q) - 16) * d;
         }
@@ -173,19 +173,20 @@ impl Block for BlockQ5_0 {
 
 impl Decode for BlockQ5_1 {
     const WEIGHTS: usize = QK;
+    type Weights = [f32; QK];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK]) {
         let (d, m) = (f16_le(self.d), f16_le(self.m));
         for (q, out) in quants5(self.qh, &self.qs).iter().zip(out) {
-            *out = *q as f32 * d + m;
+            *out = f32::from(*q) * d + m;
         }
     }
 }
 
 impl Block for BlockQ5_1 {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let (d, m) = (f64::from(f16_le(self.d)), f64::from(f16_le(self.m)));
+        let (d, m) = (f16_le_f64(self.d), f16_le_f64(self.m));
         for (q, out) in quants5(self.qh, &self.qs).iter().zip(out) {
             *out = f64::from(*q) * d + m;
         }

@@ -208,7 +208,9 @@ pub fn dequantize_row_f64(ty: GgmlType, src: &[u8], dst: &mut [f64]) {
 /// Definition (the same on every CPU, with or without SIMD): each weight `w[i]` is the f32 value
 /// [`dequantize_row`] gives; the product `w[i] * x[i]` (rounded to f32) is added to lane `i % 16` of 16
 /// f32 partial sums, in increasing `i`; the lanes are then reduced by the halving tree
-/// `lane[l] += lane[l + h]` for `h = 8, 4, 2, 1`, and the result is `lane[0]`. No FMA contraction.
+/// `lane[l] += lane[l + h]` (for `l < h`) for `h = 8, 4, 2, 1`, and the result is `lane[0]`. No FMA
+/// contraction. This is the order of `cpu::dot` (so `dot(&dequantized_row, x) == dot_row(ty, row, x)`
+/// bit for bit), and a CUDA kernel with 16 threads per row and a shuffle-xor reduction reproduces it.
 ///
 /// # Panics
 /// If `row.len() != ty.row_bytes(x.len())`.
@@ -253,14 +255,18 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
 /// Checks the precondition shared by the row functions: `bytes` is exactly the size of a row of
 /// `weights` weights of type `ty`.
 fn assert_row_shape(ty: GgmlType, op: &str, bytes: usize, weights: usize) {
-    let expected = ty.row_bytes(weights);
-    assert!(
-        expected == Some(bytes),
-        "{op}: a {ty} row of {weights} weights needs {} bytes, got {bytes} \
-         (the row length must be a multiple of {}; validate tensor shapes before calling)",
-        expected.map_or_else(|| "a whole number of blocks, not".to_owned(), |b| b.to_string()),
-        ty.block_size(),
-    );
+    match ty.row_bytes(weights) {
+        Some(expected) => assert!(
+            expected == bytes,
+            "{op}: a {ty} row of {weights} weights needs {expected} bytes, got {bytes} \
+             (validate tensor shapes before calling)"
+        ),
+        None => panic!(
+            "{op}: a {ty} row must hold a multiple of {} weights, got {weights} \
+             (validate tensor shapes before calling)",
+            ty.block_size()
+        ),
+    }
 }
 
 /// A quantised block format: a `#[repr(C)]` struct of byte arrays (alignment 1, so any byte slice of
@@ -277,7 +283,8 @@ pub(crate) trait Block: Decode {
 /// Dequantises a row of blocks of type `B` to f32. Lengths are checked by the caller.
 fn dequantize_blocks<B: Block>(src: &[u8], dst: &mut [f32]) {
     let blocks: &[B] = bytemuck::cast_slice(src);
-    for (block, out) in blocks.iter().zip(dst.chunks_exact_mut(B::WEIGHTS)) {
+    let out: &mut [B::Weights] = bytemuck::cast_slice_mut(dst);
+    for (block, out) in blocks.iter().zip(out) {
         block.dequantize(out);
     }
 }
@@ -301,7 +308,29 @@ fn quantize_blocks<B: Block>(src: &[f32], dst: &mut [u8]) {
 /// Reads a little-endian IEEE binary16 field as f32 (exact), as `GGML_FP16_TO_FP32` does.
 #[inline(always)]
 fn f16_le(bytes: [u8; 2]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes(bytes)).to_f32()
+    f16_bits_to_f32(u16::from_le_bytes(bytes))
+}
+
+/// Reads a little-endian IEEE binary16 field as f64 (exact), through the `half` crate: the f64 paths
+/// use an implementation independent of [`f16_bits_to_f32`], so tests comparing the two check both.
+fn f16_le_f64(bytes: [u8; 2]) -> f64 {
+    half::f16::from_le_bytes(bytes).to_f64()
+}
+
+/// Widens IEEE binary16 bits to f32, exactly, without branches (so loops of it vectorise and it inlines
+/// into the SIMD dot product). The exponent and mantissa are moved into an f32 whose value is the f16's
+/// times 2^-112 (a subnormal f32 for a subnormal f16), then scaled by 2^112, which is exact; infinities
+/// and NaNs keep their payload with an all-ones exponent.
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(bits: u16) -> f32 {
+    const TWO_POW_112: u32 = (127 + 112) << 23;
+    let h = u32::from(bits);
+    let sign = (h & 0x8000) << 16;
+    let magnitude = h & 0x7fff;
+    let shifted = magnitude << 13;
+    let finite = f32::from_bits(shifted) * f32::from_bits(TWO_POW_112);
+    let value = if magnitude >= 0x7c00 { f32::from_bits(shifted | 0x7f80_0000) } else { finite };
+    f32::from_bits(value.to_bits() | sign)
 }
 
 /// Rounds `value` to IEEE binary16 (nearest, ties to even, as `GGML_FP32_TO_FP16`), little-endian.

@@ -2,7 +2,7 @@
 //! (ggml `ggml-common.h` `block_q4_K`; `ggml-quants.c` `dequantize_row_q4_K`, `quantize_row_q4_K_ref`).
 //!
 //! Weight `l` of sub-block `j` is `d * sc_j * q - dmin * m_j` with `(sc_j, m_j)` from
-//! [`scale_min_k4`]. The quants are stored by pairs of sub-blocks: for pair `p` (sub-blocks `2p` and
+//! [`unpack_scale_min_k4`]. The quants are stored by pairs of sub-blocks: for pair `p` (sub-blocks `2p` and
 //! `2p + 1`), byte `qs[32p + l]` holds weight `l` of sub-block `2p` in its low nibble and weight `l` of
 //! sub-block `2p + 1` in its high nibble.
 
@@ -10,9 +10,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::dot::Decode;
 use super::k_common::{
-    K_SCALE_SIZE, QK_K, QkxSearch, make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4,
+    K_SCALE_SIZE, QK_K, QkxSearch, make_qkx2_quants, nearest_int, pack_scale_min_k4, unpack_scale_min_k4,
 };
-use super::{Block, f16_le, f16_le_from};
+use super::{Block, f16_le, f16_le_f64, f16_le_from};
 
 /// Q4_K block, 144 bytes: `d` (f16) at 0, `dmin` (f16) at 2, `scales` (12 bytes, 6-bit scales and
 /// mins) at 4, `qs` (128 bytes of 4-bit quants) at 16.
@@ -31,19 +31,20 @@ const SEARCH: QkxSearch = QkxSearch { nmax: 15, rmin: -1.0, rdelta: 0.1, nstep: 
 
 impl Decode for BlockQ4K {
     const WEIGHTS: usize = QK_K;
+    type Weights = [f32; QK_K];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK_K]) {
         let (d, min) = (f16_le(self.d), f16_le(self.dmin));
-        for (pair, (q, out)) in self.qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
-            let (sc1, m1) = scale_min_k4(2 * pair, &self.scales);
-            let (sc2, m2) = scale_min_k4(2 * pair + 1, &self.scales);
-            let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-            let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
-            let (lo, hi) = out.split_at_mut(32);
-            for ((q, lo), hi) in q.iter().zip(lo).zip(hi) {
-                *lo = d1 * f32::from(q & 0xF) - m1;
-                *hi = d2 * f32::from(q >> 4) - m2;
+        let (sc, m) = unpack_scale_min_k4(&self.scales);
+        let (qs, _) = self.qs.as_chunks::<32>();
+        let (out, _) = out.as_chunks_mut::<64>();
+        for (pair, (q, out)) in qs.iter().zip(out).enumerate() {
+            let (d1, m1) = (d * f32::from(sc[2 * pair]), min * f32::from(m[2 * pair]));
+            let (d2, m2) = (d * f32::from(sc[2 * pair + 1]), min * f32::from(m[2 * pair + 1]));
+            for l in 0..32 {
+                out[l] = d1 * f32::from(q[l] & 0xF) - m1;
+                out[l + 32] = d2 * f32::from(q[l] >> 4) - m2;
             }
         }
     }
@@ -51,10 +52,10 @@ impl Decode for BlockQ4K {
 
 impl Block for BlockQ4K {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let (d, min) = (f64::from(f16_le(self.d)), f64::from(f16_le(self.dmin)));
+        let (d, min) = (f16_le_f64(self.d), f16_le_f64(self.dmin));
+        let (sc, m) = unpack_scale_min_k4(&self.scales);
         for (pair, (q, out)) in self.qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
-            let (sc1, m1) = scale_min_k4(2 * pair, &self.scales);
-            let (sc2, m2) = scale_min_k4(2 * pair + 1, &self.scales);
+            let (sc1, m1, sc2, m2) = (sc[2 * pair], m[2 * pair], sc[2 * pair + 1], m[2 * pair + 1]);
             let (lo, hi) = out.split_at_mut(32);
             for ((q, lo), hi) in q.iter().zip(lo).zip(hi) {
                 *lo = d * f64::from(sc1) * f64::from(q & 0xF) - min * f64::from(m1);
@@ -123,14 +124,14 @@ pub(crate) fn quantize_k4_k5(x: &[f32], search: QkxSearch) -> QuantizedK4K5 {
     let dmin = f16_le_from(max_min / 63.0);
 
     let nmax = search.nmax;
+    let (sc, m) = unpack_scale_min_k4(&packed);
     for j in 0..8 {
-        let (sc, m) = scale_min_k4(j, &packed);
-        let d = f16_le(d) * f32::from(sc);
+        let d = f16_le(d) * f32::from(sc[j]);
         if d == 0.0 {
             // ggml keeps the levels of the scale search for a sub-block whose stored scale is zero.
             continue;
         }
-        let dm = f16_le(dmin) * f32::from(m);
+        let dm = f16_le(dmin) * f32::from(m[j]);
         for i in 32 * j..32 * j + 32 {
             levels[i] = nearest_int((x[i] + dm) / d).clamp(0, nmax) as u8;
         }

@@ -2,16 +2,16 @@
 //! `dequantize_row_q5_K`, `quantize_row_q5_K_ref`).
 //!
 //! Weight `l` of sub-block `j` is `d * sc_j * q - dmin * m_j`, `q` in `0..32`, `(sc_j, m_j)` from
-//! [`scale_min_k4`]. The low 4 bits are stored as in Q4_K (pair `p` of sub-blocks shares bytes
+//! [`unpack_scale_min_k4`]. The low 4 bits are stored as in Q4_K (pair `p` of sub-blocks shares bytes
 //! `qs[32p..32p + 32]`, low nibble for sub-block `2p`, high for `2p + 1`); the fifth bit of weight `l` of
 //! sub-block `j` is bit `j` of `qh[l]`.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::dot::Decode;
-use super::k_common::{K_SCALE_SIZE, QK_K, QkxSearch, scale_min_k4};
+use super::k_common::{K_SCALE_SIZE, QK_K, QkxSearch, unpack_scale_min_k4};
 use super::q4_k::quantize_k4_k5;
-use super::{Block, f16_le};
+use super::{Block, f16_le, f16_le_f64};
 
 /// Q5_K block, 176 bytes: `d` (f16) at 0, `dmin` (f16) at 2, `scales` (12 bytes) at 4, `qh` (32 bytes
 /// of fifth bits) at 16, `qs` (128 bytes of low nibbles) at 48.
@@ -30,35 +30,37 @@ const _: () = assert!(size_of::<BlockQ5K>() == 176);
 const SEARCH: QkxSearch = QkxSearch { nmax: 31, rmin: -0.5, rdelta: 0.1, nstep: 15 };
 
 impl BlockQ5K {
-    /// The 5-bit quants of sub-blocks `2 * pair` and `2 * pair + 1`.
+    /// The 5-bit quants of sub-blocks `2 * pair` and `2 * pair + 1`: the nibbles of
+    /// `qs[32 * pair..][..32]` plus 16 where bit `2 * pair` (resp. `2 * pair + 1`) of `qh[l]` is set.
     #[inline(always)]
     fn pair_quants(&self, pair: usize) -> ([u8; 32], [u8; 32]) {
         let (u1, u2) = (1u8 << (2 * pair), 2u8 << (2 * pair));
-        let qs = &self.qs[32 * pair..32 * pair + 32];
-        let lo = std::array::from_fn(|l| (qs[l] & 0xF) + if self.qh[l] & u1 != 0 { 16 } else { 0 });
-        let hi = std::array::from_fn(|l| (qs[l] >> 4) + if self.qh[l] & u2 != 0 { 16 } else { 0 });
+        let qs = &self.qs.as_chunks::<32>().0[pair];
+        let (mut lo, mut hi) = ([0u8; 32], [0u8; 32]);
+        for l in 0..32 {
+            lo[l] = (qs[l] & 0xF) + if self.qh[l] & u1 != 0 { 16 } else { 0 };
+            hi[l] = (qs[l] >> 4) + if self.qh[l] & u2 != 0 { 16 } else { 0 };
+        }
         (lo, hi)
     }
 }
 
 impl Decode for BlockQ5K {
     const WEIGHTS: usize = QK_K;
+    type Weights = [f32; QK_K];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK_K]) {
         let (d, min) = (f16_le(self.d), f16_le(self.dmin));
-        for (pair, out) in out.chunks_exact_mut(64).enumerate() {
-            let (sc1, m1) = scale_min_k4(2 * pair, &self.scales);
-            let (sc2, m2) = scale_min_k4(2 * pair + 1, &self.scales);
-            let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-            let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        let (sc, m) = unpack_scale_min_k4(&self.scales);
+        let (out, _) = out.as_chunks_mut::<64>();
+        for (pair, out) in out.iter_mut().enumerate() {
+            let (d1, m1) = (d * f32::from(sc[2 * pair]), min * f32::from(m[2 * pair]));
+            let (d2, m2) = (d * f32::from(sc[2 * pair + 1]), min * f32::from(m[2 * pair + 1]));
             let (q_lo, q_hi) = self.pair_quants(pair);
-            let (lo, hi) = out.split_at_mut(32);
-            for (q, lo) in q_lo.iter().zip(lo) {
-                *lo = d1 * f32::from(*q) - m1;
-            }
-            for (q, hi) in q_hi.iter().zip(hi) {
-                *hi = d2 * f32::from(*q) - m2;
+            for l in 0..32 {
+                out[l] = d1 * f32::from(q_lo[l]) - m1;
+                out[l + 32] = d2 * f32::from(q_hi[l]) - m2;
             }
         }
     }
@@ -66,10 +68,10 @@ impl Decode for BlockQ5K {
 
 impl Block for BlockQ5K {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let (d, min) = (f64::from(f16_le(self.d)), f64::from(f16_le(self.dmin)));
+        let (d, min) = (f16_le_f64(self.d), f16_le_f64(self.dmin));
+        let (sc, m) = unpack_scale_min_k4(&self.scales);
         for (pair, out) in out.chunks_exact_mut(64).enumerate() {
-            let (sc1, m1) = scale_min_k4(2 * pair, &self.scales);
-            let (sc2, m2) = scale_min_k4(2 * pair + 1, &self.scales);
+            let (sc1, m1, sc2, m2) = (sc[2 * pair], m[2 * pair], sc[2 * pair + 1], m[2 * pair + 1]);
             let (q_lo, q_hi) = self.pair_quants(pair);
             let (lo, hi) = out.split_at_mut(32);
             for (q, lo) in q_lo.iter().zip(lo) {

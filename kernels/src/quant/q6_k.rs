@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::dot::Decode;
 use super::k_common::{GROUP_MAX_EPS, QK_K, make_qx_quants, nearest_int};
-use super::{Block, f16_le, f16_le_from};
+use super::{Block, f16_le, f16_le_f64, f16_le_from};
 
 /// Q6_K block, 210 bytes: `ql` (128 bytes, low 4 bits) at 0, `qh` (64 bytes, high 2 bits) at 128,
 /// `scales` (16 × i8) at 192, `d` (f16) at 208.
@@ -29,8 +29,8 @@ impl BlockQ6K {
     /// The signed 6-bit quants (`q - 32`, in `-32..32`) of half `h` (weights `128h..128h + 128`).
     #[inline(always)]
     fn half_quants(&self, h: usize) -> [i8; 128] {
-        let ql = &self.ql[64 * h..64 * h + 64];
-        let qh = &self.qh[32 * h..32 * h + 32];
+        let ql = &self.ql.as_chunks::<64>().0[h];
+        let qh = &self.qh.as_chunks::<32>().0[h];
         let mut q = [0i8; 128];
         for l in 0..32 {
             q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
@@ -44,17 +44,21 @@ impl BlockQ6K {
 
 impl Decode for BlockQ6K {
     const WEIGHTS: usize = QK_K;
+    type Weights = [f32; QK_K];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK_K]) {
         let d = f16_le(self.d);
-        for (h, out) in out.chunks_exact_mut(128).enumerate() {
+        let (out, _) = out.as_chunks_mut::<128>();
+        for (h, out) in out.iter_mut().enumerate() {
             let q = self.half_quants(h);
-            for (s, (q, out)) in q.chunks_exact(16).zip(out.chunks_exact_mut(16)).enumerate() {
+            let (q, _) = q.as_chunks::<16>();
+            let (out, _) = out.as_chunks_mut::<16>();
+            for s in 0..8 {
                 // ggml computes `d * sc * q` left to right: `(d * sc) * q`.
                 let dsc = d * f32::from(self.scales[8 * h + s] as i8);
-                for (q, out) in q.iter().zip(out) {
-                    *out = dsc * f32::from(*q);
+                for l in 0..16 {
+                    out[s][l] = dsc * f32::from(q[s][l]);
                 }
             }
         }
@@ -63,7 +67,7 @@ impl Decode for BlockQ6K {
 
 impl Block for BlockQ6K {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let d = f64::from(f16_le(self.d));
+        let d = f16_le_f64(self.d);
         for (h, out) in out.chunks_exact_mut(128).enumerate() {
             let q = self.half_quants(h);
             for (s, (q, out)) in q.chunks_exact(16).zip(out.chunks_exact_mut(16)).enumerate() {

@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::dot::Decode;
-use super::{Block, f16_le, f16_le_from};
+use super::{Block, f16_le, f16_le_f64, f16_le_from};
 
 /// Weights per block (ggml `QK8_0`).
 const QK8_0: usize = 32;
@@ -20,11 +20,12 @@ const _: () = assert!(size_of::<BlockQ8_0>() == 34);
 
 impl Decode for BlockQ8_0 {
     const WEIGHTS: usize = QK8_0;
+    type Weights = [f32; QK8_0];
 
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32]) {
+    fn dequantize(&self, out: &mut [f32; QK8_0]) {
         let d = f16_le(self.d);
-        for (q, out) in self.qs.iter().zip(out) {
+        for (out, q) in out.iter_mut().zip(&self.qs) {
             *out = f32::from(*q as i8) * d;
         }
     }
@@ -32,7 +33,7 @@ impl Decode for BlockQ8_0 {
 
 impl Block for BlockQ8_0 {
     fn dequantize_f64(&self, out: &mut [f64]) {
-        let d = f64::from(f16_le(self.d));
+        let d = f16_le_f64(self.d);
         for (q, out) in self.qs.iter().zip(out) {
             *out = f64::from(*q as i8) * d;
         }

@@ -21,6 +21,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// What libtest printed for trial `name` (`ok`, `FAILED`, `ignored, REASON`), if it ran.
+    pub fn trial(&self, name: &str) -> Option<&str> {
+        let prefix = format!("test {name} ");
+        let line = self.stdout.lines().find(|l| l.starts_with(&prefix))?;
+        line.split_once(" ... ").map(|(_, status)| status.trim())
+    }
+
     /// Both streams, for assertion messages.
     pub fn all(&self) -> String {
         format!("--- exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
@@ -71,7 +78,8 @@ criteria:
 pub const CPU_REF_RUNS: &str = "  cpu: {backend: cpu}\n  reference: {backend: reference}";
 
 /// cpu, cuda and reference runs.
-pub const CPU_CUDA_REF_RUNS: &str = "  cpu: {backend: cpu}\n  cuda: {backend: cuda}\n  reference: {backend: reference}";
+pub const CPU_CUDA_REF_RUNS: &str =
+    "  cpu: {backend: cpu}\n  cuda: {backend: cuda}\n  reference: {backend: reference}";
 
 /// Whether a CUDA backend can be created here (tests that need its absence skip where it is present).
 pub fn cuda_usable() -> bool {

@@ -1,0 +1,556 @@
+//! The `cuda` backend against float64 forwards computed outside this project (tests/fixtures: transformers
+//! on the F32 model, the float64 forward of the dequantised weights of each quantised file) and against the
+//! `cpu` backend; its KV cache (decode after a prefill), `run_layer`, and its typed errors. Every prompt,
+//! position and layer.
+//!
+//! Where no CUDA driver, NVRTC or device is found, every device case is reported as ignored with the reason
+//! (CI has no GPU). Run on a GPU machine: `cargo test -p moe-engine --features cuda --test cuda_forward`.
+
+mod forward_support;
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    #[cfg(feature = "cuda")]
+    let trials = cases::all();
+    #[cfg(not(feature = "cuda"))]
+    let trials = vec![libtest_mimic::Trial::ignorable_test("cuda_forward", || {
+        Ok(libtest_mimic::Completion::ignored_with(
+            "built without the `cuda` feature: run with --features cuda",
+        ))
+    })];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+#[cfg(feature = "cuda")]
+mod cases {
+    use libtest_mimic::{Completion, Failed, Trial};
+    use moe_engine::backend::{BackendKind, Forward, Policy, create_backend};
+    use moe_engine::error::EngineError;
+    use moe_engine::trace::{Matrix, Precision, Trace};
+    use moe_kernels::cuda::CudaDevice;
+
+    use super::forward_support::{
+        Errors, compare_all, compare_trace, load_model, load_reference, max_abs, rel_l2,
+    };
+
+    /// Bound on the per-position relative error `||a - b|| / ||b||` of logits and hidden states against the
+    /// float64 references. Issue 2 asks for <= 1e-4 of an f32 engine; the `cpu` backend measures at most
+    /// 1.0e-6 and asserts 1e-5. The CUDA forward computes the same f32 operations in another summation
+    /// order (and with FMA contraction), so its round-off is of the same size: 1e-5 separates that from a
+    /// real defect (quantised activations give ~1e-2, a wrong RoPE or norm ~1).
+    const REL_BOUND: f64 = 1e-5;
+    /// Bound on the renormalised router weights (values in [0, 1]), as for the `cpu` backend.
+    const ROUTER_WEIGHTS_ABS: f64 = 5e-6;
+    /// Bound on `||cuda - cpu|| / ||cpu||` per position: both are f32 round-off away from the reference,
+    /// so they are at most about twice that apart.
+    const CUDA_CPU_REL_BOUND: f64 = 2e-5;
+
+    /// Every model of tests/fixtures with the float64 forward it must reproduce.
+    const FIXTURES: [(&str, &str); 5] = [
+        ("public-tiny/model.gguf", "public-tiny/reference.safetensors"),
+        ("public-tiny/model.q8_0.gguf", "public-tiny/reference_dequant_q8_0.safetensors"),
+        // public-tiny's "Q4_K_M" holds Q5_0, Q5_1 and Q8_0 (its rows are too short for K-quants).
+        ("public-tiny/model.q4_k_m.gguf", "public-tiny/reference_dequant_q4_k_m.safetensors"),
+        ("q4k/model.q8_0.gguf", "q4k/reference_dequant_q8_0.safetensors"),
+        // q4k's Q4_K_M holds Q4_K, Q5_K, Q6_K and Q8_0.
+        ("q4k/model.q4_k_m.gguf", "q4k/reference_dequant_q4_k_m.safetensors"),
+    ];
+
+    /// Synthetic models checked against the `cpu` backend: `tiny` (16 experts top-4, K-quant rows of 256)
+    /// and `small` (heads of 128, query width unlike the hidden size), both in the Q4_K_M mix.
+    const SYNTH_SPECS: [&str; 2] = ["synth:tiny", "synth:small"];
+    /// The model of record (DESIGN §3), benchmarked with `--bench`.
+    const PRODUCTION_SPEC: &str = "synth:qwen3-coder-30b-a3b:q4_k_m";
+    /// The contract's canonical prompts (DESIGN §7).
+    const CANONICAL_PROMPTS: [&[u32]; 4] =
+        [&[785, 9217, 308], &[785], &[785, 374, 264, 6716], &[750, 220, 17, 220, 488, 220, 17, 30]];
+    /// Smallest hidden-state cosine between `cuda` and `cpu` accepted on the synthetic models: issue 5's
+    /// production bar (0.9999); f32 round-off measures orders of magnitude closer.
+    const MIN_COSINE: f64 = 0.9999;
+    /// A router decision whose k-th and (k+1)-th probabilities (of the `cpu` run) differ by less than this
+    /// is a tie either backend may break either way (f32 round-off of a probability is ~1e-7).
+    const TIE_MARGIN: f64 = 1e-6;
+
+    type Outcome = Result<Completion, Failed>;
+
+    /// The CUDA forward of `model`, or the reason the case is ignored.
+    fn cuda_forward(model: &str) -> Result<Box<dyn Forward>, Outcome> {
+        match create_backend(BackendKind::Cuda, load_model(model), Policy::Fast) {
+            Ok(f) => Ok(f),
+            Err(EngineError::CudaUnavailable { reason }) => Err(Ok(Completion::ignored_with(reason))),
+            Err(e) => Err(Err(Failed::from(format!("{model}: {e}")))),
+        }
+    }
+
+    /// Runs `body` with the CUDA forward of `model` (ignored where there is no CUDA).
+    fn with_cuda(model: &'static str, body: impl FnOnce(&mut dyn Forward) -> Result<(), String>) -> Outcome {
+        match cuda_forward(model) {
+            Ok(mut f) => body(&mut *f).map(|()| Completion::Completed).map_err(Failed::from),
+            Err(outcome) => outcome,
+        }
+    }
+
+    fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+        if cond { Ok(()) } else { Err(what()) }
+    }
+
+    fn trace_of(f: &mut dyn Forward, tokens: &[u32]) -> Result<Trace, String> {
+        let mut trace = Trace::new("fixture", "", "", Precision::F64);
+        f.forward(tokens, Some(&mut trace)).map_err(|e| e.to_string())?;
+        Ok(trace)
+    }
+
+    fn row_f32(m: &Matrix, r: usize) -> Vec<f32> {
+        m.row(r).iter().map(|&v| v as f32).collect()
+    }
+
+    pub fn all() -> Vec<Trial> {
+        let have_device = match CudaDevice::get(0) {
+            Ok(d) => {
+                println!("CUDA forward tests on {}", d.info());
+                true
+            }
+            Err(e) => {
+                println!("CUDA forward tests: no usable CUDA here, the device cases are ignored: {e}");
+                false
+            }
+        };
+        let mut t = Vec::new();
+        for spec in SYNTH_SPECS {
+            t.push(Trial::ignorable_test(format!("synth_matches_cpu::{spec}"), move || {
+                synth_matches_cpu(spec)
+            }));
+        }
+        t.push(
+            Trial::bench(format!("production_shape::{PRODUCTION_SPEC}"), |test_mode| {
+                // Synthesising and uploading 17 GB is a benchmark's job, not a test's: only with --bench.
+                if test_mode {
+                    Ok(None)
+                } else {
+                    production_shape(PRODUCTION_SPEC).map(Some).map_err(Failed::from)
+                }
+            })
+            .with_ignored_flag(!have_device),
+        );
+        for (model, reference) in FIXTURES {
+            t.push(Trial::ignorable_test(format!("matches_reference::{model}"), move || {
+                with_cuda(model, |f| matches_reference(f, model, reference))
+            }));
+            t.push(Trial::ignorable_test(format!("matches_cpu::{model}"), move || {
+                with_cuda(model, |f| matches_cpu(f, model, reference))
+            }));
+            t.push(Trial::ignorable_test(format!("run_layer::{model}"), move || {
+                with_cuda(model, |f| run_layer_reproduces_layers(f, reference))
+            }));
+        }
+        for (model, reference) in [FIXTURES[0], FIXTURES[4]] {
+            t.push(Trial::ignorable_test(format!("decode_after_prefill::{model}"), move || {
+                with_cuda(model, |f| decode_after_prefill(f, reference))
+            }));
+        }
+        t.push(Trial::ignorable_test("errors_are_typed", || with_cuda(FIXTURES[0].0, errors_are_typed)));
+        t.push(Trial::test("exact_policy_is_refused_before_touching_the_device", || {
+            match create_backend(BackendKind::Cuda, load_model(FIXTURES[0].0), Policy::Exact) {
+                Err(EngineError::PolicyUnsupported {
+                    backend: BackendKind::Cuda,
+                    policy: Policy::Exact,
+                    ..
+                }) => Ok(()),
+                Err(e) => Err(format!("expected PolicyUnsupported, got {e}").into()),
+                Ok(_) => Err("the exact policy was accepted".into()),
+            }
+        }));
+        t
+    }
+
+    fn check_errors(what: &str, e: &Errors) -> Result<(), String> {
+        println!("    {what}: {e:?}");
+        ensure(e.logits_rel <= REL_BOUND, || format!("{what}: logits relative error {:e}", e.logits_rel))?;
+        ensure(e.hidden_rel <= REL_BOUND, || format!("{what}: hidden relative error {:e}", e.hidden_rel))?;
+        ensure(e.weights_abs <= ROUTER_WEIGHTS_ABS, || {
+            format!("{what}: router weights error {:e}", e.weights_abs)
+        })?;
+        ensure(e.topk_set_mismatches == 0, || {
+            format!("{what}: {} chosen expert sets differ", e.topk_set_mismatches)
+        })?;
+        ensure(e.argmax_mismatches == 0, || format!("{what}: {} argmax differ", e.argmax_mismatches))
+    }
+
+    /// Every prompt, position and layer against the float64 reference; the trace is labelled `cuda`.
+    fn matches_reference(f: &mut dyn Forward, model: &str, reference: &str) -> Result<(), String> {
+        let e = compare_all(f, &load_reference(reference));
+        check_errors(&format!("cuda vs {reference}"), &e)?;
+        let trace = trace_of(f, &[1, 2])?;
+        ensure(
+            (trace.backend.as_str(), trace.policy.as_str(), trace.precision)
+                == ("cuda", "fast", Precision::F32),
+            || {
+                format!(
+                    "{model}: trace labelled {} / {} / {:?}",
+                    trace.backend, trace.policy, trace.precision
+                )
+            },
+        )
+    }
+
+    /// Against the `cpu` backend on the same file: logits and hidden states within round-off of each
+    /// other, the same experts and the same argmax everywhere. Also prints, per layer, how far each is from
+    /// the reference (issue 5: `cuda` no further from the reference than `cpu`).
+    fn matches_cpu(f: &mut dyn Forward, model: &str, reference: &str) -> Result<(), String> {
+        let mut cpu =
+            create_backend(BackendKind::Cpu, load_model(model), Policy::Fast).map_err(|e| e.to_string())?;
+        let prompts = load_reference(reference);
+        let n_layer = prompts[0].router_logits.shape[0];
+        let (mut worst_cuda, mut worst_cpu) = (vec![0.0f64; n_layer], vec![0.0f64; n_layer]);
+        for p in &prompts {
+            let (ours, theirs) = (trace_of(f, &p.tokens)?, trace_of(&mut *cpu, &p.tokens)?);
+            let vocab = p.logits.shape[1];
+            // The cpu trace in the role of the reference: every tap compared, sets and argmax must agree.
+            let cpu_ref = super::forward_support::Prompt {
+                tokens: p.tokens.clone(),
+                logits: tensor(&theirs.logits, &[p.tokens.len(), vocab]),
+                hidden: hidden_tensor(&theirs, p),
+                router_logits: stack(theirs.layers.iter().map(|l| &l.router_logits)),
+                topk_ids: ids_tensor(&theirs, p),
+                topk_weights: stack(theirs.layers.iter().map(|l| &l.router_weights)),
+                router_margin: p.router_margin.clone(),
+            };
+            let e = compare_trace(&ours, &cpu_ref, vocab);
+            ensure(e.logits_rel <= CUDA_CPU_REL_BOUND && e.hidden_rel <= CUDA_CPU_REL_BOUND, || {
+                format!(
+                    "{model}: cuda and cpu differ by {:e} (logits) / {:e} (hidden)",
+                    e.logits_rel, e.hidden_rel
+                )
+            })?;
+            ensure(e.topk_set_mismatches == 0 && e.argmax_mismatches == 0, || {
+                format!("{model}: cuda and cpu choose differently: {e:?}")
+            })?;
+            for l in 0..n_layer {
+                for pos in 0..p.tokens.len() {
+                    let truth = p.hidden.at(&[l + 1, pos]);
+                    worst_cuda[l] = worst_cuda[l].max(rel_l2(ours.layers[l].hidden.row(pos), truth));
+                    worst_cpu[l] = worst_cpu[l].max(rel_l2(theirs.layers[l].hidden.row(pos), truth));
+                }
+            }
+        }
+        for l in 0..n_layer {
+            println!(
+                "    {model} layer {l}: hidden rel. error vs reference: cuda {:.2e}, cpu {:.2e}",
+                worst_cuda[l], worst_cpu[l]
+            );
+        }
+        Ok(())
+    }
+
+    fn tensor(m: &Matrix, shape: &[usize]) -> super::forward_support::Tensor {
+        super::forward_support::Tensor { shape: shape.to_vec(), data: m.data.clone() }
+    }
+
+    /// `[L+1, T, H]` from a trace (row 0, the embeddings, is not compared and left zero).
+    fn hidden_tensor(t: &Trace, p: &super::forward_support::Prompt) -> super::forward_support::Tensor {
+        let mut data = vec![0.0; p.hidden.at(&[0]).len()];
+        for l in &t.layers {
+            data.extend_from_slice(&l.hidden.data);
+        }
+        super::forward_support::Tensor { shape: p.hidden.shape.clone(), data }
+    }
+
+    fn ids_tensor(t: &Trace, p: &super::forward_support::Prompt) -> super::forward_support::Tensor {
+        let data = t.layers.iter().flat_map(|l| l.router_experts.iter().map(|&e| e as f64)).collect();
+        super::forward_support::Tensor { shape: p.topk_ids.shape.clone(), data }
+    }
+
+    fn stack<'a>(ms: impl Iterator<Item = &'a Matrix>) -> super::forward_support::Tensor {
+        let ms: Vec<&Matrix> = ms.collect();
+        let data = ms.iter().flat_map(|m| m.data.iter().copied()).collect();
+        super::forward_support::Tensor { shape: vec![ms.len(), ms[0].rows, ms[0].cols], data }
+    }
+
+    /// Each layer run alone on the reference's input reproduces the reference's output.
+    fn run_layer_reproduces_layers(f: &mut dyn Forward, reference: &str) -> Result<(), String> {
+        let prompts = load_reference(reference);
+        let mut worst = 0.0f64;
+        for p in &prompts {
+            let (n_layer, t, hidden) = (p.hidden.shape[0] - 1, p.hidden.shape[1], p.hidden.shape[2]);
+            for l in 0..n_layer {
+                let input = Matrix::from_f64(t, hidden, p.hidden.at(&[l]).to_vec());
+                let out = f.run_layer(l, &input).map_err(|e| e.to_string())?;
+                for pos in 0..t {
+                    worst = worst.max(rel_l2(out.row(pos), p.hidden.at(&[l + 1, pos])));
+                }
+            }
+        }
+        println!("    run_layer vs {reference}: worst per-position relative error {worst:.3e}");
+        ensure(worst <= REL_BOUND, || format!("run_layer relative error {worst:e} exceeds {REL_BOUND:e}"))
+    }
+
+    /// Prefill `tokens[..n]`, then step through the rest: every position's logits equal the full forward's.
+    /// Each value is computed by the same arithmetic whether its token came in a batch or alone (a weight
+    /// row's dot product with one token does not depend on the others; both MoE schedules compute each
+    /// output the same way; attention reads the same cached keys and values), so they must agree exactly.
+    fn decode_after_prefill(f: &mut dyn Forward, reference: &str) -> Result<(), String> {
+        let prompts = load_reference(reference);
+        let mut worst = 0.0f64;
+        for p in [&prompts[3], &prompts[5]] {
+            let full = trace_of(f, &p.tokens)?;
+            for n in [1, 2, p.tokens.len() - 1] {
+                let last = f.forward(&p.tokens[..n], None).map_err(|e| e.to_string())?;
+                worst = worst.max(max_abs_f32(&last, &row_f32(&full.logits, n - 1)));
+                for (pos, &tok) in p.tokens.iter().enumerate().skip(n) {
+                    let logits = f.step(tok).map_err(|e| e.to_string())?;
+                    worst = worst.max(max_abs_f32(&logits, &row_f32(&full.logits, pos)));
+                }
+            }
+        }
+        let stepped = {
+            f.forward(&[5], None).map_err(|e| e.to_string())?;
+            f.step(42).map_err(|e| e.to_string())?
+        };
+        let direct = trace_of(f, &[5, 42])?;
+        worst = worst.max(max_abs_f32(&stepped, &row_f32(&direct.logits, 1)));
+        println!("    decode vs full forward on {reference}: largest logit difference {worst:e}");
+        ensure(worst == 0.0, || format!("decoded logits differ from the full forward's by up to {worst:e}"))
+    }
+
+    fn max_abs_f32(a: &[f32], b: &[f32]) -> f64 {
+        let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        max_abs(&a, &b)
+    }
+
+    fn errors_are_typed(f: &mut dyn Forward) -> Result<(), String> {
+        let vocab = f.config().vocab as u32;
+        let n_layer = f.config().n_layer;
+        let hidden = f.config().hidden;
+        match f.forward(&[], None) {
+            Err(EngineError::EmptyPrompt) => {}
+            other => return Err(format!("empty prompt: {other:?}")),
+        }
+        match f.forward(&[1, vocab], None) {
+            Err(EngineError::TokenOutOfRange { token, position: 1, .. }) if token == vocab => {}
+            other => return Err(format!("token out of range: {other:?}")),
+        }
+        match f.run_layer(n_layer, &Matrix::zeros(1, hidden)) {
+            Err(EngineError::LayerOutOfRange { .. }) => {}
+            other => return Err(format!("layer out of range: {other:?}")),
+        }
+        match f.run_layer(0, &Matrix::zeros(2, hidden + 1)) {
+            Err(EngineError::InputShape { .. }) => {}
+            other => return Err(format!("input shape: {other:?}")),
+        }
+        // After the errors the forward still works.
+        f.forward(&[1, 2, 3], None).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn cosine(a: &[f64], b: &[f64]) -> f64 {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dot / (na * nb)
+    }
+
+    /// `p_k - p_(k+1)` of the softmax of router logits `row`.
+    fn router_margin(row: &[f64], k: usize) -> f64 {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut p: Vec<f64> = row.iter().map(|v| (v - max).exp()).collect();
+        let s: f64 = p.iter().sum();
+        p.iter_mut().for_each(|v| *v /= s);
+        p.sort_by(|a, b| b.total_cmp(a));
+        if k < p.len() { p[k - 1] - p[k] } else { f64::INFINITY }
+    }
+
+    /// How a `cuda` trace compares with a `cpu` trace of the same prompt.
+    #[derive(Debug, Default)]
+    struct Agreement {
+        /// Smallest cosine of hidden states, per layer.
+        min_cosine: Vec<f64>,
+        /// (layer, position) decisions whose expert sets differ, and how many of them are ties.
+        set_mismatches: usize,
+        tie_mismatches: usize,
+        argmax_mismatches: usize,
+        logits_rel: f64,
+    }
+
+    fn agreement(ours: &Trace, theirs: &Trace, agg: &mut Agreement) {
+        let n_layer = theirs.layers.len();
+        agg.min_cosine.resize(n_layer, 1.0);
+        let t = theirs.tokens.len();
+        let k = theirs.top_k();
+        for (l, (a, b)) in ours.layers.iter().zip(&theirs.layers).enumerate() {
+            for pos in 0..t {
+                agg.min_cosine[l] = agg.min_cosine[l].min(cosine(a.hidden.row(pos), b.hidden.row(pos)));
+                let (mut x, mut y) = (
+                    a.router_experts[pos * k..(pos + 1) * k].to_vec(),
+                    b.router_experts[pos * k..(pos + 1) * k].to_vec(),
+                );
+                x.sort_unstable();
+                y.sort_unstable();
+                if x != y {
+                    agg.set_mismatches += 1;
+                    if router_margin(b.router_logits.row(pos), k) < TIE_MARGIN {
+                        agg.tie_mismatches += 1;
+                    }
+                }
+            }
+        }
+        for pos in 0..t {
+            let (a, b) = (ours.logits.row(pos), theirs.logits.row(pos));
+            agg.argmax_mismatches += usize::from(argmax(a) != argmax(b));
+            agg.logits_rel = agg.logits_rel.max(rel_l2(a, b));
+        }
+    }
+
+    fn argmax(v: &[f64]) -> usize {
+        (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+    }
+
+    /// The canonical prompts through `cuda` and `cpu` on a synthetic model: hidden-state cosine at every
+    /// layer, the same experts (except certified ties) and the same argmax.
+    fn synth_matches_cpu(spec: &str) -> Outcome {
+        let weights = moe_engine::spec::load_model(spec).map_err(|e| Failed::from(e.to_string()))?;
+        let mut f = match create_backend(BackendKind::Cuda, weights.clone(), Policy::Fast) {
+            Ok(f) => f,
+            Err(EngineError::CudaUnavailable { reason }) => return Ok(Completion::ignored_with(reason)),
+            Err(e) => return Err(e.to_string().into()),
+        };
+        let mut cpu = create_backend(BackendKind::Cpu, weights, Policy::Fast).map_err(|e| e.to_string())?;
+        let mut agg = Agreement::default();
+        for p in CANONICAL_PROMPTS {
+            agreement(&trace_of(&mut *f, p)?, &trace_of(&mut *cpu, p)?, &mut agg);
+        }
+        let worst = agg.min_cosine.iter().copied().fold(1.0, f64::min);
+        println!(
+            "    {spec}: cuda vs cpu: min hidden cosine {worst:.9} (1 - cosine per layer {:?}), logits rel {:.2e}, \
+             expert-set mismatches {} ({} ties), argmax mismatches {}",
+            agg.min_cosine.iter().map(|c| format!("{:.1e}", 1.0 - c)).collect::<Vec<_>>(),
+            agg.logits_rel,
+            agg.set_mismatches,
+            agg.tie_mismatches,
+            agg.argmax_mismatches
+        );
+        ensure(worst >= MIN_COSINE, || format!("{spec}: hidden cosine {worst} below {MIN_COSINE}"))?;
+        ensure(agg.set_mismatches == agg.tie_mismatches, || {
+            format!("{spec}: experts differ beyond ties: {agg:?}")
+        })?;
+        ensure(agg.argmax_mismatches == 0, || format!("{spec}: argmax differs: {agg:?}"))?;
+        Ok(Completion::Completed)
+    }
+
+    /// The model of record: synthesis and upload time, prefill tokens/s at prompt lengths 1, 64 and 512,
+    /// batch-1 decode of 128 tokens, the bandwidth roofline (weight bytes read per decoded token over the
+    /// measured device copy bandwidth), and a sanity comparison with `cpu` on the canonical prompts.
+    /// The measurement reported to the harness is the decode time per token.
+    fn production_shape(spec: &str) -> Result<libtest_mimic::Measurement, String> {
+        use std::time::Instant;
+        let t0 = Instant::now();
+        let weights = moe_engine::spec::load_model(spec).map_err(|e| e.to_string())?;
+        let synth_s = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let mut f =
+            create_backend(BackendKind::Cuda, weights.clone(), Policy::Fast).map_err(|e| e.to_string())?;
+        let upload_s = t0.elapsed().as_secs_f64();
+        let cfg = weights.config.clone();
+        println!(
+            "    {spec}: synthesised in {synth_s:.1} s, uploaded (and kernels compiled) in {upload_s:.1} s"
+        );
+
+        let prompt =
+            |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 785) % cfg.vocab) as u32).collect() };
+        f.forward(&prompt(8), None).map_err(|e| e.to_string())?; // warm-up
+        for n in [1usize, 64, 512] {
+            let tokens = prompt(n);
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                f.forward(&tokens, None).map_err(|e| e.to_string())?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "    prefill {n:>3} tokens: {:.2} ms (median of 3), {:.0} tokens/s",
+                times[1] * 1e3,
+                n as f64 / times[1]
+            );
+        }
+        let decode_tokens = 128;
+        f.forward(&prompt(8), None).map_err(|e| e.to_string())?;
+        let mut per_token = Vec::new();
+        let mut next = 785u32;
+        for _ in 0..decode_tokens {
+            let t0 = Instant::now();
+            let logits = f.step(next).map_err(|e| e.to_string())?;
+            per_token.push(t0.elapsed().as_nanos() as f64);
+            next = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
+        }
+        let mean = per_token.iter().sum::<f64>() / per_token.len() as f64;
+        let var = per_token.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / per_token.len() as f64;
+        println!(
+            "    decode: {decode_tokens} tokens after an 8-token prefill, {:.3} ms/token, {:.0} tokens/s",
+            mean / 1e6,
+            1e9 / mean
+        );
+
+        let bandwidth = copy_bandwidth()?;
+        let bytes = decode_bytes_per_token(&weights);
+        println!(
+            "    roofline: {:.1} MB of weights per decoded token, device copy bandwidth {:.0} GB/s (read+write), \
+             bound {:.0} tokens/s; measured decode is {:.1}% of it",
+            bytes / 1e6,
+            bandwidth / 1e9,
+            bandwidth / bytes,
+            100.0 * (1e9 / mean) / (bandwidth / bytes)
+        );
+
+        let mut cpu = create_backend(BackendKind::Cpu, weights, Policy::Fast).map_err(|e| e.to_string())?;
+        let mut agg = Agreement::default();
+        for p in CANONICAL_PROMPTS {
+            agreement(&trace_of(&mut *f, p)?, &trace_of(&mut *cpu, p)?, &mut agg);
+        }
+        println!(
+            "    sanity vs cpu on the 4 canonical prompts: 1 - min hidden cosine per layer {:?}; logits rel {:.2e}; \
+             expert-set mismatches {} ({} ties); argmax mismatches {}",
+            agg.min_cosine.iter().map(|c| format!("{:.1e}", 1.0 - c)).collect::<Vec<_>>(),
+            agg.logits_rel,
+            agg.set_mismatches,
+            agg.tie_mismatches,
+            agg.argmax_mismatches
+        );
+        Ok(libtest_mimic::Measurement { avg: mean as u64, variance: var as u64 })
+    }
+
+    /// Bytes one decoded token reads: every attention and router weight, k of n_expert experts' matrices
+    /// per layer, one embedding row and the output projection.
+    fn decode_bytes_per_token(w: &moe_engine::weights::ModelWeights) -> f64 {
+        let c = &w.config;
+        let share = c.n_expert_used as f64 / c.n_expert as f64;
+        let mut bytes = (w.output.bytes().len() + w.token_embd.row_bytes()) as f64;
+        for l in &w.layers {
+            for t in [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate_inp] {
+                bytes += t.bytes().len() as f64;
+            }
+            for t in [&l.ffn_gate_exps, &l.ffn_up_exps, &l.ffn_down_exps] {
+                bytes += t.bytes().len() as f64 * share;
+            }
+        }
+        bytes
+    }
+
+    /// Device-to-device copy bandwidth, counting the bytes read (1 GiB copied 5 times, best of them).
+    fn copy_bandwidth() -> Result<f64, String> {
+        let d = CudaDevice::get(0).map_err(|e| e.to_string())?;
+        let n = 1usize << 28; // 2^28 f32 = 1 GiB
+        let src = d.alloc_zeros::<f32>(n).map_err(|e| e.to_string())?;
+        let mut dst = d.alloc_zeros::<f32>(n).map_err(|e| e.to_string())?;
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            d.synchronize().map_err(|e| e.to_string())?;
+            let t0 = std::time::Instant::now();
+            d.copy_on_device(src.as_slice(), dst.as_mut()).map_err(|e| e.to_string())?;
+            d.synchronize().map_err(|e| e.to_string())?;
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        // A copy reads and writes every byte: the read bandwidth a matvec can use is twice the bytes over
+        // the time.
+        Ok(2.0 * (n * 4) as f64 / best)
+    }
+}
