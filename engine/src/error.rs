@@ -17,13 +17,14 @@ pub enum EngineError {
     EmptyPrompt,
     /// A token id is not in the model's vocabulary.
     #[error(
-        "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens (ids 0..{vocab})"
+        "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens \
+         (ids 0..{vocab})"
     )]
     TokenOutOfRange { token: u32, position: usize, vocab: usize },
     /// The KV cache cannot take the requested tokens.
     #[error(
-        "context full: {cached} cached + {requested} new tokens exceed the context length of {context_length}; \
-         start a new forward with a shorter prompt"
+        "context full: {cached} cached + {requested} new tokens exceed the context length of \
+         {context_length}; start a new forward with a shorter prompt"
     )]
     ContextFull { context_length: usize, cached: usize, requested: usize },
     /// `run_layer` was asked for a layer the model does not have.

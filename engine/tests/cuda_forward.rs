@@ -61,6 +61,9 @@ mod cases {
     const SYNTH_SPECS: [&str; 2] = ["synth:tiny", "synth:small"];
     /// The model of record (DESIGN §3), benchmarked with `--bench`.
     const PRODUCTION_SPEC: &str = "synth:qwen3-coder-30b-a3b:q4_k_m";
+    /// Environment variable that cuts the production benchmark down to what a kernel profiler should see:
+    /// `decode` (two steps after the warm-up) or `prefill` (one 64-token forward after the warm-up).
+    const PROFILE_ENV: &str = "MOE_GATE_BENCH_PROFILE";
     /// The contract's canonical prompts (DESIGN §7).
     const CANONICAL_PROMPTS: [&[u32]; 4] =
         [&[785, 9217, 308], &[785], &[785, 374, 264, 6716], &[750, 220, 17, 220, 488, 220, 17, 30]];
@@ -457,6 +460,18 @@ mod cases {
         let prompt =
             |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 785) % cfg.vocab) as u32).collect() };
         f.forward(&prompt(8), None).map_err(|e| e.to_string())?; // warm-up
+        // For a kernel profiler: after the warm-up, only two decode steps or one 64-token prefill.
+        match std::env::var(PROFILE_ENV).as_deref() {
+            Ok("decode") => {
+                f.step(785).and_then(|_| f.step(9217)).map_err(|e| e.to_string())?;
+                return Ok(libtest_mimic::Measurement { avg: 0, variance: 0 });
+            }
+            Ok("prefill") => {
+                f.forward(&prompt(64), None).map_err(|e| e.to_string())?;
+                return Ok(libtest_mimic::Measurement { avg: 0, variance: 0 });
+            }
+            _ => {}
+        }
         for n in [1usize, 64, 512] {
             let tokens = prompt(n);
             let mut times = Vec::new();

@@ -34,10 +34,9 @@ fn a_token_outside_the_vocabulary_is_refused_with_its_position() {
     for mut f in backends() {
         let vocab = f.config().vocab;
         let e = f.forward(&[1, 2, vocab as u32], None).unwrap_err();
-        assert!(
-            matches!(e, EngineError::TokenOutOfRange { token, position: 2, vocab: v } if token as usize == vocab && v == vocab),
-            "{e:?}"
-        );
+        let expected = EngineError::TokenOutOfRange { token: vocab as u32, position: 2, vocab };
+        assert_eq!(e.to_string(), expected.to_string());
+        assert!(matches!(e, EngineError::TokenOutOfRange { position: 2, .. }), "{e:?}");
         assert!(e.to_string().contains("256 tokens"), "{e}");
 
         let ok = f.forward(&[1, 2], None).expect("forward");

@@ -1,5 +1,6 @@
 //! Causal scaled dot-product attention for one query head (Vaswani et al. 2017), as transformers'
-//! `eager_attention_forward` computes it: `softmax(q·Kᵀ * scale) · V` over the positions up to the query's.
+//! `eager_attention_forward` computes it: `softmax(q·Kᵀ * scale) · V` over the positions up to the
+//! query's.
 
 use super::real::{Real, dot};
 use super::softmax::softmax_in_place;
