@@ -73,6 +73,7 @@ fn trace_trial(criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Judg
         Metric::Kld => kld_trial(criterion, &pair, rows),
         Metric::Argmax => argmax_trial(&pair, rows),
         Metric::TopkSet => topk_trial(criterion, trial, rec, &pair, &layers, rows),
+        Metric::ErrorRatio => error_ratio_trial(criterion, rec, &pair, &layers, rows),
         Metric::Greedy => Err(Problem::Unjudgeable("greedy trials read greedy steps, not traces".into())),
     }
 }
@@ -241,6 +242,63 @@ fn distance_trial(
     Ok(TrialOutcome { value, passed, detail, non_finite: None })
 }
 
+/// ‖candidate - reference‖ / ‖baseline - reference‖ per layer, each over the rows read; the worst decides.
+fn error_ratio_trial(
+    criterion: &Criterion,
+    rec: &Recorded,
+    pair: &Pair<'_>,
+    layers: &[Option<usize>],
+    rows: Range<usize>,
+) -> Judged {
+    let Some(run) = criterion.metric_reference() else {
+        return Err(Problem::Unjudgeable(format!(
+            "criterion `{}` names no reference run for error_ratio",
+            criterion.id
+        )));
+    };
+    let reference = (run, recorded(rec, run, pair.prompt)?);
+    let to_reference = Pair { candidate: pair.candidate, baseline: reference, prompt: pair.prompt };
+    if reference.1.tokens != pair.candidate.1.tokens {
+        return Err(Problem::Unjudgeable(format!(
+            "reference run `{run}` recorded other tokens than run `{}` for prompt `{}`",
+            pair.candidate.0, pair.prompt
+        )));
+    }
+    layers_read(criterion.tap, None, &to_reference)?;
+    let mut worst: Option<(metrics::ErrorRatio, f64, Option<usize>)> = None;
+    for &layer in layers {
+        let (c, b, _) = float_rows(pair, criterion.tap, layer, &rows)?;
+        let (_, r, _) = float_rows(&to_reference, criterion.tap, layer, &rows)?;
+        let errors = metrics::error_ratio(c, b, r);
+        let value = errors.value();
+        if worst.is_none_or(|(_, w, _)| is_worse(Metric::ErrorRatio, value, w)) {
+            worst = Some((errors, value, layer));
+        }
+    }
+    let Some((errors, value, layer)) = worst else {
+        return Err(Problem::Unjudgeable("the trial reads no layer".into()));
+    };
+    let passed = criterion.threshold.admits(value);
+    let mut detail = format!(
+        "error_ratio {} ({}): ‖{c} - {run}‖ = {:.4e}, ‖{b} - {run}‖ = {:.4e}",
+        show(Metric::ErrorRatio, value),
+        criterion.threshold,
+        errors.candidate_error,
+        errors.baseline_error,
+        c = pair.candidate.0,
+        b = pair.baseline.0,
+    );
+    if errors.baseline_error == 0.0 {
+        detail.push_str(&format!(" (run `{}` reproduces `{run}` exactly)", pair.baseline.0));
+    }
+    if layers.len() > 1
+        && let Some(l) = layer
+    {
+        detail.push_str(&format!(", worst at layer {l} of {}", layers.len()));
+    }
+    Ok(TrialOutcome { value, passed, detail, non_finite: None })
+}
+
 /// Whether `value` is worse than `than` for `metric` (NaN is worst).
 fn is_worse(metric: Metric, value: f64, than: f64) -> bool {
     if value.is_nan() {
@@ -377,7 +435,7 @@ fn topk_trial(
     layers: &[Option<usize>],
     rows: Range<usize>,
 ) -> Judged {
-    let reference = match criterion.tie_reference() {
+    let reference = match criterion.metric_reference() {
         Some(run) => Some((run, recorded(rec, run, &trial.prompt)?)),
         None => None,
     };

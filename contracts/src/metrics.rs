@@ -12,7 +12,10 @@
 //!   router probabilities of the swapped experts differ by less than the tie margin;
 //! - bitwise: equality of the f32 bit patterns;
 //! - greedy: the same tokens step by step; at the first difference, whether each side's token is in the
-//!   other's top-5 (as vLLM's `check_logprobs_close` asks).
+//!   other's top-5 (as vLLM's `check_logprobs_close` asks);
+//! - error_ratio: `‖c - r‖ / ‖b - r‖`, Frobenius norms of the flattened values: the candidate's distance
+//!   to a reference run r over the baseline's (issue 5: "cuda no further from the f64 reference than
+//!   cpu is").
 //!
 //! Inputs of different lengths are not comparable: the float metrics return NaN for them, which fails
 //! every threshold.
@@ -62,6 +65,47 @@ pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
         return f64::NAN;
     }
     a.iter().zip(b).map(|(&x, &y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// The distances of a candidate and a baseline to a reference, whose ratio is the error_ratio metric.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ErrorRatio {
+    /// `‖candidate - reference‖`.
+    pub candidate_error: f64,
+    /// `‖baseline - reference‖`.
+    pub baseline_error: f64,
+}
+
+impl ErrorRatio {
+    /// `candidate_error / baseline_error`. A baseline that reproduces the reference exactly leaves nothing
+    /// to compare against: the ratio is 0 when the candidate reproduces it exactly too, and infinity (a
+    /// failure under any bound) when it does not. NaN when an error is NaN.
+    pub fn value(&self) -> f64 {
+        let (c, b) = (self.candidate_error, self.baseline_error);
+        match (c == 0.0, b == 0.0) {
+            (true, true) => 0.0,
+            (false, true) if !c.is_nan() => f64::INFINITY,
+            _ => c / b,
+        }
+    }
+}
+
+/// The Frobenius (Euclidean) distances of `candidate` and `baseline` to `reference`, flattened, in f64:
+/// for values of f32 range each square is below 5e77, so no sum of them reaches f64's 1.8e308. Both
+/// errors are NaN when the lengths differ.
+pub fn error_ratio(candidate: &[f64], baseline: &[f64], reference: &[f64]) -> ErrorRatio {
+    if candidate.len() != reference.len() || baseline.len() != reference.len() {
+        return ErrorRatio { candidate_error: f64::NAN, baseline_error: f64::NAN };
+    }
+    ErrorRatio {
+        candidate_error: distance(candidate, reference),
+        baseline_error: distance(baseline, reference),
+    }
+}
+
+/// `sqrt(Σ(a - b)²)` of slices of equal length.
+fn distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (x - y) * (x - y)).sum::<f64>().sqrt()
 }
 
 /// The natural log of the softmax of `logits`, stable for large values.
@@ -275,6 +319,45 @@ mod tests {
         assert_eq!(nmse(&[3.0, 4.0], &[0.0, 0.0]), f64::INFINITY);
         // The baseline normalises: (0.1² ) / (10²) = 1e-4.
         assert!((nmse(&[10.1], &[10.0]) - 1e-4).abs() < 1e-15);
+    }
+
+    #[test]
+    fn error_ratio_of_hand_computed_triples() {
+        let reference = [1.0, 5.0];
+        // ‖(4, 1) - (1, 5)‖ = ‖(3, -4)‖ = 5; ‖(2, 5) - (1, 5)‖ = 1: the candidate is 5x further.
+        let r = error_ratio(&[4.0, 1.0], &[2.0, 5.0], &reference);
+        assert_eq!(r, ErrorRatio { candidate_error: 5.0, baseline_error: 1.0 });
+        assert_eq!(r.value(), 5.0);
+        // ‖(7, 13) - (1, 5)‖ = ‖(6, 8)‖ = 10: now the baseline is twice as far, ratio 1/2.
+        assert_eq!(error_ratio(&[4.0, 1.0], &[7.0, 13.0], &reference).value(), 0.5);
+        // The norm is over every value of the matrix: ‖(0, 0, 0, 2)‖ = 2 against ‖(1, 0, 0, 0)‖ = 1.
+        let flat = error_ratio(&[1.0, 1.0, 1.0, 3.0], &[2.0, 1.0, 1.0, 1.0], &[1.0; 4]);
+        assert_eq!(flat.value(), 2.0);
+        // Equally far in different directions: exactly 1.
+        assert_eq!(error_ratio(&[1.0, 6.0], &[1.0, 4.0], &reference).value(), 1.0);
+    }
+
+    #[test]
+    fn error_ratio_with_an_exact_baseline_is_0_or_infinite() {
+        let reference = [0.25, -3.0, 8.0];
+        // Both reproduce the reference: nothing is further from it than anything else.
+        assert_eq!(error_ratio(&reference, &reference, &reference).value(), 0.0);
+        // The baseline does, the candidate does not (by one ulp of 8.0): infinitely worse.
+        let off = [0.25, -3.0, 8.0 + f64::EPSILON * 8.0];
+        let r = error_ratio(&off, &reference, &reference);
+        assert_eq!(r.baseline_error, 0.0);
+        assert!(r.candidate_error > 0.0);
+        assert_eq!(r.value(), f64::INFINITY);
+        // The candidate exact, the baseline not: 0.
+        assert_eq!(error_ratio(&reference, &off, &reference).value(), 0.0);
+    }
+
+    #[test]
+    fn error_ratio_of_mismatched_or_nan_inputs_is_nan() {
+        assert!(error_ratio(&[1.0], &[1.0, 2.0], &[1.0]).value().is_nan());
+        assert!(error_ratio(&[1.0], &[1.0], &[1.0, 2.0]).value().is_nan());
+        assert!(error_ratio(&[f64::NAN], &[1.0], &[1.0]).value().is_nan());
+        assert!(error_ratio(&[1.0], &[f64::NAN], &[1.0]).value().is_nan());
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub struct TrialPlan {
     /// The token position, for `per: [.., position]`.
     pub position: Option<usize>,
     /// Every run whose recording the trial reads: `[candidate, baseline]`, then the reference run when
-    /// the metric reads it (topk_set tie margins).
+    /// the metric reads it (topk_set tie margins, error_ratio).
     pub runs: Vec<String>,
     /// The known divergence this trial is expected to show, if one matches.
     pub expected: Option<KnownDivergence>,
@@ -80,7 +80,8 @@ impl Contract {
     }
 
     /// The (run, prompt) forwards evaluation reads, in `runs` order then prompt order: each criterion's
-    /// compared runs on its prompts, and its reference run where the metric reads it (tie margins).
+    /// compared runs on its prompts, and its reference run where the metric reads it (tie margins, error
+    /// ratios).
     /// A criterion's reference is used for diagnosis where it was recorded for that prompt anyway.
     pub fn needed_forwards(&self) -> Vec<(String, String)> {
         let selected: Vec<(&Criterion, BTreeSet<String>)> = self
@@ -93,7 +94,7 @@ impl Contract {
         for run in self.runs.keys() {
             for prompt in &prompts {
                 let reads = |(c, ids): &(&Criterion, BTreeSet<String>)| {
-                    (c.compare.contains(run) || c.tie_reference() == Some(run.as_str()))
+                    (c.compare.contains(run) || c.metric_reference() == Some(run.as_str()))
                         && ids.contains(&prompt.id)
                 };
                 if selected.iter().any(reads) {
@@ -142,7 +143,7 @@ impl Contract {
 /// The runs a trial of `criterion` reads.
 fn trial_runs(criterion: &Criterion) -> Vec<String> {
     let mut runs = criterion.compare.to_vec();
-    if let Some(reference) = criterion.tie_reference()
+    if let Some(reference) = criterion.metric_reference()
         && !runs.iter().any(|r| r == reference)
     {
         runs.push(reference.to_string());

@@ -147,7 +147,8 @@ pub struct Criterion {
     pub metric: Metric,
     /// What one trial covers: always `prompt`, optionally `layer` and/or `position`.
     pub per: Vec<Per>,
-    /// The bound on the metric (`min` for cosine, `max` for nmse/max_abs/kld, none for the rest).
+    /// The bound on the metric (`min` for cosine, `max` for nmse/max_abs/kld/error_ratio, none for the
+    /// rest).
     pub threshold: Threshold,
     /// How many trials must pass.
     pub gate: Gate,
@@ -158,8 +159,8 @@ pub struct Criterion {
     pub steps: Option<usize>,
     /// Whether a failed gate fails the build (default true).
     pub blocking: bool,
-    /// The run used for tie margins and diagnosis: as written, else a run named `reference`, else the
-    /// only run with the reference backend.
+    /// The run used for tie margins, error ratios and diagnosis: as written, else a run named
+    /// `reference`, else the only run with the reference backend (error_ratio requires it written).
     pub reference: Option<String>,
     /// The prompts or prompt sets it applies to; `None` = every prompt.
     pub prompts: Option<Vec<String>>,
@@ -171,10 +172,11 @@ impl Criterion {
         self.per.contains(&per)
     }
 
-    /// The reference run, when the metric itself reads it (topk_set with a tie margin).
-    pub fn tie_reference(&self) -> Option<&str> {
+    /// The reference run, when the metric itself reads it (topk_set with a tie margin, error_ratio): the
+    /// gate records it for the criterion's prompts, and every trial reads it.
+    pub fn metric_reference(&self) -> Option<&str> {
         match (self.metric, self.tie_margin) {
-            (Metric::TopkSet, Some(_)) => self.reference.as_deref(),
+            (Metric::TopkSet, Some(_)) | (Metric::ErrorRatio, _) => self.reference.as_deref(),
             _ => None,
         }
     }
@@ -239,6 +241,9 @@ pub enum Metric {
     Bitwise,
     /// The same tokens over `steps` greedy decode steps.
     Greedy,
+    /// `‖candidate - reference‖ / ‖baseline - reference‖`: how much further from the reference run the
+    /// candidate is than the baseline; bound `max`.
+    ErrorRatio,
 }
 
 impl Metric {
@@ -253,6 +258,7 @@ impl Metric {
             Metric::TopkSet => "topk_set",
             Metric::Bitwise => "bitwise",
             Metric::Greedy => "greedy",
+            Metric::ErrorRatio => "error_ratio",
         }
     }
 
@@ -260,7 +266,7 @@ impl Metric {
     pub fn bound(self) -> Option<Bound> {
         match self {
             Metric::Cosine => Some(Bound::Min),
-            Metric::Nmse | Metric::MaxAbs | Metric::Kld => Some(Bound::Max),
+            Metric::Nmse | Metric::MaxAbs | Metric::Kld | Metric::ErrorRatio => Some(Bound::Max),
             Metric::Argmax | Metric::TopkSet | Metric::Bitwise | Metric::Greedy => None,
         }
     }
@@ -306,10 +312,22 @@ impl Threshold {
 impl fmt::Display for Threshold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.min, self.max) {
-            (Some(min), Some(max)) => write!(f, "{min:e} <= value <= {max:e}"),
+            (Some(min), Some(max)) => write!(f, "{} <= value <= {}", Plain(min), Plain(max)),
             (Some(min), None) => write!(f, "min {min}"),
-            (None, Some(max)) => write!(f, "max {max:e}"),
+            (None, Some(max)) => write!(f, "max {}", Plain(max)),
             (None, None) => f.write_str("none"),
+        }
+    }
+}
+
+/// A bound as written in contracts: `1.5`, `0.01`, but `1e-5` and `1e6`.
+struct Plain(f64);
+
+impl fmt::Display for Plain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 == 0.0 || (1e-3..1e4).contains(&self.0.abs()) {
+            true => write!(f, "{}", self.0),
+            false => write!(f, "{:e}", self.0),
         }
     }
 }

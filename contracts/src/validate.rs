@@ -383,6 +383,11 @@ impl Validator<'_> {
             }
             Metric::Kld | Metric::Argmax | Metric::Greedy if tap != Tap::Logits => "logits",
             Metric::TopkSet if tap != Tap::RouterExperts => "router_experts",
+            // Router weights are renormalised over each side's own chosen experts, so their distance to
+            // the reference mixes routing with arithmetic.
+            Metric::ErrorRatio if !matches!(tap, Tap::Hidden | Tap::RouterLogits | Tap::Logits) => {
+                "hidden, router_logits or logits"
+            }
             _ => return Ok(()),
         };
         self.fail(&c.metric, format!("metric {metric} cannot compare tap {tap}"), format!("use tap {needed}"))
@@ -446,6 +451,13 @@ impl Validator<'_> {
                 format!("cosine min {min} is outside [-1, 1]"),
                 "a cosine bound lies in [-1, 1], e.g. 0.9999",
             ),
+            (Some(Bound::Max), None, Some(max)) if metric == Metric::ErrorRatio && max <= 0.0 => self.fail(
+                raw,
+                format!(
+                    "error_ratio max {max} would pass only a candidate that reproduces the reference exactly"
+                ),
+                "bound the ratio of the two errors, e.g. max: 1.5",
+            ),
             (Some(Bound::Max), None, Some(max)) if max >= 0.0 => Ok(t),
             (Some(Bound::Max), None, Some(max)) => self.fail(
                 raw,
@@ -495,10 +507,28 @@ impl Validator<'_> {
 
     fn reference(&self, c: &RawCriterion, runs: &BTreeMap<String, RunSpec>) -> Result<Option<String>> {
         if let Some(r) = &c.reference {
-            return match runs.contains_key(&r.value) {
-                true => Ok(Some(r.value.clone())),
-                false => self.unknown_run(r, runs),
-            };
+            if !runs.contains_key(&r.value) {
+                return self.unknown_run(r, runs);
+            }
+            if c.metric.value == Metric::ErrorRatio && c.compare.value.iter().any(|run| run.value == r.value)
+            {
+                return self.fail(
+                    r,
+                    format!(
+                        "error_ratio measures both compared runs against `{}`, which is one of them",
+                        r.value
+                    ),
+                    "name a third run as `reference`, e.g. one with backend reference",
+                );
+            }
+            return Ok(Some(r.value.clone()));
+        }
+        if c.metric.value == Metric::ErrorRatio {
+            return self.fail(
+                &c.metric,
+                "metric error_ratio needs `reference`: the run both compared runs are measured against",
+                "add `reference: RUN`, e.g. `reference: reference` for a run with backend reference",
+            );
         }
         let default = default_reference(runs);
         if let (Some(m), None) = (&c.tie_margin, &default) {

@@ -365,3 +365,98 @@ fn ill_shaped_recordings_fail_without_panicking() {
         assert_eq!(out.detail, words);
     }
 }
+
+/// error_ratio: cuda against the f64 reference, relative to cpu, per layer, per prompt (worst layer) and
+/// on the logits.
+const ERROR_RATIO_CONTRACT: &str = "\
+contract: er
+version: 1.0.0
+status: active
+title: error ratios on hand-built traces
+model: synth:small
+smoke_model: synth:tiny
+prompts:
+  - {id: p, tokens: [7, 8]}
+runs:
+  cpu: {backend: cpu}
+  cuda: {backend: cuda}
+  f64: {backend: reference}
+criteria:
+  - {id: ER, title: r, compare: [cuda, cpu], reference: f64, tap: hidden, metric: error_ratio, per: [prompt, layer], threshold: {max: 1.5}}
+  - {id: ERP, title: w, compare: [cuda, cpu], reference: f64, tap: hidden, metric: error_ratio, threshold: {max: 1.5}}
+  - {id: ERL, title: l, compare: [cuda, cpu], reference: f64, tap: logits, metric: error_ratio, threshold: {max: 1.5}}
+amendments:
+  - {version: 1.0.0, date: 2026-11-29, kind: created, summary: test}
+";
+
+/// The reference is `trace`; cpu and cuda move some values by binary fractions, so every difference and
+/// norm below is exact: layer 0, cpu (+3/8, +1/2) (error 5/8), cuda +3/4 (error 3/4), ratio 1.2; layer
+/// 1, cpu +1/4 (error 1/4), cuda (+3/4, +1) (error 5/4), ratio 5. The logits stay exact on both sides.
+fn error_ratio_recording() -> Recorded {
+    let mut cpu = trace("cpu");
+    cpu.layers[0].hidden.data[0] += 0.375;
+    cpu.layers[0].hidden.data[1] += 0.5;
+    cpu.layers[1].hidden.data[3] += 0.25;
+    let mut cuda = trace("cuda");
+    cuda.layers[0].hidden.data[5] += 0.75;
+    cuda.layers[1].hidden.data[0] += 0.75;
+    cuda.layers[1].hidden.data[2] += 1.0;
+    let mut rec = Recorded::default();
+    for (run, t) in [("cuda", cuda), ("cpu", cpu), ("f64", trace("reference"))] {
+        rec.traces.insert((run.to_string(), "p".to_string()), t);
+    }
+    rec
+}
+
+#[test]
+fn error_ratio_trials_read_the_reference_and_compare_distances_per_layer() {
+    let c = parse(ERROR_RATIO_CONTRACT, Path::new("er.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    // The reference run is read by every trial, so the gate records it.
+    assert!(c.plan(2).iter().all(|t| t.runs == ["cuda", "cpu", "f64"]));
+    assert!(c.needed_forwards().contains(&("f64".to_string(), "p".to_string())));
+    let rec = error_ratio_recording();
+
+    let layer0 = outcome(&c, &rec, "er::ER::p::layer00");
+    assert_eq!(layer0.value, 0.75 / 0.625);
+    assert!(layer0.passed, "{}", layer0.detail);
+    assert_eq!(
+        layer0.detail,
+        "error_ratio 1.2000e0 (max 1.5): ‖cuda - f64‖ = 7.5000e-1, ‖cpu - f64‖ = 6.2500e-1"
+    );
+    let layer1 = outcome(&c, &rec, "er::ER::p::layer01");
+    assert_eq!(layer1.value, 5.0);
+    assert!(!layer1.passed);
+    let worst = outcome(&c, &rec, "er::ERP::p");
+    assert_eq!(worst.value, 5.0);
+    assert!(worst.detail.contains("worst at layer 1 of 2"), "{}", worst.detail);
+
+    // Both logits reproduce the reference exactly: 0, a pass.
+    let logits = outcome(&c, &rec, "er::ERL::p");
+    assert_eq!((logits.value, logits.passed), (0.0, true), "{}", logits.detail);
+}
+
+#[test]
+fn error_ratio_against_an_exact_baseline_fails_any_candidate_error() {
+    let c = parse(ERROR_RATIO_CONTRACT, Path::new("er.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let mut rec = error_ratio_recording();
+    rec.traces.get_mut(&("cuda".to_string(), "p".to_string())).unwrap().logits.data[1] += 1.0 / 1024.0;
+    let out = outcome(&c, &rec, "er::ERL::p");
+    assert_eq!(out.value, f64::INFINITY);
+    assert!(!out.passed);
+    assert!(out.detail.contains("run `cpu` reproduces `f64` exactly"), "{}", out.detail);
+}
+
+#[test]
+fn error_ratio_without_the_reference_recording_or_with_a_nan_in_it_fails() {
+    let c = parse(ERROR_RATIO_CONTRACT, Path::new("er.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let mut rec = error_ratio_recording();
+    let key = ("f64".to_string(), "p".to_string());
+    rec.traces.get_mut(&key).unwrap().layers[1].hidden.data[4] = f64::NAN;
+    let out = outcome(&c, &rec, "er::ER::p::layer01");
+    assert!(!out.passed && out.value.is_nan());
+    assert_eq!(out.non_finite.as_deref(), Some("run `f64`, prompt `p`: hidden.1[1, 1] is NaN"));
+    rec.traces.remove(&key);
+    let out = outcome(&c, &rec, "er::ER::p::layer00");
+    assert!(!out.passed);
+    assert_eq!(out.detail, "no trace was recorded for run `f64` on prompt `p`");
+}

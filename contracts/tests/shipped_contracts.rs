@@ -29,7 +29,7 @@ fn the_contract_of_record_holds_the_canonical_prompts_and_the_generated_set() {
     let c = contract("qwen3-moe-forward-gpu-v1");
     assert_eq!(c.contract, "qwen3-moe-forward-gpu-v1");
     assert_eq!(c.status, Status::Active);
-    assert_eq!(c.version, semver::Version::new(1, 0, 0));
+    assert_eq!(c.version, semver::Version::new(1, 1, 0));
     assert_eq!(c.amendments[0].version, c.version);
     assert_eq!(c.model, "synth:qwen3-coder-30b-a3b:q4_k_m");
     assert_eq!(c.smoke_model, "synth:tiny");
@@ -83,6 +83,12 @@ fn the_contract_of_record_has_the_criteria_issue_4_asks_for() {
     assert_eq!(find(Tap::Logits, Metric::Greedy, ["cuda", "cpu"]).steps, Some(32));
     find(Tap::Hidden, Metric::Cosine, ["cuda", "reference"]);
     find(Tap::Hidden, Metric::Cosine, ["cpu", "reference"]);
+    let ratio = find(Tap::Hidden, Metric::ErrorRatio, ["cuda", "cpu"]);
+    assert_eq!(
+        (ratio.reference.as_deref(), ratio.per.as_slice(), ratio.threshold.max, ratio.gate),
+        (Some("reference"), &[Per::Prompt, Per::Layer][..], Some(1.5), Gate::All)
+    );
+    assert_eq!(ratio.prompts.as_ref().map(Vec::len), Some(4), "the canonical prompts");
 }
 
 #[test]
@@ -104,13 +110,15 @@ fn the_plan_names_trials_as_design_7_says() {
     assert!(names.contains(&"qwen3-moe-forward-gpu-v1::AC-GPU-MOE-001::canonical_3tok::layer00"));
     assert!(names.contains(&"qwen3-moe-forward-gpu-v1::AC-GPU-MOE-001::multi_tok_code::layer03"));
     assert!(names.contains(&"qwen3-moe-forward-gpu-v1::AC-GPU-MOE-003::single_tok_785"));
-    // 001/002/006/007: 4 prompts x 4 layers each; 003/004/005: 4 prompts each.
-    assert_eq!(plan.len(), 4 * 16 + 3 * 4);
+    // 001/002/006/007/008: 4 prompts x 4 layers each; 003/004/005: 4 prompts each.
+    assert_eq!(plan.len(), 5 * 16 + 3 * 4);
     let names: std::collections::BTreeSet<&str> = names.into_iter().collect();
     assert_eq!(names.len(), plan.len(), "trial names are unique");
     let topk = plan.iter().find(|t| t.criterion == "AC-GPU-MOE-002").unwrap();
     assert_eq!(topk.runs, ["cuda", "cpu", "reference"]);
     assert!(c.needs_cuda(topk));
+    let ratio = plan.iter().find(|t| t.criterion == "AC-GPU-MOE-008").unwrap();
+    assert_eq!(ratio.runs, ["cuda", "cpu", "reference"], "error_ratio reads the reference run");
     let cpu_ref = plan.iter().find(|t| t.criterion == "AC-GPU-MOE-007").unwrap();
     assert!(!c.needs_cuda(cpu_ref));
 }

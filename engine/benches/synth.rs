@@ -22,7 +22,9 @@ fn build_presets(c: &mut Criterion) {
         let model = SynthModel::new(preset, QuantMix::Q4_K_M, 0);
         let bytes = model.build().expect("build").as_bytes().len();
         group.throughput(Throughput::Bytes(bytes as u64));
-        group.bench_function(format!("{preset}:q4_k_m"), |b| b.iter(|| black_box(model.build().expect("build"))));
+        group.bench_function(format!("{preset}:q4_k_m"), |b| {
+            b.iter(|| black_box(model.build().expect("build")))
+        });
     }
     group.finish();
 }
@@ -36,8 +38,10 @@ fn production_layer(c: &mut Criterion) {
     for layer in [0, 6] {
         let prefix = format!("blk.{layer}.");
         let tensors: Vec<_> = model.tensors().iter().filter(|t| t.name.starts_with(&prefix)).collect();
-        let sizes: Vec<usize> =
-            tensors.iter().map(|t| t.ty.row_bytes(t.dims[0]).unwrap() * t.dims[1..].iter().product::<usize>()).collect();
+        let sizes: Vec<usize> = tensors
+            .iter()
+            .map(|t| t.ty.row_bytes(t.dims[0]).unwrap() * t.dims[1..].iter().product::<usize>())
+            .collect();
         let mut buffers: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
         group.throughput(Throughput::Bytes(sizes.iter().sum::<usize>() as u64));
         group.bench_function(format!("qwen3-coder-30b-a3b:q4_k_m/layer{layer}"), |b| {

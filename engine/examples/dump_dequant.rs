@@ -50,7 +50,8 @@ fn run() -> Result<(), String> {
         index.push(serde_json::json!({ "name": t.name, "type": t.ty.name(), "dims": t.dims, "file": name }));
     }
     let index = serde_json::json!({ "model": model, "tensors": index });
-    fs::write(out_dir.join("index.json"), index.to_string()).map_err(|e| format!("cannot write index.json: {e}"))?;
+    fs::write(out_dir.join("index.json"), index.to_string())
+        .map_err(|e| format!("cannot write index.json: {e}"))?;
     println!("{}: {} tensors dumped to {}", model.display(), file.tensors().len(), out_dir.display());
     Ok(())
 }
@@ -58,7 +59,8 @@ fn run() -> Result<(), String> {
 fn dump_tensor(file: &GgufFile, i: usize, path: &Path) -> Result<(), String> {
     let t = &file.tensors()[i];
     let row_len = t.dims[0];
-    let row_bytes = t.ty.row_bytes(row_len).ok_or_else(|| format!("tensor {}: rows are not whole blocks", t.name))?;
+    let row_bytes =
+        t.ty.row_bytes(row_len).ok_or_else(|| format!("tensor {}: rows are not whole blocks", t.name))?;
     let write_error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
     let mut out = BufWriter::new(fs::File::create(path).map_err(write_error)?);
     let mut values = vec![0.0f32; row_len];

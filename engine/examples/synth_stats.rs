@@ -31,17 +31,24 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let spec = args.first().ok_or("usage: synth_stats SPEC [--tokens N] [--backend cpu|reference]")?;
     let option = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
-    let n_tokens: usize = option("--tokens").map_or(Ok(32), |v| v.parse()).map_err(|e| format!("--tokens: {e}"))?;
-    let backend: BackendKind = option("--backend").map_or(Ok(BackendKind::Cpu), |v| v.parse()).map_err(|e| e.to_string())?;
+    let n_tokens: usize =
+        option("--tokens").map_or(Ok(32), |v| v.parse()).map_err(|e| format!("--tokens: {e}"))?;
+    let backend: BackendKind =
+        option("--backend").map_or(Ok(BackendKind::Cpu), |v| v.parse()).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
     let weights = load_model(spec).map_err(|e| e.to_string())?;
     let built = start.elapsed().as_secs_f64();
     let file_bytes = weights.file.as_bytes().len();
-    println!("model {spec}: loaded in {built:.2} s; file {:.3} GB; peak RSS {}", file_bytes as f64 / 1e9, peak_rss());
+    println!(
+        "model {spec}: loaded in {built:.2} s; file {:.3} GB; peak RSS {}",
+        file_bytes as f64 / 1e9,
+        peak_rss()
+    );
 
     let tokens = prompt(n_tokens, weights.config.vocab);
-    let mut forward = create_backend(backend, Arc::clone(&weights), Policy::Fast).map_err(|e| e.to_string())?;
+    let mut forward =
+        create_backend(backend, Arc::clone(&weights), Policy::Fast).map_err(|e| e.to_string())?;
     let mut trace = Trace::new(spec, backend.as_str(), "fast", Precision::F64);
     let start = Instant::now();
     forward.forward(&tokens, Some(&mut trace)).map_err(|e| e.to_string())?;
@@ -68,7 +75,9 @@ fn report(w: &ModelWeights, tokens: &[u32], trace: &Trace) {
     let c = &w.config;
     let k = c.n_expert_used;
     println!();
-    println!("| layer | hidden RMS (min / mean / max over positions) | attention: entropy / ln(n) | max prob | router logit std | top-{k} margin median | min | margins < 1e-3 |");
+    println!(
+        "| layer | hidden RMS (min / mean / max over positions) | attention: entropy / ln(n) | max prob | router logit std | top-{k} margin median | min | margins < 1e-3 |"
+    );
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut input: Vec<Vec<f64>> = tokens.iter().map(|&t| row_f64(&w.token_embd, t as usize)).collect();
     let mut all_margins = Vec::new();
@@ -80,7 +89,8 @@ fn report(w: &ModelWeights, tokens: &[u32], trace: &Trace) {
         for t in 0..tokens.len() {
             let mut logits = layer.router_logits.row(t).to_vec();
             let mean = logits.iter().sum::<f64>() / logits.len() as f64;
-            logit_std += (logits.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / logits.len() as f64).sqrt();
+            logit_std +=
+                (logits.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / logits.len() as f64).sqrt();
             logits.sort_by(|a, b| b.total_cmp(a));
             margins.push(logits[k - 1] - logits[k]);
         }
@@ -116,7 +126,11 @@ fn report(w: &ModelWeights, tokens: &[u32], trace: &Trace) {
     let std = (last.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / last.len() as f64).sqrt();
     let mut sorted = last.to_vec();
     sorted.sort_by(|a, b| b.total_cmp(a));
-    println!("final logits at the last position: std {std:.3}, top-1 {:.3} above the mean, top-1 - top-2 {:.4}", sorted[0] - mean, sorted[0] - sorted[1]);
+    println!(
+        "final logits at the last position: std {std:.3}, top-1 {:.3} above the mean, top-1 - top-2 {:.4}",
+        sorted[0] - mean,
+        sorted[0] - sorted[1]
+    );
 }
 
 /// Mean over heads and positions t >= 1 of the attention entropy divided by ln(t + 1) (1 = uniform),
@@ -159,12 +173,15 @@ fn attention_stats(w: &ModelWeights, l: usize, input: &[Vec<f64>]) -> (f64, f64)
     let group = c.n_head / c.n_kv_head;
     let scale = 1.0 / (d as f64).sqrt();
     let (mut entropy, mut max_prob, mut count) = (0.0, 0.0, 0.0);
-    for t in 1..input.len() {
-        for h in 0..c.n_head {
-            let mut scores: Vec<f64> =
-                (0..=t).map(|p| qh[t][h].iter().zip(&kh[p][h / group]).map(|(a, b)| a * b).sum::<f64>() * scale).collect();
+    for (t, query) in qh.iter().enumerate().skip(1) {
+        for (h, q) in query.iter().enumerate() {
+            let mut scores: Vec<f64> = kh[..=t]
+                .iter()
+                .map(|keys| q.iter().zip(&keys[h / group]).map(|(a, b)| a * b).sum::<f64>() * scale)
+                .collect();
             softmax_in_place(&mut scores);
-            entropy += -scores.iter().filter(|&&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>() / ((t + 1) as f64).ln();
+            entropy +=
+                -scores.iter().filter(|&&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>() / ((t + 1) as f64).ln();
             max_prob += scores.iter().copied().fold(0.0, f64::max);
             count += 1.0;
         }
@@ -202,6 +219,8 @@ fn rms(x: &[f64]) -> f64 {
 fn peak_rss() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l["VmHWM:".len()..].trim().to_owned()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l["VmHWM:".len()..].trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -35,7 +35,8 @@ pub fn requantize(input: &Path, output: &Path, mix: QuantMix) -> Result<(), Spec
     };
     let file = GgufFile::open(input).map_err(gguf_error(input))?;
     let n_layer = layer_count(&file);
-    let targets: Vec<GgmlType> = file.tensors().iter().map(|t| mix.type_for(&t.name, &t.dims, n_layer)).collect();
+    let targets: Vec<GgmlType> =
+        file.tensors().iter().map(|t| mix.type_for(&t.name, &t.dims, n_layer)).collect();
 
     let mut writer = GgufWriter::new(file.alignment);
     for (key, value) in file.metadata() {
@@ -49,7 +50,8 @@ pub fn requantize(input: &Path, output: &Path, mix: QuantMix) -> Result<(), Spec
         writer.add_tensor(&t.name, ty, &t.dims).map_err(gguf_error(output))?;
     }
 
-    let out = File::create(output).map_err(|source| SpecError::Write { path: output.to_path_buf(), source })?;
+    let out =
+        File::create(output).map_err(|source| SpecError::Write { path: output.to_path_buf(), source })?;
     let mut buffer = Vec::new();
     writer
         .write_to(BufWriter::with_capacity(1 << 20, out), |index, sink: &mut dyn Write| {
@@ -69,7 +71,10 @@ pub fn requantize(input: &Path, output: &Path, mix: QuantMix) -> Result<(), Spec
 /// Re-encodes the rows of tensor `t` (bytes `src`) as type `ty` into `dst`, rows in parallel.
 fn convert(t: &TensorInfo, src: &[u8], ty: GgmlType, dst: &mut [u8]) {
     let row_len = t.dims[0];
-    let (src_row, dst_row) = (t.n_bytes / t.dims[1..].iter().product::<usize>(), dst.len() / t.dims[1..].iter().product::<usize>());
+    let (src_row, dst_row) = (
+        t.n_bytes / t.dims[1..].iter().product::<usize>(),
+        dst.len() / t.dims[1..].iter().product::<usize>(),
+    );
     dst.par_chunks_mut(dst_row).zip(src.par_chunks(src_row)).for_each_init(
         || vec![0.0f32; row_len],
         |values, (out, row)| {

@@ -5,11 +5,12 @@
 //! The canonical form ([`ModelSpec`]'s `Display`) spells every part, so traces record exactly which
 //! model they ran.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::synth::SynthModel;
@@ -37,8 +38,10 @@ pub enum ModelSpec {
 pub enum SpecError {
     // --- parsing ---
     /// The spec is empty.
-    #[error("empty model spec: pass a path to a .gguf file or synth:PRESET[:QUANT][@SEED] (presets: {})",
-        Preset::valid_names())]
+    #[error(
+        "empty model spec: pass a path to a .gguf file or synth:PRESET[:QUANT][@SEED] (presets: {})",
+        Preset::valid_names()
+    )]
     Empty,
     /// `synth:` names no known preset.
     #[error("model spec {spec:?}: unknown preset {preset:?}; valid presets are {}", Preset::valid_names())]
@@ -108,8 +111,10 @@ impl FromStr for ModelSpec {
         if preset_name.is_empty() {
             return Err(malformed("the preset is missing"));
         }
-        let preset = Preset::from_name(preset_name)
-            .ok_or_else(|| SpecError::UnknownPreset { spec: spec.to_owned(), preset: preset_name.to_owned() })?;
+        let preset = Preset::from_name(preset_name).ok_or_else(|| SpecError::UnknownPreset {
+            spec: spec.to_owned(),
+            preset: preset_name.to_owned(),
+        })?;
         let quant = match quant_name {
             None => QuantMix::default(),
             Some(q) => QuantMix::from_name(q)
@@ -130,16 +135,47 @@ impl fmt::Display for ModelSpec {
 
 impl ModelSpec {
     /// Loads the model: a path is memory-mapped, a synthetic model is built in memory.
+    ///
+    /// A synthetic model still alive elsewhere in the process is shared rather than built again (the
+    /// production shape takes 18.6 GB), so every run of a gate uses one copy. Files are always opened
+    /// anew: their contents may change between loads.
     pub fn load(&self) -> Result<Arc<ModelWeights>, SpecError> {
-        let file = match self {
-            ModelSpec::Path(path) => GgufFile::open(path)
-                .map_err(|source| SpecError::Gguf { path: path.display().to_string(), source })?,
-            ModelSpec::Synth { preset, quant, seed } => SynthModel::new(*preset, *quant, *seed).build()?,
+        let (preset, quant, seed) = match self {
+            ModelSpec::Path(path) => return self.load_file(path),
+            ModelSpec::Synth { preset, quant, seed } => (preset, quant, seed),
         };
+        let cache = synth_cache();
+        if let Some(weights) =
+            cache.lock().unwrap_or_else(PoisonError::into_inner).get(self).and_then(Weak::upgrade)
+        {
+            return Ok(weights);
+        }
+        let file = SynthModel::new(*preset, *quant, *seed).build()?;
+        let weights = self.validate(file)?;
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.retain(|_, weak| weak.strong_count() > 0);
+        cache.insert(self.clone(), Arc::downgrade(&weights));
+        Ok(weights)
+    }
+
+    fn load_file(&self, path: &Path) -> Result<Arc<ModelWeights>, SpecError> {
+        let file = GgufFile::open(path)
+            .map_err(|source| SpecError::Gguf { path: path.display().to_string(), source })?;
+        self.validate(file)
+    }
+
+    fn validate(&self, file: GgufFile) -> Result<Arc<ModelWeights>, SpecError> {
         ModelWeights::from_gguf(Arc::new(file))
             .map(Arc::new)
             .map_err(|source| SpecError::Model { spec: self.to_string(), source })
     }
+}
+
+/// The synthetic models alive in this process, by spec.
+fn synth_cache() -> &'static Mutex<HashMap<ModelSpec, Weak<ModelWeights>>> {
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<ModelSpec, Weak<ModelWeights>>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
 }
 
 /// Parses `spec` and loads its model (see [`ModelSpec::load`]).
@@ -167,7 +203,10 @@ mod tests {
         let parsed: ModelSpec = "synth:tiny".parse().unwrap();
         assert_eq!(parsed, ModelSpec::Synth { preset: Preset::Tiny, quant: QuantMix::Q4_K_M, seed: 0 });
         let parsed: ModelSpec = "synth:qwen3-coder-30b-a3b:q8_0@42".parse().unwrap();
-        assert_eq!(parsed, ModelSpec::Synth { preset: Preset::Qwen3Coder30bA3b, quant: QuantMix::Q8_0, seed: 42 });
+        assert_eq!(
+            parsed,
+            ModelSpec::Synth { preset: Preset::Qwen3Coder30bA3b, quant: QuantMix::Q8_0, seed: 42 }
+        );
         let parsed: ModelSpec = "synth:small@7".parse().unwrap();
         assert_eq!(parsed, ModelSpec::Synth { preset: Preset::Small, quant: QuantMix::Q4_K_M, seed: 7 });
         assert_eq!("synth:SMALL:BF16".parse::<ModelSpec>().unwrap().to_string(), "synth:small:bf16@0");
@@ -207,13 +246,34 @@ mod tests {
         for quant in QuantMix::ALL {
             assert!(unknown.to_string().contains(quant.name()), "{unknown}");
         }
-        for bad_seed in ["synth:tiny@", "synth:tiny@-1", "synth:tiny@+1", "synth:tiny@x", "synth:tiny@18446744073709551616"] {
+        for bad_seed in [
+            "synth:tiny@",
+            "synth:tiny@-1",
+            "synth:tiny@+1",
+            "synth:tiny@x",
+            "synth:tiny@18446744073709551616",
+        ] {
             assert!(matches!(err(bad_seed), SpecError::BadSeed { .. }), "{bad_seed}");
         }
         assert!(matches!(err("synth:"), SpecError::Malformed { .. }));
         assert!(matches!(err("synth::q8_0"), SpecError::Malformed { .. }));
         assert!(matches!(err("synth:tiny:q8_0:x"), SpecError::Malformed { .. }));
         assert!(matches!(err("synth:tiny@1@2"), SpecError::Malformed { .. }));
+    }
+
+    /// A synthetic model alive elsewhere is shared, and built again once every holder has dropped it.
+    #[test]
+    fn synthetic_models_are_shared_while_alive() {
+        let a = load_model("synth:tiny:q8_0@9").unwrap();
+        let b = load_model("synth:TINY:q8_0@9").unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        let other_seed = load_model("synth:tiny:q8_0@10").unwrap();
+        assert!(!Arc::ptr_eq(&a, &other_seed));
+        let weak = Arc::downgrade(&a);
+        drop((a, b));
+        assert!(weak.upgrade().is_none(), "the cache must not keep a model alive");
+        let c = load_model("synth:tiny:q8_0@9").unwrap();
+        assert_eq!(c.file.as_bytes().len(), other_seed.file.as_bytes().len());
     }
 
     #[test]

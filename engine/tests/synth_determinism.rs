@@ -18,10 +18,15 @@ fn build_with_threads(preset: Preset, quant: QuantMix, seed: u64, threads: usize
 
 #[test]
 fn same_bytes_for_any_pool_size() {
-    for (preset, quant) in [(Preset::Tiny, QuantMix::Q4_K_M), (Preset::Tiny, QuantMix::F32), (Preset::Small, QuantMix::Q4_K_M)] {
+    for (preset, quant) in
+        [(Preset::Tiny, QuantMix::Q4_K_M), (Preset::Tiny, QuantMix::F32), (Preset::Small, QuantMix::Q4_K_M)]
+    {
         let one = build_with_threads(preset, quant, 5, 1);
         for threads in [2, 3] {
-            assert!(one == build_with_threads(preset, quant, 5, threads), "{preset} {quant}: {threads} threads differ");
+            assert!(
+                one == build_with_threads(preset, quant, 5, threads),
+                "{preset} {quant}: {threads} threads differ"
+            );
         }
     }
 }
@@ -43,8 +48,10 @@ fn streamed_file_equals_the_in_memory_image() {
 fn seeds_give_different_weights_of_the_same_layout() {
     let a = SynthModel::new(Preset::Tiny, QuantMix::Q4_K, 1).build().expect("build");
     let b = SynthModel::new(Preset::Tiny, QuantMix::Q4_K, 2).build().expect("build");
-    assert_eq!(a.tensors().iter().map(|t| (&t.name, t.offset)).collect::<Vec<_>>(),
-               b.tensors().iter().map(|t| (&t.name, t.offset)).collect::<Vec<_>>());
+    assert_eq!(
+        a.tensors().iter().map(|t| (&t.name, t.offset)).collect::<Vec<_>>(),
+        b.tensors().iter().map(|t| (&t.name, t.offset)).collect::<Vec<_>>()
+    );
     for t in a.tensors().iter().filter(|t| t.dims.len() > 1) {
         let other = b.tensor(&t.name).expect("same tensors");
         assert_ne!(a.tensor_data(t), b.tensor_data(other), "{}: seeds 1 and 2 drew the same bytes", t.name);
@@ -58,5 +65,8 @@ fn seeds_give_different_weights_of_the_same_layout() {
 fn images_match_the_pinned_digests() {
     let q4_k_m = build_with_threads(Preset::Tiny, QuantMix::Q4_K_M, 0, 2);
     let f32 = build_with_threads(Preset::Tiny, QuantMix::F32, 0, 2);
-    assert_eq!(format!("{:016x} {:016x}", digest(&q4_k_m), digest(&f32)), "069b4aa67b35b923 22db4986b552dcdc");
+    assert_eq!(
+        format!("{:016x} {:016x}", digest(&q4_k_m), digest(&f32)),
+        "069b4aa67b35b923 22db4986b552dcdc"
+    );
 }

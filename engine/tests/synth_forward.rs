@@ -80,8 +80,12 @@ fn check(preset: Preset, quant: QuantMix, tokens: &[u32]) {
         }
     }
     eprintln!("{preset} {quant}: worst relative error cpu vs reference {worst:.2e}");
-    assert!(worst <= REL_BOUND, "{preset} {quant}: cpu vs reference relative error {worst:.2e} > {REL_BOUND:e}");
-    let argmax = |m: &Matrix, t: usize| (0..m.cols).max_by(|&a, &b| m.row(t)[a].total_cmp(&m.row(t)[b])).unwrap();
+    assert!(
+        worst <= REL_BOUND,
+        "{preset} {quant}: cpu vs reference relative error {worst:.2e} > {REL_BOUND:e}"
+    );
+    let argmax =
+        |m: &Matrix, t: usize| (0..m.cols).max_by(|&a, &b| m.row(t)[a].total_cmp(&m.row(t)[b])).unwrap();
     for t in 0..tokens.len() {
         assert_eq!(argmax(&cpu.logits, t), argmax(&reference.logits, t), "{preset} {quant}: argmax at {t}");
     }

@@ -336,12 +336,29 @@ mod tests {
     fn drawn_weights_have_the_intended_std() {
         let std = 0.02;
         let row_len = 4096;
-        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
             let rows = 16;
             let mut bytes = vec![0u8; ty.row_bytes(row_len).unwrap() * rows];
-            fill_tensor("blk.0.test.weight", ty, row_len, Init::Normal { std, row_spread: 0.0 }, 7, &mut bytes);
+            fill_tensor(
+                "blk.0.test.weight",
+                ty,
+                row_len,
+                Init::Normal { std, row_spread: 0.0 },
+                7,
+                &mut bytes,
+            );
             let mut w = vec![0.0f64; row_len * rows];
-            for (row, out) in bytes.chunks_exact(ty.row_bytes(row_len).unwrap()).zip(w.chunks_exact_mut(row_len)) {
+            for (row, out) in
+                bytes.chunks_exact(ty.row_bytes(row_len).unwrap()).zip(w.chunks_exact_mut(row_len))
+            {
                 dequantize_row_f64(ty, row, out);
             }
             let n = w.len() as f64;
@@ -386,7 +403,16 @@ mod tests {
         let draw = |threads: usize, seed: u64, name: &str| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut bytes = vec![0u8; GgmlType::Q4_K.row_bytes(2048).unwrap() * 600];
-            pool.install(|| fill_tensor(name, GgmlType::Q4_K, 2048, Init::Normal { std: 0.1, row_spread: 0.2 }, seed, &mut bytes));
+            pool.install(|| {
+                fill_tensor(
+                    name,
+                    GgmlType::Q4_K,
+                    2048,
+                    Init::Normal { std: 0.1, row_spread: 0.2 },
+                    seed,
+                    &mut bytes,
+                )
+            });
             bytes
         };
         let one = draw(1, 3, "a.weight");

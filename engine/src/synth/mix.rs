@@ -165,13 +165,13 @@ impl QuantMix {
 
 /// llama.cpp's `use_more_bits(i_layer, n_layers)`: the layers that Q4_K_M stores with more bits.
 pub fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// `ty`, or the first of llama.cpp's fallbacks for it whose block divides `row_len`.
 pub fn fit_row(ty: GgmlType, row_len: usize) -> GgmlType {
     let mut ty = ty;
-    while row_len % ty.block_size() != 0 {
+    while !row_len.is_multiple_of(ty.block_size()) {
         ty = match ty {
             GgmlType::Q4_K => GgmlType::Q5_0,
             GgmlType::Q5_K => GgmlType::Q5_1,

@@ -92,14 +92,16 @@ impl SynthModel {
             consumed = info.offset as usize + info.n_bytes;
         }
         jobs.into_par_iter().for_each(|(tensor, bytes)| self.fill(tensor, bytes));
-        GgufFile::from_bytes(image).map_err(|source| SpecError::Gguf { path: self.spec().to_string(), source })
+        GgufFile::from_bytes(image)
+            .map_err(|source| SpecError::Gguf { path: self.spec().to_string(), source })
     }
 
     /// Writes the model to `out` as a GGUF file, one tensor at a time (each drawn in parallel into a
     /// reused buffer, then written).
     pub fn write_file(&self, out: &Path) -> Result<(), SpecError> {
         let writer = self.writer()?;
-        let file = File::create(out).map_err(|source| SpecError::Write { path: out.to_path_buf(), source })?;
+        let file =
+            File::create(out).map_err(|source| SpecError::Write { path: out.to_path_buf(), source })?;
         let mut buffer = Vec::new();
         writer
             .write_to(BufWriter::with_capacity(1 << 20, file), |index, sink: &mut dyn Write| {
@@ -198,13 +200,16 @@ mod tests {
         let model = SynthModel::new(Preset::Qwen3Coder30bA3b, QuantMix::Q4_K_M, 0);
         let q6k_layers: Vec<usize> = (0..48)
             .filter(|i| {
-                let ty = |kind: &str| model.tensors().iter().find(|t| t.name == format!("blk.{i}.{kind}.weight")).unwrap().ty;
+                let ty = |kind: &str| {
+                    model.tensors().iter().find(|t| t.name == format!("blk.{i}.{kind}.weight")).unwrap().ty
+                };
                 assert_eq!(ty("attn_v"), ty("ffn_down_exps"));
                 ty("attn_v") == GgmlType::Q6_K
             })
             .collect();
         // n = 48: i < 6, i >= 42, and (i - 6) % 3 == 2 for i = 8, 11, ..., 41.
-        let expected: Vec<usize> = (0..48).filter(|&i| i < 6 || i >= 42 || (i >= 6 && (i - 6) % 3 == 2)).collect();
+        let expected =
+            [0, 1, 2, 3, 4, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 41, 42, 43, 44, 45, 46, 47];
         assert_eq!(q6k_layers, expected);
         assert_eq!(q6k_layers.len(), 24);
     }

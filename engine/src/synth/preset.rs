@@ -28,7 +28,8 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset, smallest first.
-    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::Small, Preset::Qwen3_30bA3b, Preset::Qwen3Coder30bA3b];
+    pub const ALL: [Preset; 4] =
+        [Preset::Tiny, Preset::Small, Preset::Qwen3_30bA3b, Preset::Qwen3Coder30bA3b];
 
     /// The name used in specs (`synth:NAME`).
     pub fn name(self) -> &'static str {

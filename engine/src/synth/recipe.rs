@@ -67,12 +67,17 @@ pub struct TensorRecipe {
 /// (embeddings, each layer, final norm, LM head).
 pub fn tensors(cfg: &ModelConfig, mix: QuantMix) -> Vec<TensorRecipe> {
     let (h, q, kv, f, e) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.expert_ffn, cfg.n_expert);
-    let matrix = |gain: f64, fan_in: usize| Init::Normal { std: gain / (fan_in as f64).sqrt(), row_spread: 0.0 };
+    let matrix =
+        |gain: f64, fan_in: usize| Init::Normal { std: gain / (fan_in as f64).sqrt(), row_spread: 0.0 };
     let norm = Init::Gain { mean: NORM_GAIN, spread: NORM_GAIN_SPREAD };
     let qk_norm = Init::Gain { mean: QK_NORM_GAIN, spread: QK_NORM_GAIN_SPREAD };
     let router = Init::Normal { std: ROUTER_GAIN / (h as f64).sqrt(), row_spread: ROUTER_ROW_SPREAD };
 
-    let mut list = vec![("token_embd.weight".to_owned(), vec![h, cfg.vocab], Init::Normal { std: EMBED_STD, row_spread: 0.0 })];
+    let mut list = vec![(
+        "token_embd.weight".to_owned(),
+        vec![h, cfg.vocab],
+        Init::Normal { std: EMBED_STD, row_spread: 0.0 },
+    )];
     for i in 0..cfg.n_layer {
         let name = |kind: &str| format!("blk.{i}.{kind}.weight");
         list.extend([
@@ -94,6 +99,11 @@ pub fn tensors(cfg: &ModelConfig, mix: QuantMix) -> Vec<TensorRecipe> {
     list.push(("output.weight".to_owned(), vec![h, cfg.vocab], matrix(LM_HEAD_GAIN, h)));
 
     list.into_iter()
-        .map(|(name, dims, init)| TensorRecipe { ty: mix.type_for(&name, &dims, cfg.n_layer), name, dims, init })
+        .map(|(name, dims, init)| TensorRecipe {
+            ty: mix.type_for(&name, &dims, cfg.n_layer),
+            name,
+            dims,
+            init,
+        })
         .collect()
 }

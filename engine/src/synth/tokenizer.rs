@@ -29,7 +29,10 @@ pub fn metadata(vocab: usize) -> Vec<(&'static str, GgufValue)> {
     vec![
         ("tokenizer.ggml.model", GgufValue::from("gpt2")),
         ("tokenizer.ggml.pre", GgufValue::from("qwen2")),
-        ("tokenizer.ggml.merges", GgufValue::Array(merges(vocab).into_iter().map(GgufValue::String).collect())),
+        (
+            "tokenizer.ggml.merges",
+            GgufValue::Array(merges(vocab).into_iter().map(GgufValue::String).collect()),
+        ),
         ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
         ("tokenizer.ggml.token_type", GgufValue::Array(types)),
         ("tokenizer.ggml.bos_token_id", GgufValue::U32(BOS_ID)),
@@ -82,7 +85,8 @@ fn merge_parts(symbols: &[char; 256], j: usize) -> (String, String) {
 /// GPT-2's byte-to-unicode map: printable Latin-1 bytes stand for themselves, the others for the
 /// code points from U+0100 on, in byte order. No symbol is a space, so merges can be space-separated.
 fn byte_symbols() -> [char; 256] {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable =
+        |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut next = 0x100u32;
     std::array::from_fn(|b| {
         let b = b as u32;

@@ -13,6 +13,7 @@ extern "C" __global__ void __launch_bounds__(32)
     const int lane = threadIdx.x;
     const float* l = logits + (u64)t * n_expert;
     float mx = -F32_INF;
+#pragma unroll 4
     for (int i = lane; i < n_expert; i += WARP_SIZE) mx = fmaxf(mx, l[i]);
     mx = warp_max(mx);
     float sum = 0.0f;

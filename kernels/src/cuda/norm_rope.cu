@@ -10,9 +10,11 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS)
     const float* xr = x + (u64)blockIdx.x * n;
     float* o = out + (u64)blockIdx.x * n;
     float ss = 0.0f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
     ss = block_sum(ss, scratch);
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = (xr[i] * r) * w[i];
 }
 

@@ -124,27 +124,41 @@ struct FmtQ8_0 {
     __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
     __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
         const u8* b = row + (u64)(c >> 2) * BYTES;
-        const float d = f16_to_f32(load_u16(b));
-        const i8* qs = (const i8*)(b + 2) + 8 * (c & 3);
+        // 34-byte blocks keep 2-byte alignment: d and the 8 quants as 16-bit loads.
+        const float d = f16_to_f32(*(const u16*)b);
+        const u16* qs = (const u16*)(b + 2 + 8 * (c & 3));
+        u16 q[4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn((float)qs[i], d);
+        for (int i = 0; i < 4; ++i) q[i] = qs[i];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const i8 x = (i8)((q[i >> 1] >> (8 * (i & 1))) & 0xFF);
+            v[i] = __fmul_rn((float)x, d);
+        }
     }
 };
 
-// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (ggml's get_scale_min_k4).
-__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* sc, int* m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (ggml's get_scale_min_k4), from the
+// 12 scale bytes held in three little-endian words, without a branch.
+__device__ __forceinline__ void scale_min_k4(int j, u32 w0, u32 w1, u32 w2, int* sc, int* m) {
+    const int i = j & 3;
+    const int q0 = (w0 >> (8 * i)) & 0xFF;  // q[j] for j < 4, q[j - 4] for j >= 4
+    const int q1 = (w1 >> (8 * i)) & 0xFF;  // q[j + 4] for j < 4, q[j] for j >= 4
+    const int q2 = (w2 >> (8 * i)) & 0xFF;  // q[j + 4] for j >= 4
+    const bool low = j < 4;
+    *sc = low ? (q0 & 63) : ((q2 & 0x0F) | ((q0 >> 6) << 4));
+    *m = low ? (q1 & 63) : ((q2 >> 4) | ((q1 >> 6) << 4));
+}
+
+// Byte i (0..8) of two little-endian words.
+__device__ __forceinline__ int byte_of(uint2 q, int i) {
+    return (int)(((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFF);
 }
 
 // block_q4_K: f16 d; f16 dmin; u8 scales[12]; u8 qs[128]. Sub-block s (32 weights) has scale d * sc_s and
 // min dmin * m_s; its nibbles are the low (s even) or high (s odd) halves of qs[32 * (s / 2) ..][0..32].
-// value (d * sc) * q - (dmin * m).
+// value (d * sc) * q - (dmin * m). Blocks are 144 bytes and rows start 16-byte aligned (the launcher's
+// DeviceMatrix guarantees it), so the fields are read as aligned words.
 struct FmtQ4_K {
     static constexpr int QK = 256;
     static constexpr int BYTES = 144;
@@ -153,24 +167,27 @@ struct FmtQ4_K {
         const u8* b = row + (u64)(c >> 5) * BYTES;
         const int w = c & 31;
         const int s = w >> 2;
-        const float d = f16_to_f32(load_u16(b));
-        const float dmin = f16_to_f32(load_u16(b + 2));
+        const u32* words = (const u32*)b;
+        const u32 dd = words[0];
+        const uint2 q = *(const uint2*)(b + 16 + 32 * (s >> 1) + 8 * (w & 3));
         int sc, m;
-        scale_min_k4(s, b + 4, &sc, &m);
+        scale_min_k4(s, words[1], words[2], words[3], &sc, &m);
+        const float d = f16_to_f32((u16)(dd & 0xFFFF));
+        const float dmin = f16_to_f32((u16)(dd >> 16));
         const float d1 = __fmul_rn(d, (float)sc);
         const float m1 = __fmul_rn(dmin, (float)m);
-        const u8* qs = b + 16 + 32 * (s >> 1) + 8 * (w & 3);
         const int shift = (s & 1) * 4;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const int q = (qs[i] >> shift) & 0x0F;
-            v[i] = __fsub_rn(__fmul_rn(d1, (float)q), m1);
+            const int x = (byte_of(q, i) >> shift) & 0x0F;
+            v[i] = __fsub_rn(__fmul_rn(d1, (float)x), m1);
         }
     }
 };
 
 // block_q5_K: f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]. As Q4_K, plus a fifth bit: bit s of
-// qh[l] for weight l of sub-block s. value (d * sc) * (nibble + 16 * bit) - (dmin * m).
+// qh[l] for weight l of sub-block s. value (d * sc) * (nibble + 16 * bit) - (dmin * m). 176-byte blocks:
+// aligned words as for Q4_K.
 struct FmtQ5_K {
     static constexpr int QK = 256;
     static constexpr int BYTES = 176;
@@ -180,19 +197,21 @@ struct FmtQ5_K {
         const int w = c & 31;
         const int s = w >> 2;
         const int l0 = 8 * (w & 3);
-        const float d = f16_to_f32(load_u16(b));
-        const float dmin = f16_to_f32(load_u16(b + 2));
+        const u32* words = (const u32*)b;
+        const u32 dd = words[0];
+        const uint2 h = *(const uint2*)(b + 16 + l0);
+        const uint2 q = *(const uint2*)(b + 48 + 32 * (s >> 1) + l0);
         int sc, m;
-        scale_min_k4(s, b + 4, &sc, &m);
+        scale_min_k4(s, words[1], words[2], words[3], &sc, &m);
+        const float d = f16_to_f32((u16)(dd & 0xFFFF));
+        const float dmin = f16_to_f32((u16)(dd >> 16));
         const float d1 = __fmul_rn(d, (float)sc);
         const float m1 = __fmul_rn(dmin, (float)m);
-        const u8* qh = b + 16 + l0;
-        const u8* qs = b + 48 + 32 * (s >> 1) + l0;
         const int shift = (s & 1) * 4;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const int q = ((qs[i] >> shift) & 0x0F) + (((qh[i] >> s) & 1) << 4);
-            v[i] = __fsub_rn(__fmul_rn(d1, (float)q), m1);
+            const int x = ((byte_of(q, i) >> shift) & 0x0F) + (((byte_of(h, i) >> s) & 1) << 4);
+            v[i] = __fsub_rn(__fmul_rn(d1, (float)x), m1);
         }
     }
 };
@@ -211,16 +230,25 @@ struct FmtQ6_K {
         const int r = e0 & 127;
         const int q = r >> 5;
         const int l0 = r & 31;
-        const float d = f16_to_f32(load_u16(b + 208));
+        // 210-byte blocks keep 2-byte alignment: the 8 ql and 8 qh bytes as four 16-bit loads each.
+        const u16* ql = (const u16*)(b + 64 * h + 32 * (q & 1) + l0);
+        const u16* qh = (const u16*)(b + 128 + 32 * h + l0);
+        u16 lo[4], hi[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            lo[i] = ql[i];
+            hi[i] = qh[i];
+        }
+        const float d = f16_to_f32(*(const u16*)(b + 208));
         const int scale = ((const i8*)(b + 192))[8 * h + (l0 >> 4) + 2 * q];
         const float ds = __fmul_rn(d, (float)scale);
-        const u8* ql = b + 64 * h + 32 * (q & 1) + l0;
-        const u8* qh = b + 128 + 32 * h + l0;
         const int lshift = (q >> 1) * 4;
         const int hshift = 2 * q;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const int x = (int)(((ql[i] >> lshift) & 0x0F) | (((qh[i] >> hshift) & 3) << 4)) - 32;
+            const int lb = (lo[i >> 1] >> (8 * (i & 1))) & 0xFF;
+            const int hb = (hi[i >> 1] >> (8 * (i & 1))) & 0xFF;
+            const int x = (int)(((lb >> lshift) & 0x0F) | (((hb >> hshift) & 3) << 4)) - 32;
             v[i] = __fmul_rn(ds, (float)x);
         }
     }
@@ -247,11 +275,15 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ p, float* xv) 
     }
 }
 
+// Chunks a lane dequantises before it multiplies them: their loads are independent, so all of them are in
+// flight together instead of one chunk's latency after another's.
+#define CHUNK_BATCH 4
+
 // acc[j] = dot(weight row, xs[j]) for j < nt, in the canonical order: lane l accumulates chunks
 // l, l + 32, ... (each chunk's 8 products in order) into one partial sum per token, then warp_sum. A float
 // row whose length is not a multiple of 8 ends with a partial chunk, taken by the lane whose turn it is.
-// The chunk loop is unrolled so the loads of several chunks are in flight together; the additions stay in
-// chunk order.
+// Chunks are dequantised CHUNK_BATCH at a time (a chunk past the row end re-reads the last chunk and is not
+// added); the additions stay in chunk order.
 template <class F>
 __device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, const float* const* xs, int nt,
                                          float* acc) {
@@ -259,19 +291,25 @@ __device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, con
 #pragma unroll
     for (int j = 0; j < TOKEN_TILE; ++j) acc[j] = 0.0f;
     const int n_full = k >> 3;
-#pragma unroll 4
-    for (int c = lane; c < n_full; c += WARP_SIZE) {
-        float v[8];
-        F::chunk(wrow, c, v);
+    for (int c0 = lane; c0 < n_full; c0 += WARP_SIZE * CHUNK_BATCH) {
+        float v[CHUNK_BATCH][8];
 #pragma unroll
-        for (int j = 0; j < TOKEN_TILE; ++j) {
-            if (j < nt) {
-                float xv[8];
-                load_x8<F>(xs[j] + 8 * c, xv);
-                float s = acc[j];
+        for (int u = 0; u < CHUNK_BATCH; ++u) F::chunk(wrow, min(c0 + WARP_SIZE * u, n_full - 1), v[u]);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) s += v[i] * xv[i];
-                acc[j] = s;
+        for (int u = 0; u < CHUNK_BATCH; ++u) {
+            const int c = c0 + WARP_SIZE * u;
+            if (c < n_full) {
+#pragma unroll
+                for (int j = 0; j < TOKEN_TILE; ++j) {
+                    if (j < nt) {
+                        float xv[8];
+                        load_x8<F>(xs[j] + 8 * c, xv);
+                        float s = acc[j];
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) s += v[u][i] * xv[i];
+                        acc[j] = s;
+                    }
+                }
             }
         }
     }
