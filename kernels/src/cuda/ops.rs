@@ -81,7 +81,7 @@ fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), Cu
 /// Quantised-format kernels read activations as float4 (see `load_x8` in quant.cu): the view must start on a
 /// 16-byte boundary (every view at a multiple of 4 values of a buffer does).
 fn check_x_alignment(op: &'static str, w: &DeviceMatrix, x: &DevSlice<'_, f32>) -> Result<(), CudaError> {
-    if w.ty.is_quantized() && x.ptr % 16 != 0 {
+    if w.ty.is_quantized() && !x.ptr.is_multiple_of(16) {
         return Err(CudaError::invalid(
             op,
             format!("activations for {} weights must start at a multiple of 4 values of a buffer", w.ty),
