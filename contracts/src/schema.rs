@@ -419,6 +419,9 @@ pub enum AmendmentKind {
     Clarified,
     /// The status changed (draft, active, retired).
     Status,
+    /// Known divergences recorded or retired: only the trials they name change verdict (a minor version;
+    /// each entry carries its own evidence in `note`).
+    Divergence,
 }
 
 impl AmendmentKind {

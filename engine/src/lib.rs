@@ -5,13 +5,13 @@
 //! Any forward can record a [`trace`]: the residual stream after every layer, every router's logits and
 //! choices, and the final logits.
 
-pub mod config;
-pub mod gguf;
-pub mod trace;
-pub mod weights;
 pub mod backend;
+pub mod config;
 pub mod error;
 pub mod forward;
+pub mod gguf;
 pub mod quantize;
 pub mod spec;
 pub mod synth;
+pub mod trace;
+pub mod weights;

@@ -6,7 +6,10 @@
 //! query attention (query head `h` reads KV head `h / (n_head / n_kv_head)`), causal softmax scaled by
 //! `head_dim^-0.5`, output projection. MoE: router logits, softmax over all experts, top-k (ties by
 //! lower index), weights renormalised to sum to one, SwiGLU experts `down(silu(gate·h) * (up·h))`, summed
-//! weighted in increasing expert index. No BOS is added.
+//! weighted in choice order. No BOS is added.
+//!
+//! Every f32 operation here is in the canonical order of `docs/numerics.md` (the `exact` policy), which
+//! the CUDA backend reproduces bit for bit under `exact`.
 //!
 //! A prefill processes all T tokens of a layer together, so every weight row is read once per layer, and
 //! tokens are grouped by the expert they chose. The arithmetic that touches quantised weights comes from
@@ -318,8 +321,10 @@ impl<N: Numerics> Model<N> {
     }
 
     /// The mixture-of-experts output for the T normalised rows `h`: every chosen expert runs once on the
-    /// tokens that chose it (experts in parallel), and each token sums `weight * expert_out` over its
-    /// experts in increasing expert index, as transformers' `index_add_` loop does.
+    /// tokens that chose it (experts in parallel), and each token sums `expert_out * weight` over its
+    /// experts in choice order (weight descending), starting from zero, the canonical order of
+    /// `docs/numerics.md` item 9 (transformers sums in increasing expert index; the difference is f32
+    /// round-off, and the f64 reference is insensitive to it).
     fn experts(&self, w: &LayerWeights, h: &[N::F], routing: &Routing<N::F>) -> Vec<N::F> {
         let cfg = self.config();
         let (hidden, k) = (cfg.hidden, cfg.n_expert_used);
@@ -341,11 +346,19 @@ impl<N: Numerics> Model<N> {
             })
             .collect();
 
-        let mut moe = vec![N::F::ZERO; h.len()];
+        // Every routed slot's output row, then each token's sum in choice order (docs/numerics.md item 9).
+        let mut slot_out: Vec<&[N::F]> = vec![&[]; routing.experts.len()];
         for (&e, out) in active.iter().zip(&outputs) {
             for (&(t, slot), y) in chosen_by[e].iter().zip(out.chunks_exact(hidden)) {
-                let weight = routing.weights[t * k + slot];
-                for (m, &v) in moe[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
+                slot_out[t * k + slot] = y;
+            }
+        }
+        let mut moe = vec![N::F::ZERO; h.len()];
+        for ((m, ys), ws) in
+            moe.chunks_exact_mut(hidden).zip(slot_out.chunks_exact(k)).zip(routing.weights.chunks_exact(k))
+        {
+            for (y, &weight) in ys.iter().zip(ws) {
+                for (m, &v) in m.iter_mut().zip(y.iter()) {
                     *m += v * weight;
                 }
             }

@@ -12,6 +12,7 @@
 
 mod activation;
 mod attention;
+mod exp;
 mod norm;
 mod real;
 mod rope;
@@ -20,6 +21,7 @@ mod softmax;
 
 pub use activation::{silu, swiglu};
 pub use attention::{KvView, causal_attention_head};
+pub use exp::exp_f32;
 pub use norm::rms_norm;
 pub use real::{Real, dot};
 pub use rope::RopeTable;

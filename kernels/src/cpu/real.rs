@@ -30,12 +30,12 @@ pub trait Real:
     fn to_f64(self) -> f64;
     /// Square root, correctly rounded.
     fn sqrt(self) -> Self;
-    /// Natural exponential.
+    /// Natural exponential (for f32 the canonical one of `docs/numerics.md`, the same bits as on CUDA).
     fn exp(self) -> Self;
 }
 
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty, $exp:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -51,16 +51,18 @@ macro_rules! impl_real {
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            /// f32: the canonical exponential [`super::exp_f32`] (bit-identical to the CUDA kernels'); f64:
+            /// the platform's `exp` (the `reference` backend, far below f32 resolution).
             #[inline]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
         }
     };
 }
 
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, super::exp::exp_f32);
+impl_real!(f64, f64::exp);
 
 /// Number of independent partial sums in [`dot`]: sixteen lanes let the compiler vectorise the loop and
 /// make the rounding error grow with `n / 16` instead of `n`. The same count and order as

@@ -53,6 +53,12 @@ impl<F: Real> RopeTable<F> {
         }
     }
 
+    /// The cosines and sines of every position held, each laid out `[position][head_dim / 2]` (what the
+    /// CUDA backend uploads under the `exact` policy, so both sides rotate by the same f32 values).
+    pub fn tables(&self) -> (&[F], &[F]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates one head `x` (length `head_dim`) to position `pos`:
     /// `x[i], x[i+h] <- x[i]·cos - x[i+h]·sin, x[i+h]·cos + x[i]·sin` with `h = head_dim / 2`.
     ///
