@@ -1,7 +1,8 @@
 //! The `cuda` backend against float64 forwards computed outside this project (tests/fixtures: transformers
 //! on the F32 model, the float64 forward of the dequantised weights of each quantised file) and against the
 //! `cpu` backend; its KV cache (decode after a prefill), `run_layer`, and its typed errors. Every prompt,
-//! position and layer.
+//! position and layer. Under the `exact` policy (`exact_*` cases): traces bit-identical to the `cpu`
+//! backend's on every fixture and synthetic model (`--bench production_shape_exact`: the model of record).
 //!
 //! Where no CUDA driver, NVRTC or device is found, every device case is reported as ignored with the reason
 //! (CI has no GPU). Run on a GPU machine: `cargo test -p moe-engine --features cuda --test cuda_forward`.
@@ -30,7 +31,7 @@ mod cases {
     use moe_kernels::cuda::CudaDevice;
 
     use super::forward_support::{
-        Errors, compare_all, compare_trace, load_model, load_reference, max_abs, rel_l2,
+        BitAgreement, Errors, compare_all, compare_trace, load_model, load_reference, max_abs, rel_l2,
     };
 
     /// Bound on the per-position relative error `||a - b|| / ||b||` of logits and hidden states against the
@@ -152,18 +153,176 @@ mod cases {
             }));
         }
         t.push(Trial::ignorable_test("errors_are_typed", || with_cuda(FIXTURES[0].0, errors_are_typed)));
-        t.push(Trial::test("exact_policy_is_refused_before_touching_the_device", || {
-            match create_backend(BackendKind::Cuda, load_model(FIXTURES[0].0), Policy::Exact) {
-                Err(EngineError::PolicyUnsupported {
-                    backend: BackendKind::Cuda,
-                    policy: Policy::Exact,
-                    ..
-                }) => Ok(()),
-                Err(e) => Err(format!("expected PolicyUnsupported, got {e}").into()),
-                Ok(_) => Err("the exact policy was accepted".into()),
-            }
-        }));
+        for (model, reference) in FIXTURES {
+            t.push(Trial::ignorable_test(format!("exact_bitwise_vs_cpu::{model}"), move || {
+                exact_bitwise_on_fixture(model, reference)
+            }));
+        }
+        for spec in SYNTH_SPECS {
+            t.push(Trial::ignorable_test(format!("exact_bitwise_vs_cpu::{spec}"), move || {
+                exact_bitwise_on_synth(spec)
+            }));
+        }
+        t.push(Trial::ignorable_test("exact_decode_after_prefill", exact_decode_after_prefill));
+        t.push(
+            Trial::bench(format!("production_shape_exact::{PRODUCTION_SPEC}"), |test_mode| {
+                if test_mode {
+                    Ok(None)
+                } else {
+                    production_shape_exact(PRODUCTION_SPEC).map(Some).map_err(Failed::from)
+                }
+            })
+            .with_ignored_flag(!have_device),
+        );
         t
+    }
+
+    /// A `cuda` and a `cpu` forward.
+    type Pair = (Box<dyn Forward>, Box<dyn Forward>);
+
+    /// The `cpu` and `cuda` forwards of `weights` under `exact`, or the reason the case is ignored.
+    fn exact_pair(weights: std::sync::Arc<moe_engine::weights::ModelWeights>) -> Result<Pair, Outcome> {
+        let cuda = match create_backend(BackendKind::Cuda, weights.clone(), Policy::Exact) {
+            Ok(f) => f,
+            Err(EngineError::CudaUnavailable { reason }) => return Err(Ok(Completion::ignored_with(reason))),
+            Err(e) => return Err(Err(Failed::from(e.to_string()))),
+        };
+        let cpu = create_backend(BackendKind::Cpu, weights, Policy::Exact)
+            .map_err(|e| Err(e.to_string().into()))?;
+        Ok((cuda, cpu))
+    }
+
+    /// Runs every prompt through both and compares the traces bit for bit.
+    fn exact_bitwise(
+        what: &str,
+        cuda: &mut dyn Forward,
+        cpu: &mut dyn Forward,
+        prompts: &[Vec<u32>],
+    ) -> Outcome {
+        let mut bits = BitAgreement::default();
+        for p in prompts {
+            let ours = trace_of(cuda, p)?;
+            ensure(ours.policy == "exact" && ours.backend == "cuda", || {
+                format!("{what}: trace labelled {} / {}", ours.backend, ours.policy)
+            })?;
+            bits.add(&ours, &trace_of(cpu, p)?);
+        }
+        println!(
+            "    {what}: exact cuda vs exact cpu: {} of {} tensors bit-identical ({} prompts){}",
+            bits.identical,
+            bits.tensors,
+            prompts.len(),
+            if bits.all_identical() {
+                String::new()
+            } else {
+                format!("; first differences: {:?}", bits.first_differences)
+            }
+        );
+        ensure(bits.all_identical(), || {
+            format!("{what}: {} of {} tensors differ", bits.tensors - bits.identical, bits.tensors)
+        })?;
+        Ok(Completion::Completed)
+    }
+
+    /// Every prompt of a fixture: `exact` cuda and cpu traces are bit-identical.
+    fn exact_bitwise_on_fixture(model: &str, reference: &str) -> Outcome {
+        let (mut cuda, mut cpu) = match exact_pair(load_model(model)) {
+            Ok(pair) => pair,
+            Err(outcome) => return outcome,
+        };
+        let prompts: Vec<Vec<u32>> = load_reference(reference).into_iter().map(|p| p.tokens).collect();
+        exact_bitwise(model, &mut *cuda, &mut *cpu, &prompts)
+    }
+
+    /// Prompts of 1 to 40 tokens over a synthetic model's vocabulary, after the canonical ones.
+    fn synth_prompts(vocab: usize) -> Vec<Vec<u32>> {
+        let mut prompts: Vec<Vec<u32>> = CANONICAL_PROMPTS.iter().map(|p| p.to_vec()).collect();
+        for (i, n) in [1usize, 7, 19, 40].into_iter().enumerate() {
+            prompts.push((0..n).map(|j| ((j * 7919 + i * 104_729 + 11) % vocab) as u32).collect());
+        }
+        prompts
+    }
+
+    /// The canonical and four generated prompts on a synthetic model: bit-identical traces.
+    fn exact_bitwise_on_synth(spec: &str) -> Outcome {
+        let weights = moe_engine::spec::load_model(spec).map_err(|e| Failed::from(e.to_string()))?;
+        let vocab = weights.config.vocab;
+        let (mut cuda, mut cpu) = match exact_pair(weights) {
+            Ok(pair) => pair,
+            Err(outcome) => return outcome,
+        };
+        exact_bitwise(spec, &mut *cuda, &mut *cpu, &synth_prompts(vocab))
+    }
+
+    /// Under `exact`, decoding through the KV cache (and past the first RoPE table upload: 300 positions
+    /// > the initial 256) gives the `cpu` backend's logits bit for bit at every step.
+    fn exact_decode_after_prefill() -> Outcome {
+        let weights = moe_engine::spec::load_model("synth:tiny").map_err(|e| Failed::from(e.to_string()))?;
+        let vocab = weights.config.vocab;
+        let (mut cuda, mut cpu) = match exact_pair(weights) {
+            Ok(pair) => pair,
+            Err(outcome) => return outcome,
+        };
+        let prompt: Vec<u32> = (0..5).map(|j| ((j * 31 + 7) % vocab) as u32).collect();
+        let (a, b) = (cuda.forward(&prompt, None), cpu.forward(&prompt, None));
+        let (mut a, mut b) = (a.map_err(|e| e.to_string())?, b.map_err(|e| e.to_string())?);
+        for step in 0..300 {
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            ensure(same, || format!("logits differ after {step} decode steps"))?;
+            let next = (0..b.len()).fold(0, |best, i| if b[i] > b[best] { i } else { best }) as u32;
+            a = cuda.step(next).map_err(|e| e.to_string())?;
+            b = cpu.step(next).map_err(|e| e.to_string())?;
+        }
+        println!(
+            "    exact decode: 300 greedy steps on synth:tiny, cuda and cpu logits bit-identical at every step"
+        );
+        Ok(Completion::Completed)
+    }
+
+    /// The model of record under `exact`: the canonical prompts bit for bit against `cpu`, and the decode
+    /// speed of `exact` against `fast` (64 greedy steps after an 8-token prefill each).
+    fn production_shape_exact(spec: &str) -> Result<libtest_mimic::Measurement, String> {
+        use std::time::Instant;
+        let weights = moe_engine::spec::load_model(spec).map_err(|e| e.to_string())?;
+        let mut exact =
+            create_backend(BackendKind::Cuda, weights.clone(), Policy::Exact).map_err(|e| e.to_string())?;
+        let mut cpu =
+            create_backend(BackendKind::Cpu, weights.clone(), Policy::Exact).map_err(|e| e.to_string())?;
+        let prompts: Vec<Vec<u32>> = CANONICAL_PROMPTS.iter().map(|p| p.to_vec()).collect();
+        let bitwise = exact_bitwise(spec, &mut *exact, &mut *cpu, &prompts);
+        drop(cpu);
+        let decode = |f: &mut dyn Forward| -> Result<f64, String> {
+            f.forward(CANONICAL_PROMPTS[3], None).map_err(|e| e.to_string())?;
+            let mut next = 785u32;
+            let t0 = Instant::now();
+            for _ in 0..64 {
+                let logits = f.step(next).map_err(|e| e.to_string())?;
+                next = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
+            }
+            Ok(t0.elapsed().as_secs_f64() / 64.0)
+        };
+        let t_exact = decode(&mut *exact)?;
+        let t0 = Instant::now();
+        exact
+            .forward(
+                &(0..64).map(|i| ((i * 7919 + 785) % weights.config.vocab) as u32).collect::<Vec<_>>(),
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        let prefill_exact = t0.elapsed().as_secs_f64();
+        drop(exact);
+        let mut fast = create_backend(BackendKind::Cuda, weights, Policy::Fast).map_err(|e| e.to_string())?;
+        let t_fast = decode(&mut *fast)?;
+        println!(
+            "    decode per token: exact {:.2} ms ({:.0} tokens/s), fast {:.2} ms ({:.0} tokens/s); exact prefill of 64 tokens {:.1} ms",
+            t_exact * 1e3,
+            1.0 / t_exact,
+            t_fast * 1e3,
+            1.0 / t_fast,
+            prefill_exact * 1e3
+        );
+        bitwise.map_err(|e| format!("{e:?}"))?;
+        Ok(libtest_mimic::Measurement { avg: (t_exact * 1e9) as u64, variance: 0 })
     }
 
     fn check_errors(what: &str, e: &Errors) -> Result<(), String> {

@@ -94,13 +94,13 @@ fn run_layer_checks_layer_and_shape() {
 }
 
 #[test]
-fn the_cpu_exact_policy_is_refused_until_it_exists() {
-    let e = create_backend(BackendKind::Cpu, load_model(MODEL), Policy::Exact).err().expect("refused");
-    assert!(
-        matches!(e, EngineError::PolicyUnsupported { backend: BackendKind::Cpu, policy: Policy::Exact, .. }),
-        "{e:?}"
-    );
-    assert!(e.to_string().contains("--policy fast"), "{e}");
+fn the_cpu_backend_accepts_both_policies() {
+    // `exact` is the canonical operation order of docs/numerics.md, which the CPU forward implements
+    // (forward_exact.rs checks its traces).
+    for policy in Policy::ALL {
+        let f = create_backend(BackendKind::Cpu, load_model(MODEL), policy).expect("accepted");
+        assert_eq!((f.kind(), f.policy()), (BackendKind::Cpu, policy));
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

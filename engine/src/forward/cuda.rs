@@ -14,11 +14,17 @@
 //! - Few routed slots (decode, short prompts) run one block row per slot; more are first grouped by
 //!   expert on the device so each expert's rows are read once per tile of its tokens. Both schedules
 //!   compute every output with the same arithmetic.
+//! - Under [`Policy::Exact`] every step runs the `*_exact` kernels instead: the canonical operation order
+//!   of `docs/numerics.md`, the `cpu` backend's, with every operation explicitly rounded, and the RoPE
+//!   cosines and sines taken from the host's table (`moe_kernels::cpu::RopeTable`, uploaded). The trace
+//!   is then the `cpu` backend's bit for bit. Experts run one block row per routed slot.
 
 use std::sync::Arc;
 
+use moe_kernels::cpu::RopeTable;
 use moe_kernels::cuda::{
-    AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceMatrix, ExpertGroups, Routing,
+    AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceMatrix, ExactRows, ExpertGroups,
+    Routing,
 };
 use moe_kernels::quant::dequantize_row;
 
@@ -34,20 +40,10 @@ const DEVICE_ORDINAL: usize = 0;
 /// model's context length (a production-shape context of 262144 positions would need 51 GB up front).
 const INITIAL_KV_POSITIONS: usize = 256;
 
-/// A CUDA forward of `weights`: opens device 0 (compiling the kernels on first use) and uploads the
-/// weights. Only [`Policy::Fast`] exists: `exact` needs the canonical operation order of
-/// `docs/numerics.md` on both the CPU and the CUDA side.
+/// A CUDA forward of `weights` under `policy`: opens device 0 (compiling the kernels on first use) and
+/// uploads the weights. [`Policy::Fast`] runs the fast kernels; [`Policy::Exact`] the canonical order of
+/// `docs/numerics.md`, bit-identical to the `cpu` backend.
 pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
-    if policy != Policy::Fast {
-        return Err(EngineError::PolicyUnsupported {
-            backend: BackendKind::Cuda,
-            policy,
-            reason:
-                "the canonical operation order of docs/numerics.md is not implemented on the device yet; \
-                     use --policy fast"
-                    .to_string(),
-        });
-    }
     let device = CudaDevice::get(DEVICE_ORDINAL).map_err(|e| engine_error("opening the CUDA device", e))?;
     Ok(Box::new(CudaForward::new(device, weights, policy)?))
 }
@@ -142,6 +138,48 @@ fn upload_vector(device: &CudaDevice, t: &WeightTensor) -> Result<DeviceBuffer<f
     device.upload(&v)
 }
 
+/// The RoPE cosines and sines of the `exact` policy: the host's f32 table (the `cpu` backend's values)
+/// and its copy on the device, `[position][head_dim / 2]`.
+struct ExactRope {
+    table: RopeTable<f32>,
+    cos: DeviceBuffer<f32>,
+    sin: DeviceBuffer<f32>,
+    /// Positions uploaded.
+    uploaded: usize,
+}
+
+impl ExactRope {
+    fn new(device: &CudaDevice, cfg: &ModelConfig) -> Result<Self, CudaError> {
+        let mut rope = ExactRope {
+            table: RopeTable::new(cfg.head_dim, cfg.rope_theta),
+            cos: device.alloc_zeros(0)?,
+            sin: device.alloc_zeros(0)?,
+            uploaded: 0,
+        };
+        rope.ensure(device, cfg, INITIAL_KV_POSITIONS.min(cfg.context_length.max(1)))?;
+        Ok(rope)
+    }
+
+    /// Makes the device tables hold `positions` (growing them to at least twice their size, at most the
+    /// context length).
+    fn ensure(&mut self, device: &CudaDevice, cfg: &ModelConfig, positions: usize) -> Result<(), CudaError> {
+        if positions <= self.uploaded {
+            return Ok(());
+        }
+        let n = positions.max(2 * self.uploaded).min(cfg.context_length.max(positions));
+        self.table.ensure(n);
+        let (cos, sin) = self.table.tables();
+        self.cos = device.upload(cos)?;
+        self.sin = device.upload(sin)?;
+        self.uploaded = n;
+        Ok(())
+    }
+
+    fn slices(&self) -> (DevSlice<'_, f32>, DevSlice<'_, f32>) {
+        (self.cos.as_slice(), self.sin.as_slice())
+    }
+}
+
 /// Keys and values of every layer, `[position][kv_dim]`, after norm and RoPE.
 struct KvCache {
     keys: Vec<DeviceBuffer<f32>>,
@@ -205,6 +243,8 @@ struct CudaForward {
     work: Workspace,
     /// Positions held in the cache.
     n_cached: usize,
+    /// The RoPE tables of the `exact` policy (`None` under `fast`).
+    exact_rope: Option<ExactRope>,
 }
 
 impl CudaForward {
@@ -216,7 +256,13 @@ impl CudaForward {
         let cache =
             new_cache(&device, cfg, positions).map_err(|e| engine_error("allocating the KV cache", e))?;
         let work = Workspace::new(&device, cfg, 1).map_err(|e| engine_error("allocating activations", e))?;
-        Ok(CudaForward { device, weights, policy, model, cache, work, n_cached: 0 })
+        let exact_rope = match policy {
+            Policy::Fast => None,
+            Policy::Exact => {
+                Some(ExactRope::new(&device, cfg).map_err(|e| engine_error("uploading the RoPE tables", e))?)
+            }
+        };
+        Ok(CudaForward { device, weights, policy, model, cache, work, n_cached: 0, exact_rope })
     }
 
     fn cfg(&self) -> &ModelConfig {
@@ -230,6 +276,7 @@ impl CudaForward {
         let n = tokens.len();
         self.ensure_workspace(n)?;
         self.ensure_cache(start + n)?;
+        self.ensure_rope(start + n)?;
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         self.embed(&ids).map_err(|e| engine_error("looking up the embeddings", e))?;
 
@@ -239,17 +286,11 @@ impl CudaForward {
         for l in 0..weights.config.n_layer {
             let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
             let stage = || format!("running layer {l}");
-            decoder_layer(
-                &self.device,
-                &weights.config,
-                &self.model,
-                l,
-                &mut self.work,
-                keys,
-                values,
-                n,
-                start,
-            )
+            let layer = Layer { d: &self.device, cfg: &weights.config, model: &self.model, l };
+            match &self.exact_rope {
+                None => layer.run(&mut self.work, keys, values, n, start),
+                Some(rope) => layer.run_exact(&mut self.work, keys, values, n, start, rope.slices()),
+            }
             .map_err(|e| engine_error(&stage(), e))?;
             if recording {
                 layer_traces.push(self.layer_trace(n).map_err(|e| engine_error(&stage(), e))?);
@@ -304,6 +345,16 @@ impl CudaForward {
             grow(&mut self.work).map_err(|e| engine_error("allocating activations", e))?;
         }
         Ok(())
+    }
+
+    /// Under `exact`, makes the device RoPE tables hold `positions`.
+    fn ensure_rope(&mut self, positions: usize) -> Result<(), EngineError> {
+        match &mut self.exact_rope {
+            Some(rope) => rope
+                .ensure(&self.device, &self.weights.config, positions)
+                .map_err(|e| engine_error("uploading the RoPE tables", e)),
+            None => Ok(()),
+        }
     }
 
     /// Grows the KV cache to hold `positions`, keeping the cached ones.
@@ -364,9 +415,17 @@ impl CudaForward {
         let w = &mut self.work;
         let x = w.x.slice((n - rows) * hidden..n * hidden)?;
         let h = w.h.slice_mut(0..rows * hidden)?;
-        self.device.rmsnorm(x, self.model.output_norm.as_slice(), rows, hidden, cfg.rms_eps as f32, h)?;
+        let (norm, eps) = (self.model.output_norm.as_slice(), cfg.rms_eps as f32);
         let logits = w.logits.slice_mut(0..rows * vocab)?;
-        self.device.matvec(self.model.output(), w.h.slice(0..rows * hidden)?, rows, logits, false)?;
+        let output = self.model.output();
+        if self.policy == Policy::Exact {
+            self.device.rmsnorm_exact(x, norm, rows, hidden, eps, h)?;
+            let rows_of = ExactRows::Tokens { n_tok: rows };
+            self.device.matvec_exact(output, w.h.slice(0..rows * hidden)?, rows_of, logits, None, false)?;
+        } else {
+            self.device.rmsnorm(x, norm, rows, hidden, eps, h)?;
+            self.device.matvec(output, w.h.slice(0..rows * hidden)?, rows, logits, false)?;
+        }
         self.device.download(w.logits.slice(0..rows * vocab)?)
     }
 }
@@ -382,94 +441,201 @@ fn new_cache(device: &CudaDevice, cfg: &ModelConfig, positions: usize) -> Result
     Ok(KvCache { keys, values, capacity: positions })
 }
 
-/// Decoder layer `l` on the `n` tokens in `work.x` at positions `pos0..pos0 + n`, whose keys and values
-/// go to positions `pos0..` of `keys` / `values` (which hold the earlier positions already).
-#[allow(clippy::too_many_arguments)]
-fn decoder_layer(
-    d: &CudaDevice,
-    cfg: &ModelConfig,
-    model: &DeviceModel,
+/// Decoder layer `l` of a model on a device.
+struct Layer<'a> {
+    d: &'a CudaDevice,
+    cfg: &'a ModelConfig,
+    model: &'a DeviceModel,
     l: usize,
-    work: &mut Workspace,
-    keys: &mut DeviceBuffer<f32>,
-    values: &mut DeviceBuffer<f32>,
-    n: usize,
-    pos0: usize,
-) -> Result<(), CudaError> {
-    let lw = &model.layers[l];
-    let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-    let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
-    let eps = cfg.rms_eps as f32;
-    let Workspace {
-        x,
-        h,
-        q,
-        attn,
-        router_logits,
-        expert_ids,
-        expert_weights,
-        groups,
-        gate,
-        act,
-        expert_out,
-        ..
-    } = work;
-    let xs = 0..n * hidden;
-    let new_kv = pos0 * kvd..(pos0 + n) * kvd;
-    let all_kv = 0..(pos0 + n) * kvd;
+}
 
-    // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
-    d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
-    let hn = h.slice(xs.clone())?;
-    d.matvec(&lw.q, hn, n, q.slice_mut(0..n * qd)?, false)?;
-    d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
-    d.matvec(&lw.v, hn, n, values.slice_mut(new_kv.clone())?, false)?;
-    let inv_freq = model.inv_freq.as_slice();
-    let q_norm = Some((lw.q_norm.as_slice(), eps));
-    d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, cfg.head_dim, q_norm, pos0, inv_freq)?;
-    let k_norm = Some((lw.k_norm.as_slice(), eps));
-    d.head_norm_rope(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, cfg.head_dim, k_norm, pos0, inv_freq)?;
-    let shape = AttentionShape {
-        n_tok: n,
-        n_head: cfg.n_head,
-        n_kv_head: cfg.n_kv_head,
-        head_dim: cfg.head_dim,
-        pos0,
-    };
-    let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
-    let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
-    d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
-    d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs.clone())?, true)?;
+impl Layer<'_> {
+    /// The layer on the `n` tokens in `work.x` at positions `pos0..pos0 + n`, whose keys and values
+    /// go to positions `pos0..` of `keys` / `values` (which hold the earlier positions already): the fast
+    /// kernels.
+    fn run(
+        &self,
+        work: &mut Workspace,
+        keys: &mut DeviceBuffer<f32>,
+        values: &mut DeviceBuffer<f32>,
+        n: usize,
+        pos0: usize,
+    ) -> Result<(), CudaError> {
+        let Layer { d, cfg, model, l } = *self;
+        let lw = &model.layers[l];
+        let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
+        let eps = cfg.rms_eps as f32;
+        let Workspace {
+            x,
+            h,
+            q,
+            attn,
+            router_logits,
+            expert_ids,
+            expert_weights,
+            groups,
+            gate,
+            act,
+            expert_out,
+            ..
+        } = work;
+        let xs = 0..n * hidden;
+        let new_kv = pos0 * kvd..(pos0 + n) * kvd;
+        let all_kv = 0..(pos0 + n) * kvd;
 
-    // MoE block: x += sum over the chosen experts of weight * down(silu(gate · h) * (up · h)).
-    d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
-    let hn = h.slice(xs.clone())?;
-    d.matvec(&lw.router, hn, n, router_logits.slice_mut(0..n * n_exp)?, false)?;
-    let slots = n * k;
-    d.softmax_topk(
-        router_logits.slice(0..n * n_exp)?,
-        n,
-        n_exp,
-        k,
-        cfg.norm_topk_prob,
-        expert_ids.slice_mut(0..slots)?,
-        expert_weights.slice_mut(0..slots)?,
-    )?;
-    let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
-    let routing = if slots < n_exp {
-        Routing::PerSlot { ids }
-    } else {
-        d.moe_group(ids, slots, groups)?;
-        Routing::Grouped(&*groups)
-    };
-    let ffn = cfg.expert_ffn;
-    d.moe_matvec(&lw.gate_exps, hn, k, routing, slots, gate.slice_mut(0..slots * ffn)?, None)?;
-    let g = Some(gate.slice(0..slots * ffn)?);
-    d.moe_matvec(&lw.up_exps, hn, k, routing, slots, act.slice_mut(0..slots * ffn)?, g)?;
-    let a = act.slice(0..slots * ffn)?;
-    d.moe_matvec(&lw.down_exps, a, 1, routing, slots, expert_out.slice_mut(0..slots * hidden)?, None)?;
-    let wts = expert_weights.slice(0..slots)?;
-    d.moe_combine(expert_out.slice(0..slots * hidden)?, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
+        // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
+        d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        let hn = h.slice(xs.clone())?;
+        d.matvec(&lw.q, hn, n, q.slice_mut(0..n * qd)?, false)?;
+        d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
+        d.matvec(&lw.v, hn, n, values.slice_mut(new_kv.clone())?, false)?;
+        let inv_freq = model.inv_freq.as_slice();
+        let q_norm = Some((lw.q_norm.as_slice(), eps));
+        d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, cfg.head_dim, q_norm, pos0, inv_freq)?;
+        let k_norm = Some((lw.k_norm.as_slice(), eps));
+        d.head_norm_rope(
+            keys.slice_mut(new_kv)?,
+            kvd,
+            n,
+            cfg.n_kv_head,
+            cfg.head_dim,
+            k_norm,
+            pos0,
+            inv_freq,
+        )?;
+        let shape = AttentionShape {
+            n_tok: n,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+            pos0,
+        };
+        let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
+        let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
+        d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
+        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs.clone())?, true)?;
+
+        // MoE block: x += sum over the chosen experts of weight * down(silu(gate · h) * (up · h)).
+        d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        let hn = h.slice(xs.clone())?;
+        d.matvec(&lw.router, hn, n, router_logits.slice_mut(0..n * n_exp)?, false)?;
+        let slots = n * k;
+        d.softmax_topk(
+            router_logits.slice(0..n * n_exp)?,
+            n,
+            n_exp,
+            k,
+            cfg.norm_topk_prob,
+            expert_ids.slice_mut(0..slots)?,
+            expert_weights.slice_mut(0..slots)?,
+        )?;
+        let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
+        let routing = if slots < n_exp {
+            Routing::PerSlot { ids }
+        } else {
+            d.moe_group(ids, slots, groups)?;
+            Routing::Grouped(&*groups)
+        };
+        let ffn = cfg.expert_ffn;
+        d.moe_matvec(&lw.gate_exps, hn, k, routing, slots, gate.slice_mut(0..slots * ffn)?, None)?;
+        let g = Some(gate.slice(0..slots * ffn)?);
+        d.moe_matvec(&lw.up_exps, hn, k, routing, slots, act.slice_mut(0..slots * ffn)?, g)?;
+        let a = act.slice(0..slots * ffn)?;
+        d.moe_matvec(&lw.down_exps, a, 1, routing, slots, expert_out.slice_mut(0..slots * hidden)?, None)?;
+        let wts = expert_weights.slice(0..slots)?;
+        d.moe_combine(expert_out.slice(0..slots * hidden)?, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
+    }
+
+    /// As [`Layer::run`] with the `exact` kernels (the `cpu` backend's operation order, bit for bit) and the
+    /// RoPE tables `rope` (cosines, sines). Experts run one block row per routed slot.
+    fn run_exact(
+        &self,
+        work: &mut Workspace,
+        keys: &mut DeviceBuffer<f32>,
+        values: &mut DeviceBuffer<f32>,
+        n: usize,
+        pos0: usize,
+        rope: (DevSlice<'_, f32>, DevSlice<'_, f32>),
+    ) -> Result<(), CudaError> {
+        let Layer { d, cfg, model, l } = *self;
+        let lw = &model.layers[l];
+        let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
+        let eps = cfg.rms_eps as f32;
+        let Workspace {
+            x, h, q, attn, router_logits, expert_ids, expert_weights, gate, act, expert_out, ..
+        } = work;
+        let xs = 0..n * hidden;
+        let new_kv = pos0 * kvd..(pos0 + n) * kvd;
+        let all_kv = 0..(pos0 + n) * kvd;
+        let tokens = ExactRows::Tokens { n_tok: n };
+
+        // Attention block.
+        d.rmsnorm_exact(
+            x.slice(xs.clone())?,
+            lw.attn_norm.as_slice(),
+            n,
+            hidden,
+            eps,
+            h.slice_mut(xs.clone())?,
+        )?;
+        let hn = h.slice(xs.clone())?;
+        d.matvec_exact(&lw.q, hn, tokens, q.slice_mut(0..n * qd)?, None, false)?;
+        d.matvec_exact(&lw.k, hn, tokens, keys.slice_mut(new_kv.clone())?, None, false)?;
+        d.matvec_exact(&lw.v, hn, tokens, values.slice_mut(new_kv.clone())?, None, false)?;
+        let (hd, q_norm, k_norm) = (cfg.head_dim, (lw.q_norm.as_slice(), eps), (lw.k_norm.as_slice(), eps));
+        d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, pos0, rope)?;
+        d.head_norm_rope_exact(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, hd, k_norm, pos0, rope)?;
+        let shape =
+            AttentionShape { n_tok: n, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd, pos0 };
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
+        d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
+        d.matvec_exact(&lw.o, attn.slice(0..n * qd)?, tokens, x.slice_mut(xs.clone())?, None, true)?;
+
+        // MoE block.
+        d.rmsnorm_exact(
+            x.slice(xs.clone())?,
+            lw.ffn_norm.as_slice(),
+            n,
+            hidden,
+            eps,
+            h.slice_mut(xs.clone())?,
+        )?;
+        let hn = h.slice(xs.clone())?;
+        d.matvec_exact(&lw.router, hn, tokens, router_logits.slice_mut(0..n * n_exp)?, None, false)?;
+        let slots = n * k;
+        d.softmax_topk_exact(
+            router_logits.slice(0..n * n_exp)?,
+            n,
+            n_exp,
+            k,
+            cfg.norm_topk_prob,
+            expert_ids.slice_mut(0..slots)?,
+            expert_weights.slice_mut(0..slots)?,
+        )?;
+        let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
+        let ffn = cfg.expert_ffn;
+        let per_token = ExactRows::Slots { ids, in_div: k };
+        d.matvec_exact(&lw.gate_exps, hn, per_token, gate.slice_mut(0..slots * ffn)?, None, false)?;
+        let g = Some(gate.slice(0..slots * ffn)?);
+        d.matvec_exact(&lw.up_exps, hn, per_token, act.slice_mut(0..slots * ffn)?, g, false)?;
+        let a = act.slice(0..slots * ffn)?;
+        let per_slot = ExactRows::Slots { ids, in_div: 1 };
+        d.matvec_exact(&lw.down_exps, a, per_slot, expert_out.slice_mut(0..slots * hidden)?, None, false)?;
+        let wts = expert_weights.slice(0..slots)?;
+        d.moe_combine_exact(
+            expert_out.slice(0..slots * hidden)?,
+            ids,
+            wts,
+            n,
+            k,
+            hidden,
+            n_exp,
+            x.slice_mut(xs)?,
+        )
+    }
 }
 
 impl Forward for CudaForward {
@@ -512,6 +678,7 @@ impl Forward for CudaForward {
             });
         }
         self.ensure_workspace(n)?;
+        self.ensure_rope(n)?;
         let stage = format!("running layer {layer} alone");
         let x: Vec<f32> = input.data.iter().map(|&v| v as f32).collect();
         let d = &self.device;
@@ -520,7 +687,11 @@ impl Forward for CudaForward {
             let mut keys = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             d.copy_to_device(&x, work.x.slice_mut(0..n * hidden)?)?;
-            decoder_layer(d, &cfg, &self.model, layer, work, &mut keys, &mut values, n, 0)?;
+            let run = Layer { d, cfg: &cfg, model: &self.model, l: layer };
+            match &self.exact_rope {
+                None => run.run(work, &mut keys, &mut values, n, 0)?,
+                Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices())?,
+            }
             d.download(work.x.slice(0..n * hidden)?)
         };
         let out = run(&mut self.work).map_err(|e| engine_error(&stage, e))?;

@@ -214,3 +214,65 @@ pub fn compare_trace(trace: &moe_engine::trace::Trace, p: &Prompt, vocab: usize)
     }
     e
 }
+
+/// How two traces of one prompt compare bit for bit (the `exact` policy's promise, DESIGN §6).
+#[derive(Debug, Default, Clone)]
+pub struct BitAgreement {
+    /// Tensors compared: per layer hidden, router logits, router experts, router weights; then the
+    /// logits.
+    pub tensors: usize,
+    /// Tensors whose every value has the same f32 bits (experts: the same ids in the same order).
+    pub identical: usize,
+    /// The first tensors that differ, with their first differing index and values.
+    pub first_differences: Vec<String>,
+}
+
+impl BitAgreement {
+    /// Adds the comparison of `a` with `b` (two traces of the same prompt).
+    pub fn add(&mut self, a: &moe_engine::trace::Trace, b: &moe_engine::trace::Trace) {
+        assert_eq!(a.tokens, b.tokens, "traces of different prompts");
+        assert_eq!(a.layers.len(), b.layers.len(), "traces of different depths");
+        for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
+            self.matrix(&format!("layer {l} hidden"), &x.hidden, &y.hidden);
+            self.matrix(&format!("layer {l} router_logits"), &x.router_logits, &y.router_logits);
+            self.tensors += 1;
+            if x.router_experts == y.router_experts {
+                self.identical += 1;
+            } else {
+                self.note(format!(
+                    "layer {l} router_experts: {:?} vs {:?}",
+                    x.router_experts, y.router_experts
+                ));
+            }
+            self.matrix(&format!("layer {l} router_weights"), &x.router_weights, &y.router_weights);
+        }
+        self.matrix("logits", &a.logits, &b.logits);
+    }
+
+    /// Whether every tensor compared so far is identical.
+    pub fn all_identical(&self) -> bool {
+        self.identical == self.tensors
+    }
+
+    fn matrix(&mut self, what: &str, x: &moe_engine::trace::Matrix, y: &moe_engine::trace::Matrix) {
+        self.tensors += 1;
+        // The traces hold f32 values widened to f64 (exactly): compare the f32 bits.
+        let bits = |m: &moe_engine::trace::Matrix| -> Vec<u32> {
+            m.data.iter().map(|&v| (v as f32).to_bits()).collect()
+        };
+        let (bx, by) = (bits(x), bits(y));
+        if (x.rows, x.cols) == (y.rows, y.cols) && bx == by {
+            self.identical += 1;
+            return;
+        }
+        let i = bx.iter().zip(&by).position(|(p, q)| p != q).unwrap_or(bx.len().min(by.len()));
+        let (vx, vy) = (x.data.get(i).copied(), y.data.get(i).copied());
+        self.note(format!("{what} [{}x{}]: first difference at {i}: {vx:?} vs {vy:?}", x.rows, x.cols));
+    }
+
+    fn note(&mut self, s: String) {
+        if self.first_differences.len() < 5 {
+            self.first_differences.push(s);
+        }
+    }
+}

@@ -59,6 +59,8 @@ pub(crate) struct FormatKernels {
     pub(crate) matvec: CudaFunction,
     pub(crate) moe_matvec: CudaFunction,
     pub(crate) get_rows: CudaFunction,
+    /// The `exact` policy's matrix-vector product (plain and per routed slot), `exact.cu`.
+    pub(crate) matvec_exact: CudaFunction,
 }
 
 /// Every kernel of the program, looked up once.
@@ -69,6 +71,18 @@ pub(crate) struct Kernels {
     pub(crate) attention: CudaFunction,
     pub(crate) softmax_topk: CudaFunction,
     pub(crate) moe_group: CudaFunction,
+    pub(crate) moe_combine: CudaFunction,
+    /// The `exact` policy's kernels (`exact.cu`).
+    pub(crate) exact: ExactKernels,
+}
+
+/// The kernels of `exact.cu` that do not depend on a block format.
+pub(crate) struct ExactKernels {
+    pub(crate) exp: CudaFunction,
+    pub(crate) rmsnorm: CudaFunction,
+    pub(crate) head_norm_rope: CudaFunction,
+    pub(crate) attention: CudaFunction,
+    pub(crate) softmax_topk: CudaFunction,
     pub(crate) moe_combine: CudaFunction,
 }
 
@@ -411,6 +425,7 @@ fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
                 matvec: load(&format!("matvec_{suffix}"))?,
                 moe_matvec: load(&format!("moe_matvec_{suffix}"))?,
                 get_rows: load(&format!("get_rows_{suffix}"))?,
+                matvec_exact: load(&format!("matvec_exact_{suffix}"))?,
             },
         );
     }
@@ -422,6 +437,14 @@ fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
         softmax_topk: load("softmax_topk")?,
         moe_group: load("moe_group")?,
         moe_combine: load("moe_combine")?,
+        exact: ExactKernels {
+            exp: load("exp_exact")?,
+            rmsnorm: load("rmsnorm_exact")?,
+            head_norm_rope: load("head_norm_rope_exact")?,
+            attention: load("attention_exact")?,
+            softmax_topk: load("softmax_topk_exact")?,
+            moe_combine: load("moe_combine_exact")?,
+        },
     })
 }
 

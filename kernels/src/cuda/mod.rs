@@ -14,16 +14,22 @@
 //!   every length and index a kernel relies on is checked on the host before the launch, and the kernels
 //!   turn out-of-range token or expert ids into NaN instead of reading out of bounds, so the API is safe.
 //!
+//! - The `exact` policy's kernels (`exact.cu`, launched by `CudaDevice::*_exact`) follow the canonical
+//!   operation order of `docs/numerics.md`, the CPU kernels' order, with every operation explicitly
+//!   rounded: their results are the CPU's bits.
+//!
 //! Everything is enqueued on the device's one stream; only downloads wait for it.
 
 mod device;
 mod error;
+mod exact;
 mod ops;
 
 pub use device::{
     CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceInfo, DeviceMatrix, DeviceScalar, compile_program,
 };
 pub use error::CudaError;
+pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
 pub use ops::{AttentionShape, ExpertGroups, Routing};
 
 /// Environment variable that makes every launch wait for the kernel and check its status, so an
@@ -32,12 +38,13 @@ pub use ops::{AttentionShape, ExpertGroups, Routing};
 pub const SYNC_EACH_LAUNCH_ENV: &str = "MOE_GATE_CUDA_SYNC";
 
 /// The CUDA C program, in the order its parts depend on each other.
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("common.cuh", include_str!("common.cuh")),
     ("quant.cu", include_str!("quant.cu")),
     ("norm_rope.cu", include_str!("norm_rope.cu")),
     ("attention.cu", include_str!("attention.cu")),
     ("moe.cu", include_str!("moe.cu")),
+    ("exact.cu", include_str!("exact.cu")),
 ];
 
 /// The whole program as NVRTC compiles it: the parts concatenated, each preceded by a `#line` directive

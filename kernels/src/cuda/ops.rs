@@ -25,9 +25,9 @@ const COMBINE_THREADS: u32 = 256;
 /// Threads of the one block of `moe_group` (one expert per thread, looping beyond).
 const GROUP_THREADS: u32 = 256;
 /// Largest dynamic shared memory a kernel may ask for without opting in (48 KiB on every device).
-const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
+pub(super) const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
 /// Largest grid y / z dimension.
-const MAX_GRID_YZ: usize = 65535;
+pub(super) const MAX_GRID_YZ: usize = 65535;
 
 /// Shape of one attention call: `n_tok` queries at positions `pos0 .. pos0 + n_tok` over a cache holding
 /// at least `pos0 + n_tok` positions.
@@ -66,12 +66,12 @@ pub enum Routing<'a> {
 }
 
 /// Converts a size to the kernel's `int`, naming what overflowed.
-fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+pub(super) fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
     i32::try_from(v)
         .map_err(|_| CudaError::invalid(op, format!("{what} = {v} exceeds the kernels' int range")))
 }
 
-fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
+pub(super) fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
     if have < want {
         return Err(CudaError::invalid(op, format!("{what} holds {have} values, needs {want}")));
     }
@@ -90,7 +90,7 @@ fn check_x_alignment(op: &'static str, w: &DeviceMatrix, x: &DevSlice<'_, f32>) 
     Ok(())
 }
 
-fn grid_yz(op: &'static str, what: &str, v: usize) -> Result<u32, CudaError> {
+pub(super) fn grid_yz(op: &'static str, what: &str, v: usize) -> Result<u32, CudaError> {
     if v == 0 || v > MAX_GRID_YZ {
         return Err(CudaError::invalid(op, format!("{what} = {v} must be in 1..={MAX_GRID_YZ}")));
     }
@@ -493,7 +493,7 @@ impl CudaDevice {
     }
 
     /// Queues `f` with the arguments `push` adds, and with [`super::SYNC_EACH_LAUNCH_ENV`] waits for it.
-    fn launch<'a>(
+    pub(super) fn launch<'a>(
         &'a self,
         op: &'static str,
         f: &'a CudaFunction,
