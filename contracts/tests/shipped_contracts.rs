@@ -29,8 +29,8 @@ fn the_contract_of_record_holds_the_canonical_prompts_and_the_generated_set() {
     let c = contract("qwen3-moe-forward-gpu-v1");
     assert_eq!(c.contract, "qwen3-moe-forward-gpu-v1");
     assert_eq!(c.status, Status::Active);
-    assert_eq!(c.version, semver::Version::new(1, 2, 0));
-    assert_eq!(c.known_divergences.len(), 9, "the two certified router ties of 2026-11-29");
+    assert_eq!(c.version, semver::Version::new(1, 3, 0));
+    assert_eq!(c.known_divergences.len(), 11, "the four certified router ties of 2026-11-29");
     assert_eq!(c.amendments[0].version, c.version);
     assert_eq!(c.model, "synth:qwen3-coder-30b-a3b:q4_k_m");
     assert_eq!(c.smoke_model, "synth:tiny");
