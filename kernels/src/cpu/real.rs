@@ -132,19 +132,7 @@ mod tests {
         use crate::GgmlType;
         use crate::quant::{dequantize_row, dot_row, quantize_row};
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let types = [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ];
-        for ty in types {
+        for ty in GgmlType::ALL {
             for n in [256usize, 512, 768] {
                 let src: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
