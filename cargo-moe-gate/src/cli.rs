@@ -1,10 +1,12 @@
 //! The command line of DESIGN §4: the gate itself (our flags and libtest's in one line) and the
-//! subcommands `trace`, `synth`, `validate`, `list` and `quantize`.
+//! subcommands `trace`, `synth`, `validate`, `list`, `quantize` and `merge` (DESIGN §9's sharding).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::partition::Partition;
 
 /// `cargo moe-gate`: numerical parity between the CPU and CUDA forwards, judged by a versioned contract.
 #[derive(Debug, Parser)]
@@ -46,6 +48,10 @@ pub struct GateArgs {
     /// Write a JUnit XML report to this file.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
+    /// Judge only shard K of N: the trials of every N-th prompt of the contract (as resolved for the
+    /// model), starting with the K-th. Join the shards' report.json files with `cargo moe-gate merge`.
+    #[arg(long, value_name = "K/N")]
+    pub partition: Option<Partition>,
     /// libtest's arguments.
     #[command(flatten)]
     pub libtest: libtest_mimic::Arguments,
@@ -64,6 +70,9 @@ pub enum Command {
     List,
     /// Re-quantises a GGUF model to another tensor mix, keeping its metadata.
     Quantize(QuantizeArgs),
+    /// Joins the report.json files of the shards of one `--partition K/N` run into the whole contract's
+    /// report and verdict (exit 0 or 101, like the gate).
+    Merge(MergeArgs),
 }
 
 /// Arguments of `cargo moe-gate trace`.
@@ -119,7 +128,25 @@ pub struct QuantizeArgs {
     pub quant: String,
 }
 
-/// Drops the `moe-gate` that cargo inserts as argv[1] when it runs an installed `cargo-moe-gate`
+/// Arguments of `cargo moe-gate merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shards' report.json files, one per partition 1..N, in any order.
+    #[arg(value_name = "REPORT.json", required = true, num_args = 1..)]
+    pub reports: Vec<PathBuf>,
+    /// Write the merged report.json, report.md, layers.svg and junit.xml into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+    /// Write the merged JUnit XML report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// The contract the shards judged (an id or a path), when the path their reports recorded is not
+    /// readable here. It must have the shards' id and version.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub contract: Option<String>,
+}
+
+/// Drops the `moe-gate` that cargo inserts as `argv[1]` when it runs an installed `cargo-moe-gate`
 /// subcommand, so both invocations parse the same way.
 pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
     let mut args = args;
@@ -205,6 +232,31 @@ mod tests {
             }
             other => panic!("expected trace, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn partition_is_k_of_n() {
+        let cli = parse(&["g", "--partition", "2/3", "--list"]);
+        assert_eq!(cli.gate.partition, Some(Partition { index: 2, count: 3 }));
+        for bad in ["0/3", "4/3", "a/b", "3"] {
+            let e = Cli::try_parse_from(["g", "--partition", bad]).unwrap_err();
+            assert!(e.use_stderr(), "{bad}: an error, exit 2");
+            let msg = e.to_string();
+            assert!(msg.contains("the accepted form is K/N"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn merge_takes_reports_and_an_output_dir() {
+        let cli = parse(&["g", "merge", "a/report.json", "b/report.json", "--report-dir", "out"]);
+        match cli.command {
+            Some(Command::Merge(m)) => {
+                assert_eq!(m.reports, [PathBuf::from("a/report.json"), PathBuf::from("b/report.json")]);
+                assert_eq!(m.report_dir, Some(PathBuf::from("out")));
+            }
+            other => panic!("expected merge, got {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["g", "merge"]).is_err(), "at least one report");
     }
 
     #[test]

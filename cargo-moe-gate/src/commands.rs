@@ -1,5 +1,7 @@
-//! The subcommands next to the gate run (DESIGN §4): `trace`, `synth`, `validate`, `list`, `quantize`.
-//! Each returns the process exit code (0, or 2 through a [`GateError`]).
+//! The subcommands next to the gate run (DESIGN §4): `trace`, `synth`, `validate`, `list`, `quantize`,
+//! and `merge` (DESIGN §9, in [`crate::merge`]).
+//! Each returns the process exit code (0, 101 for a merge whose blocking gate fails, or 2 through a
+//! [`GateError`]).
 
 use std::path::PathBuf;
 
@@ -20,6 +22,7 @@ pub fn run(command: Command) -> Result<u8, GateError> {
         Command::Validate(args) => validate(&args),
         Command::List => list(),
         Command::Quantize(args) => quantize(&args),
+        Command::Merge(args) => crate::merge::run_merge(&args),
     }
 }
 

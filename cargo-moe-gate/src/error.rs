@@ -43,6 +43,11 @@ pub enum GateError {
     #[error("{what}: {source}")]
     Engine { what: String, source: moe_engine::error::EngineError },
 
+    // --- merging shards ---
+    /// The shards' reports cannot be merged.
+    #[error("{0}")]
+    Merge(#[from] crate::merge::MergeError),
+
     // --- outputs ---
     /// A report or output file could not be written.
     #[error("cannot write {path}: {reason}; check that the directory exists and is writable")]

@@ -1,6 +1,7 @@
 //! The gate run (DESIGN §1, §4, §7-§9): load the contract, pick the model, record every needed
 //! (run, prompt) forward once, evaluate every trial from the recorded traces, diagnose the failures,
-//! hand the outcomes to libtest-mimic, then print the summary and write the reports.
+//! hand the outcomes to libtest-mimic, then print the summary and write the reports. Under
+//! `--partition K/N` only the trials of the partition's prompts exist for the run ([`crate::partition`]).
 //!
 //! Exit codes: 0 every blocking gate holds, 101 a blocking gate failed, 2 (a [`GateError`]) the run could
 //! not be judged.
@@ -9,20 +10,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moe_contracts::{Contract, CriterionSummary, Prompt, Recorded, TrialOutcome, TrialPlan};
+use moe_contracts::{Contract, Prompt, Recorded};
 use moe_engine::backend::{BackendKind, Policy};
 use moe_engine::weights::ModelWeights;
 
 use crate::cli::GateArgs;
 use crate::diagnose::Diagnoser;
 use crate::error::GateError;
+use crate::judged::Judged;
 use crate::model::{CudaStatus, ModelChoice, choose_model, probe_cuda, resolve_model};
 use crate::record::{self, top_logits};
 use crate::report::{
-    ArgmaxRow, ContractInfo, CriterionReport, CudaInfo, Diagnosis, GateReport, LayerRow, LayerTable,
-    ModelInfo, RunToken, SCHEMA_VERSION, Timings, TrialReport, TrialStatus, Verdict, Worse, terminal,
+    ArgmaxRow, ContractInfo, CudaInfo, Diagnosis, GateReport, ModelInfo, PartitionInfo, RunToken,
+    SCHEMA_VERSION, Timings, TrialStatus, terminal,
 };
-use crate::trials::{self, Selection};
+use crate::trials;
 
 /// libtest's exit code for failed tests, which the gate reuses for a failed blocking gate.
 pub const EXIT_FAILED: u8 = 101;
@@ -53,10 +55,19 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         }
     }
 
-    // Prompt sets marked `only_on: model` stay off the smoke model (a `--model` is never the smoke model).
-    let contract = if choice.source == "--model" { contract } else { contract.for_model(&choice.spec) };
-    let prompts = contract.expand_prompts();
-    let plans = contract.plan(weights.config.n_layer);
+    let contract = resolve_for_model(contract, choice.source, &choice.spec);
+    let mut prompts = contract.expand_prompts();
+    let mut plans = contract.plan(weights.config.n_layer);
+    let partition = args.partition.map(|part| {
+        let info = part.info(&prompts);
+        part.retain_trials(&mut plans, &prompts);
+        prompts = part.prompts(&prompts);
+        note(&format!(
+            "{info} ({}); the other shards' trials do not exist in this run",
+            info.prompts.join(", ")
+        ));
+        info
+    });
     let selection = trials::select(&contract, &plans, &args.libtest, cuda.unavailable.as_deref());
     if args.libtest.list {
         let statuses: Vec<TrialStatus> =
@@ -84,14 +95,8 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         .zip(&outcomes)
         .map(|((p, s), o)| trials::status(p, s, o.as_ref()))
         .collect();
-    let judged: Vec<(TrialPlan, Option<TrialOutcome>)> = plans
-        .iter()
-        .zip(&selection)
-        .zip(&outcomes)
-        .filter(|((_, s), _)| **s != Selection::FilteredOut)
-        .map(|((p, _), o)| (p.clone(), o.clone()))
-        .collect();
-    let summaries = moe_contracts::summarize(&contract, &judged);
+    let judged = Judged { contract: &contract, plans: &plans, statuses: &statuses, outcomes: &outcomes };
+    let summaries = judged.summaries();
     let evaluation_s = evaluation_started.elapsed().as_secs_f64();
 
     let diagnosis_started = Instant::now();
@@ -119,18 +124,15 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         total_s: started.elapsed().as_secs_f64(),
     };
     let report = ReportInputs {
-        contract: &contract,
+        judged,
         choice: &choice,
         n_layer: weights.config.n_layer,
         cuda: &cuda,
-        plans: &plans,
-        statuses: &statuses,
-        outcomes: &outcomes,
-        summaries: &summaries,
         recorded: &recording.recorded,
         prompts: &prompts,
+        partition,
     }
-    .build(diagnoses, timings);
+    .build(&summaries, diagnoses, timings);
 
     let summary = terminal::render(&report);
     if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
@@ -151,6 +153,12 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
 /// A line on stderr (stdout belongs to libtest, whose `--format json` must stay parseable).
 fn note(msg: &str) {
     eprintln!("moe-gate: {msg}");
+}
+
+/// The contract as it applies to the model chosen: prompt sets marked `only_on: model` stay off the
+/// smoke model (a `--model` is never the smoke model). `merge` resolves the shards' contract the same way.
+pub fn resolve_for_model(contract: Contract, model_source: &str, model_spec: &str) -> Contract {
+    if model_source == "--model" { contract } else { contract.for_model(model_spec) }
 }
 
 /// Loads the model the gate runs and probes CUDA. Without `--model`, the smoke model is loaded first
@@ -191,23 +199,26 @@ fn select_model(
 
 /// What the report is built from.
 struct ReportInputs<'a> {
-    contract: &'a Contract,
+    judged: Judged<'a>,
     choice: &'a ModelChoice,
     n_layer: usize,
     cuda: &'a CudaStatus,
-    plans: &'a [TrialPlan],
-    statuses: &'a [TrialStatus],
-    outcomes: &'a [Option<TrialOutcome>],
-    summaries: &'a [CriterionSummary],
     recorded: &'a Recorded,
+    /// The prompts of the run (of its partition, when partitioned).
     prompts: &'a [Prompt],
+    partition: Option<PartitionInfo>,
 }
 
 impl ReportInputs<'_> {
-    fn build(&self, diagnoses: Vec<Diagnosis>, timings: Timings) -> GateReport {
-        let c = self.contract;
-        let criteria = self.criteria();
-        let verdict = self.verdict(&criteria);
+    fn build(
+        self,
+        summaries: &[moe_contracts::CriterionSummary],
+        diagnoses: Vec<Diagnosis>,
+        timings: Timings,
+    ) -> GateReport {
+        let c = self.judged.contract;
+        let criteria = self.judged.criteria(summaries);
+        let verdict = self.judged.verdict(&criteria, self.partition.as_ref());
         GateReport {
             schema_version: SCHEMA_VERSION,
             tool: format!("cargo-moe-gate {}", env!("CARGO_PKG_VERSION")),
@@ -224,6 +235,8 @@ impl ReportInputs<'_> {
                 reason: self.choice.reason.clone(),
                 n_layer: self.n_layer,
             },
+            partition: self.partition.clone(),
+            shards: Vec::new(),
             cuda: CudaInfo {
                 needed: self.cuda.needed,
                 available: self.cuda.available(),
@@ -231,121 +244,12 @@ impl ReportInputs<'_> {
             },
             timings,
             criteria,
-            trials: self.trials(),
-            layers: self.layer_tables(),
+            trials: self.judged.trials(),
+            layers: self.judged.layer_tables(),
             argmax: self.argmax_rows(),
             diagnoses,
             verdict,
         }
-    }
-
-    fn trials(&self) -> Vec<TrialReport> {
-        self.plans
-            .iter()
-            .zip(self.statuses)
-            .zip(self.outcomes)
-            .map(|((plan, status), outcome)| TrialReport {
-                name: plan.name.clone(),
-                criterion: plan.criterion.clone(),
-                prompt: plan.prompt.clone(),
-                layer: plan.layer,
-                position: plan.position,
-                status: status.clone(),
-                value: outcome.as_ref().map(|o| o.value),
-                detail: outcome.as_ref().map(|o| o.detail.clone()).unwrap_or_default(),
-                non_finite: outcome.as_ref().and_then(|o| o.non_finite.clone()),
-                known_divergence: plan.expected.as_ref().map(|k| format!("{}: {}", k.status, k.note)),
-            })
-            .collect()
-    }
-
-    fn criteria(&self) -> Vec<CriterionReport> {
-        self.contract
-            .criteria
-            .iter()
-            .map(|c| {
-                let summary = self.summaries.iter().find(|s| s.criterion == c.id);
-                let mine: Vec<&TrialStatus> = self
-                    .plans
-                    .iter()
-                    .zip(self.statuses)
-                    .filter(|(p, _)| p.criterion == c.id)
-                    .map(|(_, s)| s)
-                    .collect();
-                let count = |f: fn(&TrialStatus) -> bool| mine.iter().filter(|s| f(s)).count();
-                CriterionReport {
-                    id: c.id.clone(),
-                    title: c.title.clone(),
-                    compare: c.compare.clone(),
-                    tap: c.tap.to_string(),
-                    metric: c.metric.to_string(),
-                    gate: c.gate.to_string(),
-                    threshold: match (c.threshold.min, c.threshold.max) {
-                        (None, None) => String::new(),
-                        _ => c.threshold.to_string(),
-                    },
-                    worse: worse(c),
-                    blocking: c.blocking,
-                    passed: summary.map_or(0, |s| s.passed),
-                    total: summary.map_or(0, |s| s.total),
-                    ignored: count(|s| matches!(s, TrialStatus::Ignored(_))),
-                    expected_failures: count(|s| *s == TrialStatus::ExpectedFailure),
-                    unexpected_passes: summary.map(|s| s.unexpected_passes.clone()).unwrap_or_default(),
-                    gate_holds: summary.is_none_or(|s| s.gate_holds),
-                }
-            })
-            .collect()
-    }
-
-    /// Worst value per layer over prompts, for every criterion with per-layer trials.
-    fn layer_tables(&self) -> Vec<LayerTable> {
-        let mut tables = Vec::new();
-        for c in &self.contract.criteria {
-            let direction = worse(c);
-            let mut rows: Vec<LayerRow> = Vec::new();
-            for ((plan, status), outcome) in self.plans.iter().zip(self.statuses).zip(self.outcomes) {
-                let (Some(layer), Some(o)) = (plan.layer, outcome) else { continue };
-                if plan.criterion != c.id {
-                    continue;
-                }
-                let row = match rows.iter_mut().position(|r| r.layer == layer) {
-                    Some(i) => &mut rows[i],
-                    None => {
-                        rows.push(LayerRow {
-                            layer,
-                            worst: o.value,
-                            worst_prompt: plan.prompt.clone(),
-                            failed: false,
-                            values: Default::default(),
-                        });
-                        rows.last_mut().expect("pushed")
-                    }
-                };
-                let v = row.values.get(&plan.prompt).map_or(o.value, |&prev| direction.worst(prev, o.value));
-                row.values.insert(plan.prompt.clone(), v);
-                if direction.is_worse(o.value, row.worst) {
-                    row.worst = o.value;
-                    row.worst_prompt = plan.prompt.clone();
-                }
-                row.failed |= status.is_failure();
-            }
-            if rows.is_empty() {
-                continue;
-            }
-            rows.sort_by_key(|r| r.layer);
-            let threshold = match direction {
-                Worse::Lower => c.threshold.min,
-                Worse::Higher => c.threshold.max,
-            };
-            tables.push(LayerTable {
-                criterion: c.id.clone(),
-                metric: c.metric.to_string(),
-                worse: direction,
-                threshold,
-                rows,
-            });
-        }
-        tables
     }
 
     /// Each prompt's next token according to each recorded run (last position of its trace).
@@ -378,48 +282,5 @@ impl ReportInputs<'_> {
                 Some(ArgmaxRow { prompt: p.id.clone(), runs: tokens, agree })
             })
             .collect()
-    }
-
-    fn verdict(&self, criteria: &[CriterionReport]) -> Verdict {
-        let failed = |blocking: bool| -> Vec<String> {
-            criteria
-                .iter()
-                .filter(|c| c.blocking == blocking && !c.gate_holds)
-                .map(|c| c.id.clone())
-                .collect()
-        };
-        let blocking_failed = failed(true);
-        let advisory_failed = failed(false);
-        let ignored = self.statuses.iter().filter(|s| matches!(s, TrialStatus::Ignored(_))).count();
-        let judged: usize = criteria.iter().map(|c| c.total).sum();
-        let expected: usize = criteria.iter().map(|c| c.expected_failures).sum();
-        let unexpected: usize = criteria.iter().map(|c| c.unexpected_passes.len()).sum();
-        let line = if blocking_failed.is_empty() {
-            let mut line = format!(
-                "PASSED: every blocking gate holds ({judged} trials judged, {expected} expected failures, {ignored} ignored)"
-            );
-            if !advisory_failed.is_empty() {
-                line.push_str(&format!("; advisory gates failed: {}", advisory_failed.join(", ")));
-            }
-            line
-        } else {
-            let (s, verb) = if blocking_failed.len() == 1 { ("", "does") } else { ("s", "do") };
-            let mut line = format!("FAILED: blocking gate{s} {} {verb} not hold", blocking_failed.join(", "));
-            if unexpected > 0 {
-                line.push_str(&format!(" ({unexpected} strict known divergences passed unexpectedly)"));
-            }
-            line
-        };
-        let exit_code = if blocking_failed.is_empty() { 0 } else { EXIT_FAILED };
-        Verdict { exit_code, blocking_failed, advisory_failed, ignored, line }
-    }
-}
-
-/// Which way a criterion's metric gets worse: bounded below (cosine) means lower is worse; everything
-/// else (error sizes, mismatch counts) higher.
-fn worse(c: &moe_contracts::Criterion) -> Worse {
-    match c.metric.bound() {
-        Some(moe_contracts::Bound::Min) => Worse::Lower,
-        _ => Worse::Higher,
     }
 }

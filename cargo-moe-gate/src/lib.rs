@@ -5,7 +5,9 @@
 //!
 //! - [`cli`]: the command line; [`discover`]: workspace and contracts; [`model`]: model choice and CUDA.
 //! - [`record`]: the forwards; [`trials`]: selection, outcomes and libtest trials; [`diagnose`].
-//! - [`gate`]: the run itself; [`commands`]: the subcommands; [`report`]: the report writers.
+//! - [`gate`]: the run itself; [`judged`]: criteria and verdict from the trials; [`commands`]: the
+//!   subcommands; [`report`]: the report writers.
+//! - [`partition`]: `--partition K/N`; [`merge`]: `cargo moe-gate merge` of the shards' reports.
 //!
 //! The binary is a thin `main` over [`run`], so the end-to-end tests and the `harness = false` test
 //! target run exactly what `cargo moe-gate` runs.
@@ -16,7 +18,10 @@ pub mod diagnose;
 pub mod discover;
 pub mod error;
 pub mod gate;
+pub mod judged;
+pub mod merge;
 pub mod model;
+pub mod partition;
 pub mod record;
 pub mod report;
 pub mod trials;
@@ -33,7 +38,7 @@ use crate::error::GateError;
 /// model, CUDA required but absent).
 pub const EXIT_UNJUDGED: u8 = 2;
 
-/// Runs `cargo moe-gate` with these arguments (argv[0] first; a `moe-gate` argv[1], as cargo passes to
+/// Runs `cargo moe-gate` with these arguments (`argv[0]` first; a `moe-gate` `argv[1]`, as cargo passes to
 /// an installed subcommand, is dropped) and returns the exit code.
 pub fn run<I, T>(args: I) -> ExitCode
 where

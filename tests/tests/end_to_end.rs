@@ -321,3 +321,144 @@ fn trace_writes_the_design_format_and_rejects_bad_requests() {
         assert!(out.stderr.contains(expected), "{args:?} should say `{expected}`: {}", out.all());
     }
 }
+
+/// The workspace root: its default contract runs on the smoke model `synth:tiny` (well under a second).
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
+/// The trial names `--list` prints with `extra` arguments.
+fn listed(cwd: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--list"];
+    args.extend_from_slice(extra);
+    let out = gate_in(cwd, &args);
+    assert_eq!(out.code, 0, "{}", out.all());
+    out.stdout.lines().filter_map(|l| l.strip_suffix(": test")).map(str::to_string).collect()
+}
+
+fn report_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn partitions_split_the_default_contract_and_merge_into_its_verdict() {
+    if cuda_usable() {
+        eprintln!("skipped: with CUDA the default contract runs its production-shape model, not synth:tiny");
+        return;
+    }
+    let root = workspace_root();
+    let all = listed(&root, &[]);
+    let first = listed(&root, &["--partition", "1/2"]);
+    let second = listed(&root, &["--partition", "2/2"]);
+    assert!(!first.is_empty() && !second.is_empty(), "{first:?} {second:?}");
+    assert!(first.iter().all(|t| !second.contains(t)), "no trial in both shards");
+    let mut union: Vec<String> = first.iter().chain(&second).cloned().collect();
+    union.sort();
+    let mut whole = all.clone();
+    whole.sort();
+    assert_eq!(union, whole, "the shards together list exactly the unpartitioned run's trials");
+
+    let dir = tempfile::tempdir().unwrap();
+    let reports = |name: &str| dir.path().join(name);
+    let run = |extra: &[&str], name: &str| {
+        let target = reports(name);
+        let mut args = vec!["--report-dir", target.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        gate_in(&root, &args)
+    };
+    let whole_run = run(&[], "whole");
+    assert!(whole_run.code == 0 || whole_run.code == 101, "{}", whole_run.all());
+    for (k, name) in [("1/2", "shard1"), ("2/2", "shard2")] {
+        let out = run(&["--partition", k], name);
+        // The default contract has 4 prompts on the smoke model (its generated set is `only_on: model`).
+        let scope = format!("partition {k}: 2 of 4 prompts");
+        let verdict = out.stdout.lines().find(|l| l.starts_with("gate: ")).unwrap_or_default();
+        assert!(verdict.contains(&format!(" for {scope}: ")), "the verdict names the shard: {}", out.all());
+        assert!(out.stdout.contains(&format!("\n{scope} (")), "so does the header: {}", out.all());
+        let json = report_json(&reports(name));
+        assert_eq!(json["partition"]["count"], 2);
+        assert_eq!(json["partition"]["prompts"].as_array().unwrap().len(), 2);
+    }
+    assert_eq!(report_json(&reports("whole"))["partition"], serde_json::Value::Null);
+
+    let shard = |name: &str| reports(name).join("report.json").to_str().unwrap().to_string();
+    let merged_dir = reports("merged");
+    let merged = gate_in(
+        &root,
+        &["merge", &shard("shard2"), &shard("shard1"), "--report-dir", merged_dir.to_str().unwrap()],
+    );
+    assert_eq!(merged.code, whole_run.code, "{}", merged.all());
+    assert!(merged.stdout.contains("merged from 2 shards:"), "{}", merged.all());
+    let (m, w) = (report_json(&merged_dir), report_json(&reports("whole")));
+    assert_eq!(m["verdict"], w["verdict"], "the same verdict, line and all");
+    assert_eq!(m["criteria"], w["criteria"], "the same per-criterion counts and gates");
+    // Each (run, prompt) forward is deterministic and its values travel through JSON exactly, so the
+    // merged trials are the unpartitioned run's, value for value, in plan order.
+    assert_eq!(m["trials"], w["trials"]);
+    assert_eq!(m["layers"], w["layers"]);
+    assert_eq!(m["argmax"], w["argmax"]);
+    assert_eq!(m["partition"], serde_json::Value::Null);
+    assert_eq!(m["shards"].as_array().unwrap().len(), 2);
+    for file in ["report.md", "layers.svg", "junit.xml"] {
+        assert!(merged_dir.join(file).is_file(), "{file}");
+    }
+}
+
+#[test]
+fn merge_refuses_shards_that_do_not_make_one_run() {
+    if cuda_usable() {
+        eprintln!("skipped: with CUDA the default contract runs its production-shape model, not synth:tiny");
+        return;
+    }
+    let root = workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let shard1 = dir.path().join("shard1");
+    let out = gate_in(&root, &["--partition", "1/2", "--report-dir", shard1.to_str().unwrap()]);
+    assert!(out.code == 0 || out.code == 101, "{}", out.all());
+    let shard1 = shard1.join("report.json");
+    let shard1 = shard1.to_str().unwrap();
+
+    let out = gate_in(&root, &["merge", shard1]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("error: missing shard 2/2 of 2"), "{}", out.all());
+
+    let out = gate_in(&root, &["merge", shard1, shard1]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("error: partition 1/2 is given twice"), "{}", out.all());
+
+    let path = write_contract(dir.path(), "e2e-shard-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let other = dir.path().join("other");
+    let out = gate_in(
+        dir.path(),
+        &[
+            "--contract",
+            path.to_str().unwrap(),
+            "--partition",
+            "2/2",
+            "--report-dir",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.all());
+    let out = gate_in(&root, &["merge", shard1, other.join("report.json").to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("are shards of different contracts (qwen3-moe-forward-gpu-v1 ")
+            && out.stderr.contains("and e2e-shard-v1 1.0.0); merge the shards of one contract run only"),
+        "{}",
+        out.all()
+    );
+
+    for bad in ["0/3", "4/3", "a/b", "3"] {
+        let out = gate_in(&root, &["--partition", bad, "--list"]);
+        assert_eq!(out.code, 2, "{bad}: {}", out.all());
+        assert!(
+            out.stderr.contains("the accepted form is K/N with whole numbers 1 <= K <= N"),
+            "{}",
+            out.all()
+        );
+    }
+}

@@ -12,10 +12,12 @@ pub fn render(report: &GateReport) -> String {
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let failures = report.trials.iter().filter(|t| t.status.is_failure()).count();
     let skipped = report.trials.iter().filter(|t| is_skipped(&t.status)).count();
+    let scope = report.partition.as_ref().map(|p| format!(" {p}")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "<testsuites name=\"{}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{:.3}\">",
+        "<testsuites name=\"{}{}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{:.3}\">",
         esc(&report.contract.id),
+        esc(&scope),
         report.trials.len(),
         report.timings.total_s
     );
@@ -114,6 +116,12 @@ mod tests {
             xml.contains("<testcase name=\"c-v1::HID::p_a::layer00\" classname=\"c-v1::HID\" time=\"0\"/>")
         );
         assert_eq!(esc("a<b & \"c\"\n\u{1}"), "a&lt;b &amp; &quot;c&quot;&#10;");
+    }
+
+    #[test]
+    fn a_shard_names_its_partition() {
+        let xml = render(&sample::shard());
+        assert!(xml.contains("<testsuites name=\"c-v1 partition 2/3: 2 of 5 prompts\" tests=\"5\""), "{xml}");
     }
 
     #[test]

@@ -12,6 +12,16 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&format!("**{}**\n\n", report.verdict.line));
     out.push_str(&format!("- contract: `{}` ({}), status {}: {}\n", c.id, c.path, c.status, c.title));
     out.push_str(&format!("- model: `{}` ({}: {}), {} layers\n", m.spec, m.source, m.reason, m.n_layer));
+    if let Some(p) = &report.partition {
+        out.push_str(&format!(
+            "- **{p}** ({}): one shard; the contract's verdict needs every shard, joined by \
+             `cargo moe-gate merge`\n",
+            p.prompts.join(", ")
+        ));
+    }
+    if !report.shards.is_empty() {
+        out.push_str(&format!("- merged from {} shards (see Shards below)\n", report.shards.len()));
+    }
     if report.cuda.needed {
         let cuda = if report.cuda.available {
             "available".to_string()
@@ -46,6 +56,7 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&diagnoses(report));
     out.push_str(&failures(report));
     out.push_str(&timings(report));
+    out.push_str(&shards(report));
     out
 }
 
@@ -157,10 +168,40 @@ fn timings(report: &GateReport) -> String {
     format!("\n## Timings\n\n{}", table.to_markdown())
 }
 
+fn shards(report: &GateReport) -> String {
+    if report.shards.is_empty() {
+        return String::new();
+    }
+    let mut t = Table::new(["partition", "prompts", "shard verdict", "seconds", "report"]);
+    for s in &report.shards {
+        t.row([
+            format!("{}/{}", s.partition.index, s.partition.count),
+            format!("{} of {}", s.partition.prompts.len(), s.partition.total_prompts),
+            s.line.clone(),
+            format!("{:.3}", s.timings.total_s),
+            format!("`{}`", s.report),
+        ]);
+    }
+    format!(
+        "\n## Shards\n\nThe timings above are summed over the shards; each shard's own verdict covers its \
+         prompts only.\n\n{}",
+        t.to_markdown()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::sample;
     use super::*;
+
+    #[test]
+    fn markdown_says_what_a_shard_and_a_merge_cover() {
+        let md = render(&sample::shard());
+        assert!(md.contains("- **partition 2/3: 2 of 5 prompts** (p_a, p_d): one shard;"), "{md}");
+        let md = render(&sample::merged());
+        assert!(md.contains("- merged from 2 shards"), "{md}");
+        assert!(md.contains("| 2/2 | 1 of 2 | shard 2's line | 0.500 | `shard-2/report.json` |"), "{md}");
+    }
 
     #[test]
     fn markdown_has_verdict_tables_and_failures() {

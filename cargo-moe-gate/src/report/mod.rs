@@ -11,7 +11,7 @@ pub mod terminal;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::GateError;
 
@@ -20,7 +20,7 @@ use crate::error::GateError;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Everything a gate run found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GateReport {
     /// [`SCHEMA_VERSION`].
     pub schema_version: u32,
@@ -30,6 +30,12 @@ pub struct GateReport {
     pub contract: ContractInfo,
     /// The model run, and why it was chosen.
     pub model: ModelInfo,
+    /// The shard this report covers (`--partition K/N`); `None` for the whole contract.
+    #[serde(default)]
+    pub partition: Option<PartitionInfo>,
+    /// The shards a merged report was joined from (`cargo moe-gate merge`), by index; empty otherwise.
+    #[serde(default)]
+    pub shards: Vec<ShardSummary>,
     /// Whether CUDA was usable, and why not.
     pub cuda: CudaInfo,
     /// Wall time of each phase.
@@ -49,7 +55,7 @@ pub struct GateReport {
 }
 
 /// The contract judged.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContractInfo {
     pub id: String,
     pub version: String,
@@ -58,8 +64,49 @@ pub struct ContractInfo {
     pub path: String,
 }
 
+/// The shard of a partitioned run (`--partition K/N`, DESIGN §9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    /// K, from 1.
+    pub index: usize,
+    /// N.
+    pub count: usize,
+    /// The ids of this shard's prompts, in contract order.
+    pub prompts: Vec<String>,
+    /// How many prompts the contract has for this model, over all shards.
+    pub total_prompts: usize,
+}
+
+impl std::fmt::Display for PartitionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "partition {}/{}: {} of {} prompts",
+            self.index,
+            self.count,
+            self.prompts.len(),
+            self.total_prompts
+        )
+    }
+}
+
+/// One shard of a merged report, as its own report said.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardSummary {
+    /// The shard's partition.
+    pub partition: PartitionInfo,
+    /// The shard's report.json, as given to `merge`.
+    pub report: String,
+    /// The shard's own verdict (0 or 101): about its prompts only.
+    pub exit_code: u8,
+    /// The shard's own verdict line.
+    pub line: String,
+    /// The shard's timings.
+    pub timings: Timings,
+}
+
 /// The model run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// The spec loaded.
     pub spec: String,
@@ -72,7 +119,7 @@ pub struct ModelInfo {
 }
 
 /// Whether CUDA trials could run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CudaInfo {
     /// Whether any run of the contract needs CUDA.
     pub needed: bool,
@@ -82,8 +129,9 @@ pub struct CudaInfo {
     pub reason: Option<String>,
 }
 
-/// Wall time of each phase, in seconds.
-#[derive(Debug, Clone, Default, Serialize)]
+/// Wall time of each phase, in seconds. In a merged report each is the sum over the shards (machine
+/// time, not the wall time of the CI matrix), and [`GateReport::shards`] keeps each shard's own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
     /// Loading or synthesising the model.
     pub model_s: f64,
@@ -98,7 +146,7 @@ pub struct Timings {
 }
 
 /// Wall time of one run's forwards.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunTiming {
     pub run: String,
     pub backend: String,
@@ -113,7 +161,7 @@ pub struct RunTiming {
 }
 
 /// Which way a metric gets worse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Worse {
     /// Smaller is worse (cosine, agreement rates): the threshold is a minimum.
@@ -142,7 +190,7 @@ impl Worse {
 }
 
 /// One criterion's result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CriterionReport {
     pub id: String,
     pub title: String,
@@ -170,7 +218,7 @@ pub struct CriterionReport {
 }
 
 /// The fate of one trial.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "status", content = "reason")]
 pub enum TrialStatus {
     Passed,
@@ -205,7 +253,7 @@ impl TrialStatus {
 }
 
 /// One trial's result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrialReport {
     /// `CONTRACT::CRITERION::PROMPT[::layerNN|::posNN]`.
     pub name: String,
@@ -226,7 +274,7 @@ pub struct TrialReport {
 }
 
 /// Worst value per layer of one per-layer criterion.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerTable {
     pub criterion: String,
     pub metric: String,
@@ -237,21 +285,23 @@ pub struct LayerTable {
 }
 
 /// One layer of a [`LayerTable`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerRow {
     pub layer: usize,
     /// The worst value over prompts.
+    #[serde(deserialize_with = "finite_or_nan")]
     pub worst: f64,
     /// The prompt that gave it.
     pub worst_prompt: String,
     /// Whether any trial of this layer failed unexpectedly.
     pub failed: bool,
     /// Every prompt's value.
+    #[serde(deserialize_with = "finite_or_nan_map")]
     pub values: BTreeMap<String, f64>,
 }
 
 /// The next token of one prompt according to each run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArgmaxRow {
     pub prompt: String,
     pub runs: Vec<RunToken>,
@@ -260,17 +310,19 @@ pub struct ArgmaxRow {
 }
 
 /// One run's choice of next token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunToken {
     pub run: String,
     pub token: u32,
+    #[serde(deserialize_with = "finite_or_nan")]
     pub logit: f64,
     /// Distance to the runner-up logit: a small margin makes a flip benign.
+    #[serde(deserialize_with = "finite_or_nan")]
     pub margin: f64,
 }
 
 /// What the gate found out about one failing (criterion, prompt).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Diagnosis {
     pub criterion: String,
     pub prompt: String,
@@ -302,37 +354,41 @@ pub struct Diagnosis {
 }
 
 /// The isolated error of one run at one layer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IsolatedError {
     pub run: String,
     pub layer: usize,
     /// nmse of the layer's output against the reference's output.
+    #[serde(deserialize_with = "finite_or_nan")]
     pub nmse: f64,
     /// cosine of the same.
+    #[serde(deserialize_with = "finite_or_nan")]
     pub cosine: f64,
 }
 
 /// `p_k - p_(k+1)` of the reference router softmax: how clearly the top-k boundary is separated.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouterMargin {
     pub layer: usize,
     /// The position with the smallest margin.
     pub position: usize,
+    #[serde(deserialize_with = "finite_or_nan")]
     pub margin: f64,
     pub k: usize,
 }
 
 /// A run's distance to the reference.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunDistance {
     pub run: String,
     /// `hidden.L` or `logits`.
     pub at: String,
+    #[serde(deserialize_with = "finite_or_nan")]
     pub nmse: f64,
 }
 
 /// The gate's decision.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     /// 0: every blocking gate holds; 101: a blocking gate failed.
     pub exit_code: u8,
@@ -352,6 +408,12 @@ impl GateReport {
         serde_json::to_string_pretty(self).expect("the report holds only serialisable values")
     }
 
+    /// Reads a `report.json` back (what `merge` does with the shards' reports). JSON has no NaN or
+    /// infinity: serde_json writes them as `null`, and they read back as NaN.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
     /// Writes report.json, report.md, layers.svg and junit.xml into `dir` (created if missing).
     pub fn write_dir(&self, dir: &Path) -> Result<(), GateError> {
         std::fs::create_dir_all(dir).map_err(|e| GateError::write(dir, e))?;
@@ -365,6 +427,17 @@ impl GateReport {
     pub fn write_junit(&self, path: &Path) -> Result<(), GateError> {
         write_file(path, &junit::render(self))
     }
+}
+
+/// Reads a metric value written by [`GateReport::to_json`], where a non-finite value became `null`.
+fn finite_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// [`finite_or_nan`] for every value of a map.
+fn finite_or_nan_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let map = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(map.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<(), GateError> {
@@ -402,6 +475,38 @@ pub fn fmt_value(metric: &str, v: f64) -> String {
 pub(crate) mod sample {
     //! A hand-built report used by the writers' tests.
     use super::*;
+
+    /// [`report`] as the shard `partition 2/3` of a run over prompts `p_0`, `p_a`, `p_b`, `p_c`, `p_d`.
+    pub fn shard() -> GateReport {
+        let mut r = report();
+        r.partition = Some(PartitionInfo {
+            index: 2,
+            count: 3,
+            prompts: vec!["p_a".into(), "p_d".into()],
+            total_prompts: 5,
+        });
+        r
+    }
+
+    /// [`report`] as the merge of two shards.
+    pub fn merged() -> GateReport {
+        let mut r = report();
+        r.shards = (1..=2)
+            .map(|index| ShardSummary {
+                partition: PartitionInfo {
+                    index,
+                    count: 2,
+                    prompts: vec![if index == 1 { "p_a" } else { "p_b" }.into()],
+                    total_prompts: 2,
+                },
+                report: format!("shard-{index}/report.json"),
+                exit_code: if index == 1 { 0 } else { 101 },
+                line: format!("shard {index}'s line"),
+                timings: Timings { total_s: 0.5, ..Timings::default() },
+            })
+            .collect();
+        r
+    }
 
     /// A report of a 2-layer model where layer 1 of prompt `p_b` fails the cosine criterion.
     pub fn report() -> GateReport {
@@ -444,6 +549,8 @@ pub(crate) mod sample {
                 reason: "no usable CUDA device: built without the `cuda` feature".into(),
                 n_layer: 2,
             },
+            partition: None,
+            shards: vec![],
             cuda: CudaInfo {
                 needed: true,
                 available: false,
@@ -563,6 +670,29 @@ mod tests {
         assert_eq!(v["trials"][4]["reason"], "CUDA unavailable");
         assert_eq!(v["layers"][0]["rows"][1]["worst"], 0.95);
         assert_eq!(v["verdict"]["exit_code"], 101);
+    }
+
+    #[test]
+    fn json_reads_back_with_non_finite_values_as_nan() {
+        let mut report = sample::shard();
+        report.trials[3].value = Some(f64::NAN);
+        report.layers[0].rows[1].worst = f64::INFINITY;
+        report.argmax[0].runs[0].margin = f64::NAN;
+        let json = report.to_json();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["partition"]["index"], 2);
+        assert_eq!(v["partition"]["prompts"], serde_json::json!(["p_a", "p_d"]));
+        assert_eq!(v["trials"][3]["value"], serde_json::Value::Null);
+        let back = GateReport::from_json(&json).unwrap();
+        assert_eq!(back.partition, report.partition);
+        assert_eq!(back.trials[3].value, None, "a NaN value reads back as not evaluated");
+        assert_eq!(back.trials[3].status, TrialStatus::Failed);
+        assert_eq!(back.trials[4].status, TrialStatus::Ignored("CUDA unavailable".into()));
+        assert!(back.layers[0].rows[1].worst.is_nan() && back.argmax[0].runs[0].margin.is_nan());
+        assert_eq!(back.layers[0].rows[0].values["p_b"], 0.99999);
+        assert_eq!(back.to_json(), GateReport::from_json(&back.to_json()).unwrap().to_json());
+        let unpartitioned = sample::report().to_json();
+        assert!(unpartitioned.contains("\"partition\": null"), "{unpartitioned}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn header(report: &GateReport) -> String {
     let m = &report.model;
     let mut out = format!("\nmoe-gate: contract {} {} ({})\n", c.id, c.version, c.path);
     out.push_str(&format!("model: {} ({}: {}), {} layers\n", m.spec, m.source, m.reason, m.n_layer));
+    out.push_str(&scope_lines(report));
     if report.cuda.needed {
         match (&report.cuda.reason, report.cuda.available) {
             (_, true) => out.push_str("cuda: available\n"),
@@ -34,6 +35,28 @@ fn header(report: &GateReport) -> String {
             )),
             (None, false) => out.push_str("cuda: unavailable\n"),
         }
+    }
+    out
+}
+
+/// What part of the contract the report covers: one shard (`--partition K/N`), or every shard merged.
+fn scope_lines(report: &GateReport) -> String {
+    if let Some(p) = &report.partition {
+        return format!(
+            "{p} ({}); a shard: the contract's verdict needs every shard's report.json, joined by \
+             `cargo moe-gate merge`\n",
+            p.prompts.join(", ")
+        );
+    }
+    if report.shards.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("merged from {} shards:\n", report.shards.len());
+    for s in &report.shards {
+        out.push_str(&format!(
+            "  {} (exit {}, {:.2} s): {}\n",
+            s.partition, s.exit_code, s.timings.total_s, s.report
+        ));
     }
     out
 }
@@ -218,7 +241,11 @@ fn timings_line(report: &GateReport) -> String {
         parts.push(format!("diagnosis {:.2} s", t.diagnosis_s));
     }
     parts.push(format!("total {:.2} s", t.total_s));
-    format!("\ntimings: {}\n", parts.join("; "))
+    let summed = match report.shards.len() {
+        0 => String::new(),
+        n => format!(" (summed over {n} shards)"),
+    };
+    format!("\ntimings{summed}: {}\n", parts.join("; "))
 }
 
 /// The failing trials, one line each (used when there are failures but libtest's own list was filtered).
@@ -252,6 +279,19 @@ mod tests {
         assert!(text.contains("- note: isolated layer unavailable: the backend has no run_layer"), "{text}");
         assert!(text.contains("reference router margin at the top-2 boundary, layer 1: 0.2000 (position 2)"));
         assert!(text.contains("gate: FAILED: blocking gate HID does not hold"), "{text}");
+    }
+
+    #[test]
+    fn a_shard_and_a_merge_say_what_they_cover() {
+        let text = render(&sample::shard());
+        assert!(
+            text.contains("\npartition 2/3: 2 of 5 prompts (p_a, p_d); a shard: the contract's verdict"),
+            "{text}"
+        );
+        let text = render(&sample::merged());
+        assert!(text.contains("merged from 2 shards:\n  partition 1/2: 1 of 2 prompts (exit 0, 0.50 s): shard-1/report.json\n"), "{text}");
+        assert!(text.contains("\ntimings (summed over 2 shards): model"), "{text}");
+        assert!(!render(&sample::report()).contains("partition"));
     }
 
     #[test]
