@@ -3,7 +3,7 @@
 //! Values are held as f64 in memory whatever the backend computed in (an f32 converts to f64 exactly);
 //! [`Trace::precision`] says which width the file stores, so a `reference` trace keeps its f64 values.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -169,7 +169,9 @@ impl Trace {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| TraceError::Format { path: path.display().to_string(), reason: e.to_string() })?;
+            .map_err(|reason| reason.to_string())
+            .and_then(with_sorted_header)
+            .map_err(|reason| TraceError::Format { path: path.display().to_string(), reason })?;
         std::fs::write(path, bytes)
             .map_err(|source| TraceError::Write { path: path.display().to_string(), source })
     }
@@ -259,6 +261,28 @@ impl Trace {
     }
 }
 
+/// The same file with its JSON header's keys sorted (tensor names, and the `__metadata__` entries,
+/// which `safetensors::serialize` takes as a `HashMap` and so writes in a different order in every
+/// process), padded back to the header's length. The same trace then always gives the same bytes.
+fn with_sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    type Header = BTreeMap<String, serde_json::Value>;
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or("no header length")?;
+    let len = usize::try_from(u64::from_le_bytes(len_bytes)).map_err(|e| e.to_string())?;
+    let raw = bytes.get(8..8 + len).ok_or("header longer than the file")?;
+    let mut header: Header = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    if let Some(meta) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(meta).map_err(|e| e.to_string())?;
+        header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| e.to_string())?);
+    }
+    let text = serde_json::to_string(&header).map_err(|e| e.to_string())?;
+    if text.len() > len {
+        return Err(format!("sorted header is {} bytes, the original {len}", text.len()));
+    }
+    let padded = format!("{text:<len$}");
+    bytes[8..8 + len].copy_from_slice(padded.as_bytes());
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +319,27 @@ mod tests {
         assert_eq!(back.precision, Precision::F32);
         assert_eq!(back.logits.data[1], (1.0f64 / 7.0) as f32 as f64);
         assert_eq!(back.layers[0].router_experts, vec![3, 1, 0, 2]);
+    }
+
+    #[test]
+    fn the_same_trace_always_gives_the_same_bytes() {
+        // Each write builds a new metadata HashMap, with its own random iteration order: without the
+        // sorted header, two writes of five metadata keys differ with probability 119/120.
+        let dir = tempfile::tempdir().unwrap();
+        let t = sample(Precision::F32);
+        let files: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                let path = dir.path().join(format!("t{i}.safetensors"));
+                t.write_safetensors(&path).unwrap();
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        assert!(files.windows(2).all(|w| w[0] == w[1]), "trace bytes differ between writes");
+        let text = String::from_utf8_lossy(&files[0]);
+        let meta = text.find("\"__metadata__\"").expect("metadata in the header");
+        let keys = ["backend", "engine_version", "model", "n_layer", "policy"];
+        let at: Vec<usize> = keys.iter().map(|k| text[meta..].find(&format!("\"{k}\"")).unwrap()).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "metadata keys in sorted order: {at:?}");
     }
 
     #[test]

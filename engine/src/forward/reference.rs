@@ -62,9 +62,7 @@ impl Numerics for ReferenceNumerics {
             || (vec![0.0f64; w.cols], Vec::new()),
             |(row, scratch), r, o| {
                 self.decode(w, r, row, scratch);
-                for (t, o) in o.iter_mut().enumerate() {
-                    *o = plain_dot(row, &x[t * w.cols..(t + 1) * w.cols]);
-                }
+                dots_in_index_order(row, x, o);
             },
         );
     }
@@ -74,7 +72,58 @@ impl Numerics for ReferenceNumerics {
     }
 }
 
+/// Tokens whose dot products with one weight row advance together in [`dots_in_index_order`].
+const TOKENS_PER_PASS: usize = 4;
+
+/// `out[t] = sum_i row[i] * x[t][i]` for every token row `t` of `x`, each sum added in increasing `i`
+/// (the reference's one order). [`TOKENS_PER_PASS`] tokens at a time advance together: their sums are
+/// independent, so the processor overlaps their additions instead of waiting on one chain, and every
+/// sum still sees exactly the operations of a plain left-to-right loop, so the bits are those of
+/// [`plain_dot`] (`dots_match_the_plain_loop_bit_for_bit`).
+fn dots_in_index_order(row: &[f64], x: &[f64], out: &mut [f64]) {
+    let cols = row.len();
+    let token = |t: usize| &x[t * cols..(t + 1) * cols];
+    let full = out.len() / TOKENS_PER_PASS * TOKENS_PER_PASS;
+    for t in (0..full).step_by(TOKENS_PER_PASS) {
+        let (a, b, c, d) = (token(t), token(t + 1), token(t + 2), token(t + 3));
+        let mut s = [0.0f64; TOKENS_PER_PASS];
+        for ((((&w, &a), &b), &c), &d) in row.iter().zip(a).zip(b).zip(c).zip(d) {
+            s[0] += w * a;
+            s[1] += w * b;
+            s[2] += w * c;
+            s[3] += w * d;
+        }
+        out[t..t + TOKENS_PER_PASS].copy_from_slice(&s);
+    }
+    for (t, o) in out.iter_mut().enumerate().skip(full) {
+        *o = plain_dot(row, token(t));
+    }
+}
+
 /// `sum_i a[i] * b[i]`, added in increasing `i`.
 fn plain_dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).fold(0.0, |s, (&x, &y)| s + x * y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dots_match_the_plain_loop_bit_for_bit() {
+        // Values spread over many binades, so any change of order or a fused multiply-add would change
+        // low bits; every token count from 0 to 11 covers full passes and every remainder.
+        let cols = 97;
+        let value = |i: usize| ((i * 7919 % 1013) as f64 - 506.0) * 10f64.powi((i % 9) as i32 - 4);
+        let row: Vec<f64> = (0..cols).map(value).collect();
+        for n_tok in 0..12 {
+            let x: Vec<f64> = (0..n_tok * cols).map(|i| value(i + 31) / 3.0).collect();
+            let mut out = vec![f64::NAN; n_tok];
+            dots_in_index_order(&row, &x, &mut out);
+            for (t, &got) in out.iter().enumerate() {
+                let want = plain_dot(&row, &x[t * cols..(t + 1) * cols]);
+                assert_eq!(got.to_bits(), want.to_bits(), "{n_tok} tokens, token {t}");
+            }
+        }
+    }
 }
