@@ -1,11 +1,13 @@
 //! The command line of DESIGN §4: the gate itself (our flags and libtest's in one line) and the
-//! subcommands `trace`, `synth`, `validate`, `list`, `quantize` and `merge` (DESIGN §9's sharding).
+//! subcommands `trace`, `synth`, `validate`, `list`, `quantize`, `merge` (DESIGN §9's sharding) and
+//! `bench` (DESIGN §9's speed measurement).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::Lengths;
 use crate::partition::Partition;
 
 /// `cargo moe-gate`: numerical parity between the CPU and CUDA forwards, judged by a versioned contract.
@@ -73,6 +75,9 @@ pub enum Command {
     /// Joins the report.json files of the shards of one `--partition K/N` run into the whole contract's
     /// report and verdict (exit 0 or 101, like the gate).
     Merge(MergeArgs),
+    /// Measures prefill and decode tokens/s of one backend on one model, and decode against the
+    /// bandwidth roofline.
+    Bench(BenchArgs),
 }
 
 /// Arguments of `cargo moe-gate trace`.
@@ -144,6 +149,33 @@ pub struct MergeArgs {
     /// readable here. It must have the shards' id and version.
     #[arg(long, value_name = "NAME|PATH")]
     pub contract: Option<String>,
+}
+
+/// Arguments of `cargo moe-gate bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The model: a `.gguf` path or `synth:PRESET[:QUANT][@SEED]`. The production shape is
+    /// `synth:qwen3-coder-30b-a3b:q4_k_m`.
+    #[arg(long, value_name = "SPEC", default_value = crate::bench::DEFAULT_MODEL)]
+    pub model: String,
+    /// The backend: reference (f64), cpu or cuda.
+    #[arg(long, value_name = "reference|cpu|cuda", default_value = "cpu")]
+    pub backend: String,
+    /// The numerics policy: fast (each backend's fastest way) or exact (one canonical operation order).
+    #[arg(long, value_name = "fast|exact", default_value = "fast")]
+    pub policy: String,
+    /// Prompt lengths to time a prefill of, comma-separated.
+    #[arg(long, value_name = "N,N,...", default_value = "1,64,512")]
+    pub prefill: Lengths,
+    /// Greedy decode steps to time, after an 8-token prefill.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub decode: usize,
+    /// Timed forwards per prefill length (after one warm-up); the median counts.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub repeats: usize,
+    /// Also write the numbers as JSON (`schema: 1`) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Drops the `moe-gate` that cargo inserts as `argv[1]` when it runs an installed `cargo-moe-gate`
@@ -257,6 +289,33 @@ mod tests {
             other => panic!("expected merge, got {other:?}"),
         }
         assert!(Cli::try_parse_from(["g", "merge"]).is_err(), "at least one report");
+    }
+
+    #[test]
+    fn bench_defaults_and_lists() {
+        let cli = parse(&["g", "bench"]);
+        match cli.command {
+            Some(Command::Bench(b)) => {
+                assert_eq!(b.model, "synth:tiny");
+                assert_eq!((b.backend.as_str(), b.policy.as_str()), ("cpu", "fast"));
+                assert_eq!(b.prefill, Lengths(vec![1, 64, 512]));
+                assert_eq!((b.decode, b.repeats, b.json), (128, 3, None));
+            }
+            other => panic!("expected bench, got {other:?}"),
+        }
+        let cli = parse(&["g", "bench", "--prefill", "4, 8", "--decode", "3", "--json", "b.json"]);
+        match cli.command {
+            Some(Command::Bench(b)) => {
+                assert_eq!(b.prefill, Lengths(vec![4, 8]));
+                assert_eq!((b.decode, b.json), (3, Some(PathBuf::from("b.json"))));
+            }
+            other => panic!("expected bench, got {other:?}"),
+        }
+        for bad in ["1,64,x", "", "1,,2", "0", "1,-2"] {
+            let e = Cli::try_parse_from(["g", "bench", "--prefill", bad]).unwrap_err();
+            assert!(e.use_stderr(), "{bad}: an error, exit 2");
+            assert!(e.to_string().contains("comma-separated token counts"), "{bad}: {e}");
+        }
     }
 
     #[test]

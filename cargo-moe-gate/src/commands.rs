@@ -1,5 +1,5 @@
 //! The subcommands next to the gate run (DESIGN §4): `trace`, `synth`, `validate`, `list`, `quantize`,
-//! and `merge` (DESIGN §9, in [`crate::merge`]).
+//! `merge` (DESIGN §9, in [`crate::merge`]) and `bench` (DESIGN §9, in [`crate::bench`]).
 //! Each returns the process exit code (0, 101 for a merge whose blocking gate fails, or 2 through a
 //! [`GateError`]).
 
@@ -23,6 +23,7 @@ pub fn run(command: Command) -> Result<u8, GateError> {
         Command::List => list(),
         Command::Quantize(args) => quantize(&args),
         Command::Merge(args) => crate::merge::run_merge(&args),
+        Command::Bench(args) => crate::bench::run_bench(&args),
     }
 }
 

@@ -39,6 +39,15 @@ pub enum GateError {
     /// `--require-cuda` was given and CUDA is not usable.
     #[error("CUDA is required (--require-cuda) but not usable: {reason}")]
     CudaRequired { reason: String },
+    /// `bench --backend cuda` where CUDA is not usable.
+    #[error(
+        "no CUDA to benchmark on: {reason}; run on a machine with an NVIDIA driver and device, or pick \
+         --backend cpu"
+    )]
+    NoCuda { reason: String },
+    /// A benchmark failed while measuring.
+    #[error("the benchmark failed: {0}")]
+    Bench(#[from] moe_engine::bench::BenchError),
     /// A backend failed while running a forward.
     #[error("{what}: {source}")]
     Engine { what: String, source: moe_engine::error::EngineError },

@@ -8,10 +8,12 @@
 //! - [`gate`]: the run itself; [`judged`]: criteria and verdict from the trials; [`commands`]: the
 //!   subcommands; [`report`]: the report writers.
 //! - [`partition`]: `--partition K/N`; [`merge`]: `cargo moe-gate merge` of the shards' reports.
+//! - [`bench`]: `cargo moe-gate bench`, the speed measurement.
 //!
 //! The binary is a thin `main` over [`run`], so the end-to-end tests and the `harness = false` test
 //! target run exactly what `cargo moe-gate` runs.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod diagnose;

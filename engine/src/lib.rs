@@ -6,6 +6,7 @@
 //! choices, and the final logits.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod forward;

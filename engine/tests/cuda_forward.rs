@@ -598,82 +598,43 @@ mod cases {
         Ok(Completion::Completed)
     }
 
-    /// The model of record: synthesis and upload time, prefill tokens/s at prompt lengths 1, 64 and 512,
-    /// batch-1 decode of 128 tokens, the bandwidth roofline (weight bytes read per decoded token over the
-    /// measured device copy bandwidth), and a sanity comparison with `cpu` on the canonical prompts.
-    /// The measurement reported to the harness is the decode time per token.
+    /// The model of record, measured by `moe_engine::bench` (what `cargo moe-gate bench --backend cuda
+    /// --model synth:qwen3-coder-30b-a3b:q4_k_m` runs): synthesis and upload time, prefill tokens/s at
+    /// prompt lengths 1, 64 and 512, batch-1 decode of 128 tokens, the bandwidth roofline; then a sanity
+    /// comparison with `cpu` on the canonical prompts. The measurement reported to the harness is the
+    /// decode time per token.
     fn production_shape(spec: &str) -> Result<libtest_mimic::Measurement, String> {
+        use moe_engine::bench::{self, BenchPlan, BenchReport, Machine, SetupTimes};
         use std::time::Instant;
         let t0 = Instant::now();
         let weights = moe_engine::spec::load_model(spec).map_err(|e| e.to_string())?;
-        let synth_s = t0.elapsed().as_secs_f64();
+        let model_load_s = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let mut f =
             create_backend(BackendKind::Cuda, weights.clone(), Policy::Fast).map_err(|e| e.to_string())?;
-        let upload_s = t0.elapsed().as_secs_f64();
-        let cfg = weights.config.clone();
-        println!(
-            "    {spec}: synthesised in {synth_s:.1} s, uploaded (and kernels compiled) in {upload_s:.1} s"
-        );
+        let setup = SetupTimes { model_load_s, backend_create_s: t0.elapsed().as_secs_f64() };
 
-        let prompt =
-            |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 785) % cfg.vocab) as u32).collect() };
-        f.forward(&prompt(8), None).map_err(|e| e.to_string())?; // warm-up
-        // For a kernel profiler: after the warm-up, only two decode steps or one 64-token prefill.
-        match std::env::var(PROFILE_ENV).as_deref() {
-            Ok("decode") => {
-                f.step(785).and_then(|_| f.step(9217)).map_err(|e| e.to_string())?;
-                return Ok(libtest_mimic::Measurement { avg: 0, variance: 0 });
+        // For a kernel profiler: after a warm-up, only two decode steps or one 64-token prefill.
+        let profile = std::env::var(PROFILE_ENV);
+        if let Ok(what @ ("decode" | "prefill")) = profile.as_deref() {
+            let prompt = |n| bench::prompt(n, weights.config.vocab);
+            f.forward(&prompt(8), None).map_err(|e| e.to_string())?;
+            match what {
+                "decode" => f.step(785).and_then(|_| f.step(9217)).map(drop),
+                _ => f.forward(&prompt(64), None).map(drop),
             }
-            Ok("prefill") => {
-                f.forward(&prompt(64), None).map_err(|e| e.to_string())?;
-                return Ok(libtest_mimic::Measurement { avg: 0, variance: 0 });
-            }
-            _ => {}
+            .map_err(|e| e.to_string())?;
+            return Ok(libtest_mimic::Measurement { avg: 0, variance: 0 });
         }
-        for n in [1usize, 64, 512] {
-            let tokens = prompt(n);
-            let mut times = Vec::new();
-            for _ in 0..3 {
-                let t0 = Instant::now();
-                f.forward(&tokens, None).map_err(|e| e.to_string())?;
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
-            println!(
-                "    prefill {n:>3} tokens: {:.2} ms (median of 3), {:.0} tokens/s",
-                times[1] * 1e3,
-                n as f64 / times[1]
-            );
-        }
-        let decode_tokens = 128;
-        f.forward(&prompt(8), None).map_err(|e| e.to_string())?;
-        let mut per_token = Vec::new();
-        let mut next = 785u32;
-        for _ in 0..decode_tokens {
-            let t0 = Instant::now();
-            let logits = f.step(next).map_err(|e| e.to_string())?;
-            per_token.push(t0.elapsed().as_nanos() as f64);
-            next = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
-        }
-        let mean = per_token.iter().sum::<f64>() / per_token.len() as f64;
-        let var = per_token.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / per_token.len() as f64;
-        println!(
-            "    decode: {decode_tokens} tokens after an 8-token prefill, {:.3} ms/token, {:.0} tokens/s",
-            mean / 1e6,
-            1e9 / mean
-        );
 
-        let bandwidth = copy_bandwidth()?;
-        let bytes = decode_bytes_per_token(&weights);
-        println!(
-            "    roofline: {:.1} MB of weights per decoded token, device copy bandwidth {:.0} GB/s (read+write), \
-             bound {:.0} tokens/s; measured decode is {:.1}% of it",
-            bytes / 1e6,
-            bandwidth / 1e9,
-            bandwidth / bytes,
-            100.0 * (1e9 / mean) / (bandwidth / bytes)
-        );
+        let plan = BenchPlan::new(vec![1, 64, 512], 128, 3).map_err(|e| e.to_string())?;
+        let result = bench::run(&mut *f, &weights, &plan, &mut |line| println!("    {line}"))
+            .map_err(|e| e.to_string())?;
+        let machine = Machine::detect(BackendKind::Cuda);
+        let report = BenchReport::new(spec, BackendKind::Cuda, Policy::Fast, machine, setup, result);
+        for line in report.to_string().lines() {
+            println!("    {line}");
+        }
 
         let mut cpu = create_backend(BackendKind::Cpu, weights, Policy::Fast).map_err(|e| e.to_string())?;
         let mut agg = Agreement::default();
@@ -689,42 +650,11 @@ mod cases {
             agg.tie_mismatches,
             agg.argmax_mismatches
         );
-        Ok(libtest_mimic::Measurement { avg: mean as u64, variance: var as u64 })
-    }
-
-    /// Bytes one decoded token reads: every attention and router weight, k of n_expert experts' matrices
-    /// per layer, one embedding row and the output projection.
-    fn decode_bytes_per_token(w: &moe_engine::weights::ModelWeights) -> f64 {
-        let c = &w.config;
-        let share = c.n_expert_used as f64 / c.n_expert as f64;
-        let mut bytes = (w.output.bytes().len() + w.token_embd.row_bytes()) as f64;
-        for l in &w.layers {
-            for t in [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate_inp] {
-                bytes += t.bytes().len() as f64;
-            }
-            for t in [&l.ffn_gate_exps, &l.ffn_up_exps, &l.ffn_down_exps] {
-                bytes += t.bytes().len() as f64 * share;
-            }
-        }
-        bytes
-    }
-
-    /// Device-to-device copy bandwidth, counting the bytes read (1 GiB copied 5 times, best of them).
-    fn copy_bandwidth() -> Result<f64, String> {
-        let d = CudaDevice::get(0).map_err(|e| e.to_string())?;
-        let n = 1usize << 28; // 2^28 f32 = 1 GiB
-        let src = d.alloc_zeros::<f32>(n).map_err(|e| e.to_string())?;
-        let mut dst = d.alloc_zeros::<f32>(n).map_err(|e| e.to_string())?;
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            d.synchronize().map_err(|e| e.to_string())?;
-            let t0 = std::time::Instant::now();
-            d.copy_on_device(src.as_slice(), dst.as_mut()).map_err(|e| e.to_string())?;
-            d.synchronize().map_err(|e| e.to_string())?;
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        // A copy reads and writes every byte: the read bandwidth a matvec can use is twice the bytes over
-        // the time.
-        Ok(2.0 * (n * 4) as f64 / best)
+        // libtest prints `variance` as the `+/-` after the time: the standard deviation reads as that.
+        let decode = &report.result.decode;
+        Ok(libtest_mimic::Measurement {
+            avg: (decode.mean_s * 1e9) as u64,
+            variance: (decode.stddev_s * 1e9) as u64,
+        })
     }
 }

@@ -462,3 +462,107 @@ fn merge_refuses_shards_that_do_not_make_one_run() {
         );
     }
 }
+
+/// A positive, finite number at `value` (a time or a rate; no speed is asserted).
+fn positive(value: &serde_json::Value, what: &str) -> f64 {
+    let x = value.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {value}"));
+    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
+    x
+}
+
+#[test]
+fn bench_measures_prefill_and_decode_and_writes_the_numbers_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let args = ["--model", "synth:tiny", "--backend", "cpu", "--prefill", "1,4", "--decode", "3"];
+    let mut full = vec!["bench"];
+    full.extend_from_slice(&args);
+    full.extend_from_slice(&["--repeats", "1", "--json", json_path.to_str().unwrap()]);
+    let out = gate_in(dir.path(), &full);
+    assert_eq!(out.code, 0, "{}", out.all());
+    for row in
+        ["| prefill | 1 |", "| prefill | 4 |", "| decode (batch 1, 8-token prefill first) | 3 |", "roofline:"]
+    {
+        assert!(out.stdout.contains(row), "the table has `{row}`: {}", out.all());
+    }
+    assert!(out.stderr.contains("bench: wrote"), "progress goes to stderr: {}", out.all());
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(json["schema"], 1);
+    assert_eq!(json["model"], "synth:tiny:q4_k_m@0", "the canonical spec");
+    assert_eq!((json["backend"].as_str(), json["policy"].as_str()), (Some("cpu"), Some("fast")));
+    assert!(json["machine"]["threads"].as_u64().unwrap() >= 1, "{json}");
+    positive(&json["setup"]["model_load_s"], "model_load_s");
+    assert!(json["setup"]["backend_create_s"].as_f64().unwrap() >= 0.0, "{json}");
+
+    let prefill = json["prefill"].as_array().unwrap();
+    let lengths: Vec<u64> = prefill.iter().map(|p| p["tokens"].as_u64().unwrap()).collect();
+    assert_eq!(lengths, [1, 4]);
+    for p in prefill {
+        assert_eq!(p["repeats"], 1, "{p}");
+        let (min, median, max) = (
+            positive(&p["min_s"], "min_s"),
+            positive(&p["median_s"], "median_s"),
+            positive(&p["max_s"], "max_s"),
+        );
+        assert!(min <= median && median <= max, "{p}");
+        let rate = positive(&p["tokens_per_s"], "tokens_per_s");
+        assert!((rate * median / p["tokens"].as_f64().unwrap() - 1.0).abs() < 1e-9, "tokens / median: {p}");
+    }
+
+    let decode = &json["decode"];
+    assert_eq!(
+        (decode["tokens"].as_u64(), decode["prefill_tokens"].as_u64()),
+        (Some(3), Some(8)),
+        "{decode}"
+    );
+    let mean = positive(&decode["mean_s"], "mean_s");
+    assert!((positive(&decode["tokens_per_s"], "decode tokens_per_s") * mean - 1.0).abs() < 1e-9, "{decode}");
+    let sd = decode["stddev_s"].as_f64().unwrap();
+    assert!(sd.is_finite() && sd >= 0.0, "{decode}");
+
+    // The roofline's bytes are the engine's count for this model; the bandwidth is a host copy of 1 GiB.
+    let roofline = &json["roofline"];
+    let weights = moe_engine::spec::load_model("synth:tiny").unwrap();
+    assert_eq!(
+        roofline["bytes_per_token"].as_u64(),
+        Some(moe_engine::bench::decode_bytes_per_token(&weights))
+    );
+    assert_eq!(roofline["copy_bandwidth"]["method"], "host");
+    assert_eq!(roofline["copy_bandwidth"]["bytes"].as_u64(), Some(1 << 30));
+    let bandwidth = positive(&roofline["copy_bandwidth"]["bytes_per_s"], "bytes_per_s");
+    let bound = positive(&roofline["bound_tokens_per_s"], "bound_tokens_per_s");
+    let bytes = roofline["bytes_per_token"].as_f64().unwrap();
+    assert!((bound * bytes / bandwidth - 1.0).abs() < 1e-9, "bound = bandwidth / bytes: {roofline}");
+    positive(&roofline["decode_percent_of_bound"], "decode_percent_of_bound");
+}
+
+#[test]
+fn bench_refuses_bad_arguments_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 8] = [
+        (&["--prefill", "1,64,x"], "`x` is not a whole number"),
+        (&["--prefill", "1,0"], "a prefill of 0 tokens"),
+        (&["--backend", "gpu"], "unknown backend `gpu`"),
+        (&["--policy", "precise"], "unknown policy `precise`"),
+        (&["--repeats", "0"], "repeats is 0"),
+        (&["--decode", "0"], "decode is 0"),
+        (&["--prefill", "1,5000"], "a prefill of 5000 tokens exceeds the model's context length of 4096"),
+        (&["--model", "synth:huge"], "cannot load model `synth:huge`"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["bench"];
+        full.extend_from_slice(args);
+        let out = gate_in(dir.path(), &full);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.all());
+        assert!(out.stderr.contains(expected), "{args:?} should say `{expected}`: {}", out.all());
+    }
+    if cuda_usable() {
+        eprintln!("skipped the no-CUDA case: CUDA is usable here");
+        return;
+    }
+    let out = gate_in(dir.path(), &["bench", "--backend", "cuda", "--prefill", "1", "--decode", "1"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("error: no CUDA to benchmark on: "), "{}", out.all());
+}
