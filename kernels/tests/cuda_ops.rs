@@ -28,7 +28,9 @@ mod cases {
     use libtest_mimic::{Completion, Failed, Trial};
     use moe_kernels::GgmlType;
     use moe_kernels::cpu::{KvView, RopeTable, causal_attention_head, rms_norm, route, silu};
-    use moe_kernels::cuda::{AttentionShape, CudaDevice, CudaError, Routing, compile_program};
+    use moe_kernels::cuda::{
+        AttentionShape, CudaDevice, CudaError, Routing, compile_program, compile_source,
+    };
     use moe_kernels::quant::{dequantize_row, dot_row, quantize_row};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -138,7 +140,11 @@ mod cases {
                 }
             }
         }
+        t.push(Trial::ignorable_test("compile::errors_carry_the_nvrtc_log", compile_error_case));
         t.push(Trial::ignorable_test("invalid_arguments_are_refused", || on_device(invalid_arguments_case)));
+        t.push(Trial::ignorable_test("out_of_memory_is_typed_and_recoverable", || {
+            on_device(out_of_memory_case)
+        }));
         for (rows, n) in [(1, 5), (3, 64), (7, 1000), (2, 2048)] {
             t.push(Trial::ignorable_test(format!("rmsnorm::{rows}x{n}"), move || {
                 on_device(|d| rmsnorm_case(d, rows, n))
@@ -252,6 +258,52 @@ mod cases {
     }
 
     /// Inconsistent lengths and misaligned activations are refused on the host, before any launch.
+    /// A program NVRTC rejects comes back as `CudaError::Compile` whose log names the program, the line
+    /// and the offending identifier (issue 5: "kernel compile errors surface with the NVRTC log").
+    fn compile_error_case() -> Outcome {
+        let src = "extern \"C\" __global__ void k(float* y) {\n    y[0] = not_declared_anywhere;\n}\n";
+        match compile_source("broken_probe.cu", src, "compute_90") {
+            Err(e) if e.is_unavailable() => Ok(Completion::ignored_with(e.to_string())),
+            Err(CudaError::Compile { program, log, .. }) => {
+                let message = CudaError::Compile {
+                    program: program.clone(),
+                    arch: "compute_90".into(),
+                    status: String::new(),
+                    log: log.clone(),
+                }
+                .to_string();
+                let expected = ["broken_probe.cu(2)", "not_declared_anywhere"];
+                if program == "broken_probe.cu"
+                    && expected.iter().all(|s| log.contains(s) && message.contains(s))
+                {
+                    Ok(Completion::Completed)
+                } else {
+                    Err(format!("the compile error lacks {expected:?}: program {program}, log:\n{log}")
+                        .into())
+                }
+            }
+            Err(other) => Err(format!("expected a Compile error, got {other:?}").into()),
+            Ok(_) => Err("NVRTC accepted a program that uses an undeclared identifier".into()),
+        }
+    }
+
+    /// An allocation of twice the device's memory is `CudaError::OutOfMemory` naming the stage and the
+    /// sizes, not a panic, and the device works afterwards (the context is not poisoned).
+    fn out_of_memory_case(d: &CudaDevice) -> Result<(), String> {
+        let (_, total) = d.memory().map_err(cuda)?;
+        let values = 2 * total / size_of::<f32>();
+        match d.alloc_zeros::<f32>(values) {
+            Err(CudaError::OutOfMemory { stage, bytes, total: reported, .. }) => {
+                if bytes != values * size_of::<f32>() || reported != total || stage.is_empty() {
+                    return Err(format!("OutOfMemory with stage {stage:?}, {bytes} bytes of {reported}"));
+                }
+            }
+            Err(other) => return Err(format!("expected OutOfMemory, got {other:?}")),
+            Ok(_) => return Err(format!("an allocation of {} bytes succeeded", values * 4)),
+        }
+        rmsnorm_case(d, 3, 64).map_err(|e| format!("after the failed allocation: {e}"))
+    }
+
     fn invalid_arguments_case(d: &CudaDevice) -> Result<(), String> {
         let mut r = rng(7);
         let (rows, cols) = (4, 256);

@@ -385,30 +385,47 @@ fn compile(ctx: &Arc<CudaContext>, (major, minor): (i32, i32)) -> Result<Arc<Cud
 /// Compiles the kernels with NVRTC for virtual architecture `arch` (e.g. `compute_90`) and returns the
 /// PTX text, without a driver or device: checks that the sources compile on any machine with NVRTC.
 pub fn compile_program(arch: &str) -> Result<String, CudaError> {
+    compile_source(KERNELS_PROGRAM, &program_source(), arch)
+}
+
+fn compile_ptx(arch: &str) -> Result<Ptx, CudaError> {
+    compile_named(KERNELS_PROGRAM, program_source(), arch)
+}
+
+/// The name NVRTC gives the kernels' program (compiler messages name the `*.cu` part through `#line`).
+const KERNELS_PROGRAM: &str = "moe_gate_kernels.cu";
+
+/// Compiles any CUDA C program `src`, named `name` in compiler messages, with the options the kernels
+/// are compiled with, for virtual architecture `arch`, and returns the PTX text. It needs only NVRTC:
+/// a way to try a kernel change on a machine without a device, and what the tests use to check that a
+/// compile error reaches the caller with the compiler's log.
+pub fn compile_source(name: &str, src: &str, arch: &str) -> Result<String, CudaError> {
     // SAFETY: only tries to dlopen the library under its usual names.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(CudaError::NoNvrtc {
             reason: "libnvrtc.so was not found by the dynamic loader".to_string(),
         });
     }
-    Ok(compile_ptx(arch)?.to_src())
+    Ok(compile_named(name, src.to_string(), arch)?.to_src())
 }
 
-fn compile_ptx(arch: &str) -> Result<Ptx, CudaError> {
+fn compile_named(name: &str, src: String, arch: &str) -> Result<Ptx, CudaError> {
     let opts = CompileOptions {
         options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()],
-        name: Some("moe_gate_kernels.cu".to_string()),
+        name: Some(name.to_string()),
         ..Default::default()
     };
-    compile_ptx_with_opts(program_source(), opts).map_err(|e| match e {
-        CompileError::CompileError { nvrtc, log, .. } => CudaError::Compile {
-            arch: arch.to_string(),
-            status: format!("{nvrtc:?}"),
-            log: log.to_string_lossy().into_owned(),
-        },
-        other => {
-            CudaError::Compile { arch: arch.to_string(), status: format!("{other:?}"), log: String::new() }
+    let failed = |status: String, log: String| CudaError::Compile {
+        program: name.to_string(),
+        arch: arch.to_string(),
+        status,
+        log,
+    };
+    compile_ptx_with_opts(src, opts).map_err(|e| match e {
+        CompileError::CompileError { nvrtc, log, .. } => {
+            failed(format!("{nvrtc:?}"), log.to_string_lossy().into_owned())
         }
+        other => failed(format!("{other:?}"), String::new()),
     })
 }
 

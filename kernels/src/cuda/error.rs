@@ -23,10 +23,10 @@ pub enum CudaError {
     // --- CUDA is here but something failed ---
     /// NVRTC rejected the kernels; the log says where.
     #[error(
-        "NVRTC could not compile the kernels for {arch} ({status}); the sources are \
-         kernels/src/cuda/*.cu. Compiler log:\n{log}"
+        "NVRTC could not compile {program} for {arch} ({status}); the kernels' sources are \
+         kernels/src/cuda/*.cu, and the log names the file and line. Compiler log:\n{log}"
     )]
-    Compile { arch: String, status: String, log: String },
+    Compile { program: String, arch: String, status: String, log: String },
     /// A device allocation did not fit.
     #[error(
         "out of device memory while {stage}: {bytes} bytes requested, {free} of {total} bytes free; \

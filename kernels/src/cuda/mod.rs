@@ -27,6 +27,7 @@ mod ops;
 
 pub use device::{
     CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceInfo, DeviceMatrix, DeviceScalar, compile_program,
+    compile_source,
 };
 pub use error::CudaError;
 pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
