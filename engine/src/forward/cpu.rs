@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use moe_kernels::cpu::dot;
+use moe_kernels::cpu::dot_each;
 use moe_kernels::quant::{dequantize_row, dot_row};
 
 use super::numerics::{Mat, Numerics, matmul_by_rows};
@@ -35,8 +35,9 @@ impl Numerics for CpuNumerics {
 
     /// One token: `dot_row` straight from the blocks. Several tokens (prefill): each row is decoded once
     /// into a per-thread scratch row (the f32 values `dot_row` decodes block by block) and multiplied
-    /// with every token by `moe_kernels::cpu::dot`, whose lane order is `dot_row`'s, so a prefill gives the
-    /// same bits as decoding its tokens one at a time.
+    /// with every token by `moe_kernels::cpu::dot_each` (`cpu::dot` per token, four tokens per pass),
+    /// whose lane order is `dot_row`'s, so a prefill gives the same bits as decoding its tokens one at a
+    /// time.
     fn matmul(&self, w: Mat<'_>, x: &[f32], out: &mut [f32]) {
         let n_tok = x.len() / w.cols;
         if n_tok == 1 {
@@ -50,9 +51,7 @@ impl Numerics for CpuNumerics {
             || vec![0f32; w.cols],
             |decoded, r, o| {
                 dequantize_row(w.ty, w.row(r), decoded);
-                for (o, xt) in o.iter_mut().zip(x.chunks_exact(w.cols)) {
-                    *o = dot(decoded, xt);
-                }
+                dot_each(decoded, x, o);
             },
         );
     }

@@ -67,7 +67,7 @@ impl_real!(f64, f64::exp);
 /// Number of independent partial sums in [`dot`]: sixteen lanes let the compiler vectorise the loop and
 /// make the rounding error grow with `n / 16` instead of `n`. The same count and order as
 /// [`crate::quant::dot_row`], so one dot-product definition serves weights and activations alike.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// The dot product of `a` and `b`, accumulated in `F`.
 ///
