@@ -1,14 +1,14 @@
-//! One f32 row dotted with many activation rows (the prefill's weight-row products), in [`dot`](super::dot)'s
+//! One f32 row dotted with many activation rows (the prefill's weight-row products), in [`dot`]'s
 //! operation order for each of them: bit for bit `dot(a, x_t)` for every token `t`.
 //!
 //! Four tokens advance together through the row, each in its own sixteen lanes, so one load of the row
 //! serves four products and the four addition chains overlap. Every lane of every token still receives
 //! its products in increasing index and is reduced by the same halving tree, and Rust never fuses a
-//! multiply and an add, so the order, and with it every bit, is `dot`'s. The loop is compiled twice,
+//! multiply and an add, so the order, and with it every bit, is [`dot`]'s. The loop is compiled twice,
 //! for the baseline and for AVX2 (two 256-bit registers per token's lanes), and the widest one the CPU
 //! has runs; the result does not depend on which.
 
-use super::real::LANES;
+use super::real::{LANES, dot};
 
 /// Tokens per pass through the row: 4 x 16 lanes are 8 AVX2 registers, leaving room for the row.
 const TOKENS_PER_PASS: usize = 4;
@@ -42,45 +42,33 @@ fn dot_each_portable(a: &[f32], xs: &[f32], out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
+    let (a_chunks, a_rest) = a.as_chunks::<LANES>();
     let mut rows = xs.chunks_exact(n);
     let mut outs = out.chunks_exact_mut(TOKENS_PER_PASS);
     for o in &mut outs {
-        pass::<TOKENS_PER_PASS>(a, &mut rows, o);
-    }
-    let rest = outs.into_remainder();
-    match rest.len() {
-        3 => pass::<3>(a, &mut rows, rest),
-        2 => pass::<2>(a, &mut rows, rest),
-        1 => pass::<1>(a, &mut rows, rest),
-        _ => {}
-    }
-}
-
-/// The products of `a` with the next `K` rows of `rows`, into `out[..K]`: every token in its own
-/// sixteen lanes, the lanes reduced by [`halving_sum`]. Inlined, so it runs with its caller's SIMD width
-/// (the last one to three tokens too, not only full passes).
-#[inline(always)]
-fn pass<'x, const K: usize>(a: &[f32], rows: &mut impl Iterator<Item = &'x [f32]>, out: &mut [f32]) {
-    let (a_chunks, a_rest) = a.as_chunks::<LANES>();
-    let x: [&[f32]; K] = std::array::from_fn(|_| rows.next().expect("a row per output"));
-    let x_chunks: [&[[f32; LANES]]; K] = x.map(|x| x.as_chunks::<LANES>().0);
-    let mut acc = [[0.0f32; LANES]; K];
-    for (c, w) in a_chunks.iter().enumerate() {
-        for (acc, x) in acc.iter_mut().zip(&x_chunks) {
-            let x = &x[c];
-            for l in 0..LANES {
-                acc[l] += w[l] * x[l];
+        let x: [&[f32]; TOKENS_PER_PASS] = std::array::from_fn(|_| rows.next().expect("a row per output"));
+        let x_chunks: [&[[f32; LANES]]; TOKENS_PER_PASS] = x.map(|x| x.as_chunks::<LANES>().0);
+        let mut acc = [[0.0f32; LANES]; TOKENS_PER_PASS];
+        for (c, w) in a_chunks.iter().enumerate() {
+            for (acc, x) in acc.iter_mut().zip(&x_chunks) {
+                let x = &x[c];
+                for l in 0..LANES {
+                    acc[l] += w[l] * x[l];
+                }
             }
         }
-    }
-    let tail = a_chunks.len() * LANES;
-    for (acc, x) in acc.iter_mut().zip(&x) {
-        for (l, (&w, &v)) in a_rest.iter().zip(&x[tail..]).enumerate() {
-            acc[l] += w * v;
+        let tail = a_chunks.len() * LANES;
+        for (acc, x) in acc.iter_mut().zip(&x) {
+            for (l, (&w, &v)) in a_rest.iter().zip(&x[tail..]).enumerate() {
+                acc[l] += w * v;
+            }
+        }
+        for (o, acc) in o.iter_mut().zip(acc) {
+            *o = halving_sum(acc);
         }
     }
-    for (o, acc) in out.iter_mut().zip(acc) {
-        *o = halving_sum(acc);
+    for (o, x) in outs.into_remainder().iter_mut().zip(rows) {
+        *o = dot(a, x);
     }
 }
 
@@ -100,7 +88,6 @@ fn halving_sum(mut lanes: [f32; LANES]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::dot;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

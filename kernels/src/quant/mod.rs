@@ -282,26 +282,6 @@ pub(crate) trait Block: Decode {
 
 /// Dequantises a row of blocks of type `B` to f32. Lengths are checked by the caller.
 fn dequantize_blocks<B: Block>(src: &[u8], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of the callee.
-            return unsafe { dequantize_blocks_avx2::<B>(src, dst) };
-        }
-    }
-    dequantize_blocks_portable::<B>(src, dst);
-}
-
-/// [`dequantize_blocks_portable`] compiled for AVX2. The same IEEE operations on wider registers (Rust
-/// never fuses a multiply and an add), so the same bits: ggml's, as the golden tests check.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dequantize_blocks_avx2<B: Block>(src: &[u8], dst: &mut [f32]) {
-    dequantize_blocks_portable::<B>(src, dst);
-}
-
-#[inline(always)]
-fn dequantize_blocks_portable<B: Block>(src: &[u8], dst: &mut [f32]) {
     let blocks: &[B] = bytemuck::cast_slice(src);
     let out: &mut [B::Weights] = bytemuck::cast_slice_mut(dst);
     for (block, out) in blocks.iter().zip(out) {
