@@ -294,7 +294,7 @@ amendments:
         KnownDivergence {
             criterion: "K".into(),
             prompt: None,
-            layer: Some(0),
+            layers: Some(moe_contracts::LayerSpan::one(0)),
             status: "investigating".into(),
             strict,
             note: "issue 7".into(),

@@ -32,8 +32,8 @@ pub use prompts::{generate_prompts, generated_id};
 pub use record::{GreedyStep, Recorded, TrialOutcome};
 pub use schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,
-    KnownDivergence, Metric, OnlyOn, Per, Policy, Prompt, PromptSet, QWEN3_VOCAB, RunSpec, Status, Tap,
-    Threshold,
+    KnownDivergence, LayerSpan, Metric, OnlyOn, Per, Policy, Prompt, PromptSet, QWEN3_VOCAB, RunSpec, Status,
+    Tap, Threshold,
 };
 pub use validate::{MAX_GENERATED_COUNT, MAX_GENERATED_LEN, MAX_GREEDY_STEPS};
 pub use verdict::{CriterionSummary, all_blocking_gates_hold, summarize};

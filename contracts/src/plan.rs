@@ -135,7 +135,7 @@ impl Contract {
         self.known_divergences.iter().find(|kd| {
             kd.criterion == criterion
                 && kd.prompt.as_deref().is_none_or(|p| p == prompt || p == set)
-                && kd.layer.is_none_or(|l| layer == Some(l))
+                && kd.layers.is_none_or(|span| layer.is_some_and(|l| span.contains(l)))
         })
     }
 }

@@ -124,6 +124,16 @@ pub(crate) struct RawDivergence {
 pub(crate) struct RawWhere {
     pub prompt: Option<S<String>>,
     pub layer: Option<S<usize>>,
+    pub layers: Option<S<RawLayers>>,
+}
+
+/// `layers: {from: A, to: B}`: layers A..=B; either end may be left out (from the first layer, to the
+/// last).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLayers {
+    pub from: Option<usize>,
+    pub to: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -377,14 +377,48 @@ pub struct KnownDivergence {
     pub criterion: String,
     /// Restricts it to one prompt (or every prompt of one set); `None` = every prompt.
     pub prompt: Option<String>,
-    /// Restricts it to one layer; `None` = every layer.
-    pub layer: Option<usize>,
+    /// Restricts it to some layers (`where: {layer: L}` or `where: {layers: {from: A, to: B}}`);
+    /// `None` = every layer.
+    pub layers: Option<LayerSpan>,
     /// What is known about it: `benign`, `not_benign` or `investigating` (see [`DIVERGENCE_STATUSES`]).
     pub status: String,
     /// When true, the gate fails if a matching trial passes (the divergence went away unnoticed).
     pub strict: bool,
     /// Why it diverges, where it is tracked.
     pub note: String,
+}
+
+/// The layers a known divergence covers: `from` to `to`, both included; `to: None` means `from` and
+/// every later layer (a divergence that starts at a router tie and is carried by the residual stream to
+/// the last layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSpan {
+    /// The first layer covered.
+    pub from: usize,
+    /// The last layer covered; `None` = up to the last layer of the model.
+    pub to: Option<usize>,
+}
+
+impl LayerSpan {
+    /// Exactly layer `l`.
+    pub fn one(l: usize) -> Self {
+        LayerSpan { from: l, to: Some(l) }
+    }
+
+    /// Whether layer `l` is covered.
+    pub fn contains(&self, l: usize) -> bool {
+        l >= self.from && self.to.is_none_or(|to| l <= to)
+    }
+}
+
+impl fmt::Display for LayerSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to {
+            Some(to) if to == self.from => write!(f, "layer {to}"),
+            Some(to) => write!(f, "layers {}-{to}", self.from),
+            None => write!(f, "layers {} and later", self.from),
+        }
+    }
 }
 
 /// The statuses a known divergence may have.

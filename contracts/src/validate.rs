@@ -10,10 +10,12 @@ use std::path::Path;
 use serde_saphyr::Spanned;
 
 use crate::error::{ContractError, SourceLocation};
-use crate::raw::{RawAmendment, RawContract, RawCriterion, RawDivergence, RawPromptSet, RunMap, S};
+use crate::raw::{
+    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawWhere, RunMap, S,
+};
 use crate::schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,
-    KnownDivergence, Metric, Per, Policy, PromptSet, QWEN3_VOCAB, RunSpec, Tap, Threshold,
+    KnownDivergence, LayerSpan, Metric, Per, Policy, PromptSet, QWEN3_VOCAB, RunSpec, Tap, Threshold,
 };
 
 /// The longest generated prompt: far beyond any parity check's needs, and it keeps a typo like
@@ -578,7 +580,7 @@ impl Validator<'_> {
         for d in raw {
             let kd = self.divergence(d, criteria, sets, names)?;
             let same = |o: &KnownDivergence| {
-                o.criterion == kd.criterion && o.prompt == kd.prompt && o.layer == kd.layer
+                o.criterion == kd.criterion && o.prompt == kd.prompt && o.layers == kd.layers
             };
             if out.iter().any(same) {
                 return self.fail(
@@ -614,19 +616,10 @@ impl Validator<'_> {
         if let Some(p) = prompt {
             self.divergence_prompt(p, criterion, sets, names)?;
         }
-        let layer = d.at.as_ref().and_then(|w| w.layer.as_ref());
-        if let Some(l) = layer
-            && !criterion.is_per(Per::Layer)
-        {
-            return self.fail(
-                l,
-                format!(
-                    "criterion `{}` has no trial per layer, so `layer: {}` never matches",
-                    criterion.id, l.value
-                ),
-                "remove `layer`, or add `layer` to the criterion's `per`",
-            );
-        }
+        let layers = match &d.at {
+            Some(w) => self.divergence_layers(w, criterion)?,
+            None => None,
+        };
         if !DIVERGENCE_STATUSES.contains(&d.status.value.as_str()) {
             return self.fail(
                 &d.status,
@@ -638,11 +631,59 @@ impl Validator<'_> {
         Ok(KnownDivergence {
             criterion: criterion.id.clone(),
             prompt: prompt.map(|p| p.value.clone()),
-            layer: layer.map(|l| l.value),
+            layers,
             status: d.status.value.clone(),
             strict: d.strict,
             note,
         })
+    }
+
+    /// The layers of `where`: `layer: L` or `layers: {from, to}` (not both), on a per-layer criterion.
+    fn divergence_layers(&self, w: &RawWhere, criterion: &Criterion) -> Result<Option<LayerSpan>> {
+        let span = match (&w.layer, &w.layers) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(both)) => {
+                return self.fail(
+                    both,
+                    "`where` has both `layer` and `layers`",
+                    "give `layer: L` for one layer or `layers: {from: A, to: B}` for a range, not both",
+                );
+            }
+            (Some(l), None) => (LayerSpan::one(l.value), self.at(l)),
+            (None, Some(r)) => {
+                let RawLayers { from, to } = r.value;
+                let (from, to): (Option<usize>, Option<usize>) = (from, to);
+                if from.is_none() && to.is_none() {
+                    return self.fail(r, "`layers` gives neither `from` nor `to`", {
+                        "give `from`, `to` or both (both included), or leave `layers` out for every layer"
+                    });
+                }
+                let from = from.unwrap_or(0);
+                if let Some(to) = to
+                    && to < from
+                {
+                    return self.fail(
+                        r,
+                        format!("`layers` runs from {from} down to {to}"),
+                        "give `from` <= `to` (both included)",
+                    );
+                }
+                let span = LayerSpan { from, to };
+                (span, self.at(r))
+            }
+        };
+        let (span, at) = span;
+        if !criterion.is_per(Per::Layer) {
+            return Err(ContractError::invalid(
+                at,
+                format!(
+                    "criterion `{}` has no trial per layer, so a divergence at {span} never matches",
+                    criterion.id
+                ),
+                "remove `layer` / `layers`, or add `layer` to the criterion's `per`",
+            ));
+        }
+        Ok(Some(span))
     }
 
     fn divergence_prompt(

@@ -89,3 +89,29 @@ fn needed_forwards_follow_each_criterion_s_prompts() {
     assert_eq!(forwards.len(), 6, "2 runs x 3 prompts, each once: {forwards:?}");
     assert_eq!(c.needed_runs(), ["cpu", "ref64"]);
 }
+
+#[test]
+fn known_divergences_match_layer_ranges() {
+    // `layers: {from, to}` covers from..=to; without `to`, every layer from `from` on (a divergence that a
+    // router tie starts and the residual stream carries to the last layer); without `from`, from layer 0.
+    let with = |layers: &str| {
+        let src = CONTRACT
+            .replace("where: {prompt: gen, layer: 1}", &format!("where: {{prompt: a, layers: {layers}}}"));
+        let c = parse(&src, Path::new("pl.yaml")).unwrap_or_else(|e| panic!("{layers}: {e}"));
+        let plan = c.plan(6);
+        let layers: Vec<usize> = plan
+            .iter()
+            .filter(|t| t.criterion == "L" && t.expected.is_some())
+            .map(|t| {
+                assert_eq!(t.prompt, "a", "only prompt a is named");
+                t.layer.expect("a per-layer trial")
+            })
+            .collect();
+        layers
+    };
+    assert_eq!(with("{from: 2, to: 4}"), [2, 3, 4]);
+    assert_eq!(with("{from: 3}"), [3, 4, 5]);
+    assert_eq!(with("{to: 1}"), [0, 1]);
+    assert_eq!(with("{from: 5, to: 5}"), [5]);
+    assert_eq!(with("{from: 6}"), Vec::<usize>::new(), "a range past the model's layers matches nothing");
+}
