@@ -28,6 +28,7 @@ use moe_kernels::cuda::{
 };
 use moe_kernels::quant::dequantize_row;
 
+use super::check_tokens;
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
@@ -272,7 +273,7 @@ impl CudaForward {
     /// Runs `tokens` at positions `n_cached..` and appends them to the cache.
     fn run(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
         let start = self.n_cached;
-        self.check_tokens(tokens, start)?;
+        check_tokens(self.cfg(), tokens, start)?;
         let n = tokens.len();
         self.ensure_workspace(n)?;
         self.ensure_cache(start + n)?;
@@ -310,25 +311,6 @@ impl CudaForward {
             trace.logits = Matrix::from_f32(n, vocab, &logits);
         }
         Ok(logits[(rows - 1) * vocab..].to_vec())
-    }
-
-    /// Rejects an empty prompt, unknown token ids and a prompt the context cannot hold.
-    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), EngineError> {
-        let cfg = self.cfg();
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if let Some((position, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= cfg.vocab) {
-            return Err(EngineError::TokenOutOfRange { token, position: start + position, vocab: cfg.vocab });
-        }
-        if start + tokens.len() > cfg.context_length {
-            return Err(EngineError::ContextFull {
-                context_length: cfg.context_length,
-                cached: start,
-                requested: tokens.len(),
-            });
-        }
-        Ok(())
     }
 
     /// Grows the activations to hold `n` tokens (to the next power of two, so growth is rare).
@@ -652,7 +634,7 @@ impl Forward for CudaForward {
     }
 
     fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
-        self.check_tokens(tokens, 0)?;
+        check_tokens(self.cfg(), tokens, 0)?;
         self.n_cached = 0;
         self.run(tokens, trace)
     }

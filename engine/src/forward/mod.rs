@@ -11,3 +11,25 @@ pub mod cuda;
 mod numerics;
 mod qwen3_moe;
 pub mod reference;
+
+use crate::config::ModelConfig;
+use crate::error::EngineError;
+
+/// What every backend refuses before computing: an empty prompt, a token id outside the vocabulary, and
+/// more tokens than the context holds after the `start` already cached.
+pub(crate) fn check_tokens(cfg: &ModelConfig, tokens: &[u32], start: usize) -> Result<(), EngineError> {
+    if tokens.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if let Some((position, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= cfg.vocab) {
+        return Err(EngineError::TokenOutOfRange { token, position: start + position, vocab: cfg.vocab });
+    }
+    if start + tokens.len() > cfg.context_length {
+        return Err(EngineError::ContextFull {
+            context_length: cfg.context_length,
+            cached: start,
+            requested: tokens.len(),
+        });
+    }
+    Ok(())
+}

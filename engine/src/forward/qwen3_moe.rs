@@ -20,6 +20,7 @@ use std::sync::Arc;
 use moe_kernels::cpu::{KvView, Real, RopeTable, causal_attention_head, rms_norm, route, swiglu};
 use rayon::prelude::*;
 
+use super::check_tokens;
 use super::numerics::{Mat, Numerics};
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
@@ -108,7 +109,7 @@ impl<N: Numerics> Qwen3Moe<N> {
     /// Runs `tokens` at positions `n_cached..`, appending them to the cache.
     fn run(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
         let start = self.n_cached;
-        self.model.check_tokens(tokens, start)?;
+        check_tokens(self.model.config(), tokens, start)?;
         let cfg = self.model.config();
         let (n_tok, hidden) = (tokens.len(), cfg.hidden);
         self.rope.ensure(start + n_tok);
@@ -154,7 +155,7 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
     }
 
     fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
-        self.model.check_tokens(tokens, 0)?;
+        check_tokens(self.model.config(), tokens, 0)?;
         for c in &mut self.cache {
             c.keys.clear();
             c.values.clear();
@@ -194,25 +195,6 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
 impl<N: Numerics> Model<N> {
     fn config(&self) -> &ModelConfig {
         &self.weights.config
-    }
-
-    /// Rejects an empty prompt, unknown token ids and a prompt the context cannot hold.
-    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), EngineError> {
-        let cfg = self.config();
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if let Some((position, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= cfg.vocab) {
-            return Err(EngineError::TokenOutOfRange { token, position: start + position, vocab: cfg.vocab });
-        }
-        if start + tokens.len() > cfg.context_length {
-            return Err(EngineError::ContextFull {
-                context_length: cfg.context_length,
-                cached: start,
-                requested: tokens.len(),
-            });
-        }
-        Ok(())
     }
 
     /// The embedding rows of `tokens`, `[T][hidden]`.
