@@ -13,9 +13,8 @@ use super::ops::{MAX_DYNAMIC_SHARED, grid_yz, need, to_i32};
 const EXACT_MV_ROWS: u32 = 64;
 /// Heads per block of `head_norm_rope_exact` (`EXACT_ROPE_WARPS`).
 const EXACT_ROPE_WARPS: u32 = 4;
-/// Threads per block of `attention_exact`, `moe_combine_exact` and `exp_exact`.
+/// Threads per block of `attention_exact` and `exp_exact` (`moe_combine_exact` shares `moe_combine`'s).
 const ATTENTION_THREADS: u32 = 128;
-const COMBINE_THREADS: u32 = 256;
 const EXP_THREADS: u32 = 256;
 /// Most positions `attention_exact` holds (one f32 score each in shared memory).
 pub const EXACT_ATTENTION_MAX_POSITIONS: usize = MAX_DYNAMIC_SHARED / 4;
@@ -125,19 +124,8 @@ impl CudaDevice {
         eps: f32,
         out: DevSliceMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        let op = "rmsnorm_exact";
-        if rows == 0 || n == 0 {
-            return Err(CudaError::invalid(op, format!("empty shape [{rows}, {n}]")));
-        }
-        need(op, "x", x.len, rows * n)?;
-        need(op, "w", w.len, n)?;
-        need(op, "out", out.len, rows * n)?;
-        let rows_u32 = u32::try_from(rows).map_err(|_| CudaError::invalid(op, "too many rows"))?;
-        let n_i = to_i32(op, "n", n)?;
-        let cfg = LaunchConfig { grid_dim: (rows_u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-        self.launch(op, &self.kernels.exact.rmsnorm, cfg, |b| {
-            b.arg(&x.ptr).arg(&w.ptr).arg(&n_i).arg(&eps).arg(&out.ptr);
-        })
+        // Block 32: `exact.cu`'s rmsnorm_exact is written for one warp per row (`__launch_bounds__(32)`).
+        self.rmsnorm_with("rmsnorm_exact", &self.kernels.exact.rmsnorm, 32, x, w, rows, n, eps, out)
     }
 
     /// In place on `n_tok` rows (`row_stride` floats apart) of `n_head` heads of `head_dim`: per-head
@@ -315,21 +303,7 @@ impl CudaDevice {
         n_expert: usize,
         x: DevSliceMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        let op = "moe_combine_exact";
-        need(op, "expert_out", expert_out.len, n_tok * k * hidden)?;
-        need(op, "ids", ids.len, n_tok * k)?;
-        need(op, "weights", weights.len, n_tok * k)?;
-        need(op, "x", x.len, n_tok * hidden)?;
-        let tok = grid_yz(op, "n_tok", n_tok)?;
-        let (k_i, h, e) =
-            (to_i32(op, "k", k)?, to_i32(op, "hidden", hidden)?, to_i32(op, "n_expert", n_expert)?);
-        let cfg = LaunchConfig {
-            grid_dim: ((hidden as u32).div_ceil(COMBINE_THREADS), tok, 1),
-            block_dim: (COMBINE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(op, &self.kernels.exact.moe_combine, cfg, |b| {
-            b.arg(&expert_out.ptr).arg(&ids.ptr).arg(&weights.ptr).arg(&k_i).arg(&h).arg(&e).arg(&x.ptr);
-        })
+        let f = &self.kernels.exact.moe_combine;
+        self.moe_combine_with("moe_combine_exact", f, expert_out, ids, weights, n_tok, k, hidden, n_expert, x)
     }
 }

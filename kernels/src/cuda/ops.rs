@@ -172,18 +172,35 @@ impl CudaDevice {
         eps: f32,
         out: DevSliceMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        let op = "rmsnorm";
-        need(op, "x", x.len, rows * n)?;
-        need(op, "w", w.len, n)?;
-        need(op, "out", out.len, rows * n)?;
+        self.rmsnorm_with("rmsnorm", &self.kernels.rmsnorm, RMS_THREADS, x, w, rows, n, eps, out)
+    }
+
+    /// Launches an RMSNorm kernel `f` (the `fast` or the `exact` one: same arguments, `threads` per row)
+    /// after the checks both rely on.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rmsnorm_with(
+        &self,
+        op: &'static str,
+        f: &CudaFunction,
+        threads: u32,
+        x: DevSlice<'_, f32>,
+        w: DevSlice<'_, f32>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+        out: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
         if rows == 0 || n == 0 {
             return Err(CudaError::invalid(op, format!("empty shape [{rows}, {n}]")));
         }
+        need(op, "x", x.len, rows * n)?;
+        need(op, "w", w.len, n)?;
+        need(op, "out", out.len, rows * n)?;
         let rows_u32 = u32::try_from(rows).map_err(|_| CudaError::invalid(op, "too many rows"))?;
         let n_i = to_i32(op, "n", n)?;
         let cfg =
-            LaunchConfig { grid_dim: (rows_u32, 1, 1), block_dim: (RMS_THREADS, 1, 1), shared_mem_bytes: 0 };
-        self.launch(op, &self.kernels.rmsnorm, cfg, |b| {
+            LaunchConfig { grid_dim: (rows_u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        self.launch(op, f, cfg, |b| {
             b.arg(&x.ptr).arg(&w.ptr).arg(&n_i).arg(&eps).arg(&out.ptr);
         })
     }
@@ -474,7 +491,26 @@ impl CudaDevice {
         n_expert: usize,
         x: DevSliceMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        let op = "moe_combine";
+        let f = &self.kernels.moe_combine;
+        self.moe_combine_with("moe_combine", f, expert_out, ids, weights, n_tok, k, hidden, n_expert, x)
+    }
+
+    /// Launches a combine kernel `f` (the `fast` or the `exact` one: same arguments and grid) after the
+    /// checks both rely on.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe_combine_with(
+        &self,
+        op: &'static str,
+        f: &CudaFunction,
+        expert_out: DevSlice<'_, f32>,
+        ids: DevSlice<'_, i32>,
+        weights: DevSlice<'_, f32>,
+        n_tok: usize,
+        k: usize,
+        hidden: usize,
+        n_expert: usize,
+        x: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
         need(op, "expert_out", expert_out.len, n_tok * k * hidden)?;
         need(op, "ids", ids.len, n_tok * k)?;
         need(op, "weights", weights.len, n_tok * k)?;
@@ -487,7 +523,7 @@ impl CudaDevice {
             block_dim: (COMBINE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(op, &self.kernels.moe_combine, cfg, |b| {
+        self.launch(op, f, cfg, |b| {
             b.arg(&expert_out.ptr).arg(&ids.ptr).arg(&weights.ptr).arg(&k_i).arg(&h).arg(&e).arg(&x.ptr);
         })
     }
