@@ -399,9 +399,11 @@ fn time_decode(forward: &mut dyn Forward, vocab: usize, steps: usize) -> Result<
     })
 }
 
-/// The greedy choice: the highest logit, the lowest id among equals.
+/// The greedy choice: the highest logit, the lowest id among equals (the router's `top_k` with k = 1).
 fn argmax(logits: &[f32]) -> u32 {
-    (0..logits.len()).fold(0, |best, i| if logits[i] > logits[best] { i } else { best }) as u32
+    let mut best = [0u32];
+    moe_kernels::cpu::top_k(logits, &mut best);
+    best[0]
 }
 
 /// The median of sorted, non-empty `values` (the mean of the middle two for an even count).

@@ -31,7 +31,8 @@ mod cases {
     use moe_kernels::cuda::CudaDevice;
 
     use super::forward_support::{
-        BitAgreement, Errors, compare_all, compare_trace, load_model, load_reference, max_abs, rel_l2,
+        BitAgreement, Errors, FIXTURES, argmax, compare_all, compare_trace, load_model, load_reference,
+        max_abs, rel_l2,
     };
 
     /// Bound on the per-position relative error `||a - b|| / ||b||` of logits and hidden states against the
@@ -45,17 +46,6 @@ mod cases {
     /// Bound on `||cuda - cpu|| / ||cpu||` per position: both are f32 round-off away from the reference,
     /// so they are at most about twice that apart.
     const CUDA_CPU_REL_BOUND: f64 = 2e-5;
-
-    /// Every model of tests/fixtures with the float64 forward it must reproduce.
-    const FIXTURES: [(&str, &str); 5] = [
-        ("public-tiny/model.gguf", "public-tiny/reference.safetensors"),
-        ("public-tiny/model.q8_0.gguf", "public-tiny/reference_dequant_q8_0.safetensors"),
-        // public-tiny's "Q4_K_M" holds Q5_0, Q5_1 and Q8_0 (its rows are too short for K-quants).
-        ("public-tiny/model.q4_k_m.gguf", "public-tiny/reference_dequant_q4_k_m.safetensors"),
-        ("q4k/model.q8_0.gguf", "q4k/reference_dequant_q8_0.safetensors"),
-        // q4k's Q4_K_M holds Q4_K, Q5_K, Q6_K and Q8_0.
-        ("q4k/model.q4_k_m.gguf", "q4k/reference_dequant_q4_k_m.safetensors"),
-    ];
 
     /// Synthetic models checked against the `cpu` backend: `tiny` (16 experts top-4, K-quant rows of 256)
     /// and `small` (heads of 128, query width unlike the hidden size), both in the Q4_K_M mix.
@@ -560,10 +550,6 @@ mod cases {
             agg.argmax_mismatches += usize::from(argmax(a) != argmax(b));
             agg.logits_rel = agg.logits_rel.max(rel_l2(a, b));
         }
-    }
-
-    fn argmax(v: &[f64]) -> usize {
-        (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
     }
 
     /// The canonical prompts through `cuda` and `cpu` on a synthetic model: hidden-state cosine at every

@@ -5,7 +5,7 @@
 
 mod forward_support;
 
-use forward_support::{BitAgreement, compare_all, load_model, load_reference};
+use forward_support::{BitAgreement, FIXTURES, compare_all, load_model, load_reference};
 use moe_engine::backend::{BackendKind, Forward, Policy, create_backend};
 use moe_engine::trace::{Precision, Trace};
 
@@ -14,15 +14,6 @@ use moe_engine::trace::{Precision, Trace};
 const REL_BOUND: f64 = 1e-5;
 /// Renormalised router weights (values in [0, 1]), as `forward_cpu.rs`.
 const ROUTER_WEIGHTS_ABS: f64 = 5e-6;
-
-/// Every fixture model with its float64 forward.
-const FIXTURES: [(&str, &str); 5] = [
-    ("public-tiny/model.gguf", "public-tiny/reference.safetensors"),
-    ("public-tiny/model.q8_0.gguf", "public-tiny/reference_dequant_q8_0.safetensors"),
-    ("public-tiny/model.q4_k_m.gguf", "public-tiny/reference_dequant_q4_k_m.safetensors"),
-    ("q4k/model.q8_0.gguf", "q4k/reference_dequant_q8_0.safetensors"),
-    ("q4k/model.q4_k_m.gguf", "q4k/reference_dequant_q4_k_m.safetensors"),
-];
 
 fn cpu(model: &str, policy: Policy) -> Box<dyn Forward> {
     create_backend(BackendKind::Cpu, load_model(model), policy).expect("the cpu backend takes both policies")

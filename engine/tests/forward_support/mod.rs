@@ -14,6 +14,17 @@ use safetensors::tensor::Dtype;
 /// Number of prompts each fixture holds (lengths 1, 3, 5, 8, 13, 21).
 pub const N_PROMPTS: usize = 6;
 
+/// Every model of tests/fixtures with the float64 forward it must reproduce.
+pub const FIXTURES: [(&str, &str); 5] = [
+    ("public-tiny/model.gguf", "public-tiny/reference.safetensors"),
+    ("public-tiny/model.q8_0.gguf", "public-tiny/reference_dequant_q8_0.safetensors"),
+    // public-tiny's "Q4_K_M" holds Q5_0, Q5_1 and Q8_0 (its rows are too short for K-quants).
+    ("public-tiny/model.q4_k_m.gguf", "public-tiny/reference_dequant_q4_k_m.safetensors"),
+    ("q4k/model.q8_0.gguf", "q4k/reference_dequant_q8_0.safetensors"),
+    // q4k's Q4_K_M holds Q4_K, Q5_K, Q6_K and Q8_0.
+    ("q4k/model.q4_k_m.gguf", "q4k/reference_dequant_q4_k_m.safetensors"),
+];
+
 /// `tests/fixtures/<rel>` of the workspace.
 pub fn fixture_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
