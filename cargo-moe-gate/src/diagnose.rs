@@ -233,8 +233,8 @@ impl Diagnoser<'_> {
         Ok(Some(IsolatedError {
             run: run.to_string(),
             layer,
-            nmse: moe_contracts::metrics::nmse(&got.data, &expected.data),
-            cosine: moe_contracts::metrics::cosine(&got.data, &expected.data),
+            nmse: moe_contracts::metrics::nmse(&got.hidden.data, &expected.data),
+            cosine: moe_contracts::metrics::cosine(&got.hidden.data, &expected.data),
         }))
     }
 

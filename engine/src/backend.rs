@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::forward;
-use crate::trace::{Matrix, Trace};
+use crate::trace::{LayerTrace, Matrix, Trace};
 use crate::weights::ModelWeights;
 
 /// Where a forward runs.
@@ -118,9 +118,10 @@ pub trait Forward: Send {
     fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError>;
 
     /// Diagnosis: runs decoder layer `layer` alone on the residual stream `input` (`[T, hidden]`, positions
-    /// `0..T`, causal attention among them, the KV cache neither read nor changed), returning its output
-    /// residual `[T, hidden]`.
-    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<Matrix, EngineError>;
+    /// `0..T`, causal attention among them, the KV cache neither read nor changed), returning the layer's
+    /// taps as a forward records them: the output residual `[T, hidden]` and the router's logits, experts
+    /// and weights. Layer-isolated criteria and the diagnosis judge a layer's own kernels with it.
+    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError>;
 }
 
 /// Creates a forward of `weights` on backend `kind` with numerics `policy`.

@@ -426,7 +426,7 @@ mod cases {
             let (n_layer, t, hidden) = (p.hidden.shape[0] - 1, p.hidden.shape[1], p.hidden.shape[2]);
             for l in 0..n_layer {
                 let input = Matrix::from_f64(t, hidden, p.hidden.at(&[l]).to_vec());
-                let out = f.run_layer(l, &input).map_err(|e| e.to_string())?;
+                let out = f.run_layer(l, &input).map_err(|e| e.to_string())?.hidden;
                 for pos in 0..t {
                     worst = worst.max(rel_l2(out.row(pos), p.hidden.at(&[l + 1, pos])));
                 }

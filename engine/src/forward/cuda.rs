@@ -643,7 +643,7 @@ impl Forward for CudaForward {
         self.run(&[token], None)
     }
 
-    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<Matrix, EngineError> {
+    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
         let cfg = self.weights.config.clone();
         if layer >= cfg.n_layer {
             return Err(EngineError::LayerOutOfRange { layer, n_layer: cfg.n_layer });
@@ -664,7 +664,7 @@ impl Forward for CudaForward {
         let stage = format!("running layer {layer} alone");
         let x: Vec<f32> = input.data.iter().map(|&v| v as f32).collect();
         let d = &self.device;
-        let run = |work: &mut Workspace| -> Result<Vec<f32>, CudaError> {
+        let run = |work: &mut Workspace| -> Result<(), CudaError> {
             // A scratch cache of n positions: the forward's own cache is neither read nor changed.
             let mut keys = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
@@ -674,9 +674,9 @@ impl Forward for CudaForward {
                 None => run.run(work, &mut keys, &mut values, n, 0)?,
                 Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices())?,
             }
-            d.download(work.x.slice(0..n * hidden)?)
+            Ok(())
         };
-        let out = run(&mut self.work).map_err(|e| engine_error(&stage, e))?;
-        Ok(Matrix::from_f32(n, hidden, &out))
+        run(&mut self.work).map_err(|e| engine_error(&stage, e))?;
+        self.layer_trace(n).map_err(|e| engine_error(&stage, e))
     }
 }

@@ -168,7 +168,7 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         self.run(&[token], None)
     }
 
-    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<Matrix, EngineError> {
+    fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
         let cfg = self.model.config();
         if layer >= cfg.n_layer {
             return Err(EngineError::LayerOutOfRange { layer, n_layer: cfg.n_layer });
@@ -187,8 +187,8 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         self.rope.ensure(input.rows);
         let mut x: Vec<N::F> = input.data.iter().map(|&v| N::F::from_f64(v)).collect();
         let mut scratch = LayerCache::new();
-        self.model.decoder_layer(layer, &mut x, 0, &self.rope, &mut scratch);
-        Ok(to_matrix(input.rows, hidden, &x))
+        let routing = self.model.decoder_layer(layer, &mut x, 0, &self.rope, &mut scratch);
+        Ok(self.model.layer_trace(&x, routing))
     }
 }
 
