@@ -24,6 +24,7 @@ use crate::report::{
     ArgmaxRow, ContractInfo, CudaInfo, Diagnosis, GateReport, ModelInfo, PartitionInfo, RunToken,
     SCHEMA_VERSION, Timings, TrialStatus, terminal,
 };
+use crate::ties::{TieReport, TieWork};
 use crate::trials;
 
 /// libtest's exit code for failed tests, which the gate reuses for a failed blocking gate.
@@ -87,17 +88,41 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
     let mut recording = record::record(&choice.spec, &weights, jobs, ready)?;
 
+    let ties_started = Instant::now();
+    let mut tie_work = TieWork {
+        contract: &contract,
+        weights: &weights,
+        prompts: &prompts,
+        recorded: &mut recording.recorded,
+        backends: &mut recording.backends,
+    };
+    tie_work.record_isolated(&plans, &selection)?;
+    for line in tie_work.record_references(&plans, &selection)? {
+        note(&line);
+    }
+    let ties_recording_s = ties_started.elapsed().as_secs_f64();
+
     let evaluation_started = Instant::now();
     let outcomes = trials::evaluate(&contract, &plans, &selection, &recording.recorded);
-    let statuses: Vec<TrialStatus> = plans
+    let mut statuses: Vec<TrialStatus> = plans
         .iter()
         .zip(&selection)
         .zip(&outcomes)
         .map(|((p, s), o)| trials::status(p, s, o.as_ref()))
         .collect();
+    let certify_started = Instant::now();
+    let tie_reports = TieWork {
+        contract: &contract,
+        weights: &weights,
+        prompts: &prompts,
+        recorded: &mut recording.recorded,
+        backends: &mut recording.backends,
+    }
+    .certify(&plans, &mut statuses, &outcomes);
+    let ties_s = ties_recording_s + certify_started.elapsed().as_secs_f64();
     let judged = Judged { contract: &contract, plans: &plans, statuses: &statuses, outcomes: &outcomes };
     let summaries = judged.summaries();
-    let evaluation_s = evaluation_started.elapsed().as_secs_f64();
+    let evaluation_s = evaluation_started.elapsed().as_secs_f64() - (ties_s - ties_recording_s);
 
     let diagnosis_started = Instant::now();
     let diagnoses = Diagnoser {
@@ -120,6 +145,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         model_s,
         runs: recording.timings.clone(),
         evaluation_s,
+        ties_s,
         diagnosis_s,
         total_s: started.elapsed().as_secs_f64(),
     };
@@ -132,7 +158,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         prompts: &prompts,
         partition,
     }
-    .build(&summaries, diagnoses, timings);
+    .build(&summaries, diagnoses, tie_reports, timings);
 
     let summary = terminal::render(&report);
     if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
@@ -214,6 +240,7 @@ impl ReportInputs<'_> {
         self,
         summaries: &[moe_contracts::CriterionSummary],
         diagnoses: Vec<Diagnosis>,
+        ties: Vec<TieReport>,
         timings: Timings,
     ) -> GateReport {
         let c = self.judged.contract;
@@ -248,6 +275,7 @@ impl ReportInputs<'_> {
             layers: self.judged.layer_tables(),
             argmax: self.argmax_rows(),
             diagnoses,
+            ties,
             verdict,
         }
     }

@@ -30,7 +30,7 @@ impl Judged<'_> {
             .iter()
             .zip(self.statuses)
             .zip(self.outcomes)
-            .filter(|((_, s), _)| **s != TrialStatus::FilteredOut)
+            .filter(|((_, s), _)| !matches!(s, TrialStatus::FilteredOut | TrialStatus::TieExcused(_)))
             .map(|((p, _), o)| (p.clone(), o.clone()))
             .collect();
         moe_contracts::summarize(self.contract, &judged)
@@ -89,6 +89,7 @@ impl Judged<'_> {
                     total: summary.map_or(0, |s| s.total),
                     ignored: count(|s| matches!(s, TrialStatus::Ignored(_))),
                     expected_failures: count(|s| *s == TrialStatus::ExpectedFailure),
+                    tie_excused: count(|s| matches!(s, TrialStatus::TieExcused(_))),
                     unexpected_passes: summary.map(|s| s.unexpected_passes.clone()).unwrap_or_default(),
                     gate_holds: summary.is_none_or(|s| s.gate_holds),
                 }

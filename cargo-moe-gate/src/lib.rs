@@ -26,6 +26,7 @@ pub mod model;
 pub mod partition;
 pub mod record;
 pub mod report;
+pub mod ties;
 pub mod trials;
 
 use std::ffi::OsString;

@@ -301,6 +301,8 @@ pub fn merge(contract: &Contract, shards: &[Shard]) -> Result<GateReport, MergeE
     let criterion_index = |id: &str| contract.criteria.iter().position(|c| c.id == id).unwrap_or(usize::MAX);
     let mut diagnoses: Vec<Diagnosis> = shards.iter().flat_map(|s| s.report.diagnoses.clone()).collect();
     diagnoses.sort_by_key(|d| (criterion_index(&d.criterion), position(&d.prompt)));
+    let mut ties: Vec<crate::ties::TieReport> = shards.iter().flat_map(|s| s.report.ties.clone()).collect();
+    ties.sort_by_key(|t| position(&t.prompt));
 
     Ok(GateReport {
         schema_version: SCHEMA_VERSION,
@@ -320,6 +322,7 @@ pub fn merge(contract: &Contract, shards: &[Shard]) -> Result<GateReport, MergeE
         layers: judged.layer_tables(),
         argmax,
         diagnoses,
+        ties,
         verdict,
     })
 }
@@ -375,7 +378,9 @@ fn recorded_outcomes(
         let outcome = outcome_of(trial);
         if let Some(o) = &outcome {
             let expected = trials::status(plan, &Selection::Run, Some(o));
-            if expected != trial.status {
+            // A shard's tie certification turns a failure into a tie cascade; the shard decided it.
+            let certified = matches!(trial.status, TrialStatus::TieExcused(_)) && expected == TrialStatus::Failed;
+            if expected != trial.status && !certified {
                 return Err(MergeError::StatusDisagrees {
                     path: shard.path.clone(),
                     trial: plan.name.clone(),
@@ -406,7 +411,7 @@ fn recorded_outcomes(
 fn outcome_of(trial: &TrialReport) -> Option<TrialOutcome> {
     let passed = match trial.status {
         TrialStatus::Passed | TrialStatus::UnexpectedPass => true,
-        TrialStatus::Failed | TrialStatus::ExpectedFailure => false,
+        TrialStatus::Failed | TrialStatus::ExpectedFailure | TrialStatus::TieExcused(_) => false,
         TrialStatus::Ignored(_) | TrialStatus::FilteredOut => return None,
     };
     Some(TrialOutcome {
@@ -436,6 +441,7 @@ fn summed_timings(shards: &[Shard]) -> Timings {
     for t in shards.iter().map(|s| &s.report.timings) {
         sum.model_s += t.model_s;
         sum.evaluation_s += t.evaluation_s;
+        sum.ties_s += t.ties_s;
         sum.diagnosis_s += t.diagnosis_s;
         sum.total_s += t.total_s;
         for run in &t.runs {
@@ -561,6 +567,7 @@ amendments:
                     seconds: 0.25,
                 }],
                 evaluation_s: 0.125,
+                ties_s: 0.0,
                 diagnosis_s: 0.0,
                 total_s: 1.0,
             },
@@ -569,6 +576,7 @@ amendments:
             layers: judged.layer_tables(),
             argmax: vec![],
             diagnoses: vec![],
+            ties: vec![],
             verdict,
         }
     }

@@ -181,6 +181,9 @@ pub fn libtest_trials(
                         .unwrap_or_default();
                     Ok(Completion::ignored_with(format!("expected failure ({kd}): {}", o.detail)))
                 }
+                (TrialStatus::TieExcused(reason), Some(o)) => {
+                    Ok(Completion::ignored_with(format!("{reason}: {}", o.detail)))
+                }
                 (TrialStatus::Ignored(reason), _) => Ok(Completion::ignored_with(reason)),
                 _ => Ok(Completion::Completed),
             };

@@ -16,6 +16,7 @@ use crate::metrics::{self, TopkVerdict};
 use crate::plan::TrialPlan;
 use crate::record::{Recorded, TrialOutcome};
 use crate::schema::{Bound, Contract, Criterion, Metric, Tap};
+use crate::ties;
 
 /// Why a trial could not produce a value.
 enum Problem {
@@ -38,7 +39,7 @@ pub fn evaluate(contract: &Contract, trial: &TrialPlan, rec: &Recorded) -> Trial
     };
     let judged = match criterion.metric {
         Metric::Greedy => greedy_trial(criterion, trial, rec),
-        _ => trace_trial(criterion, trial, rec),
+        _ => trace_trial(contract, criterion, trial, rec),
     };
     judged.unwrap_or_else(|problem| match problem {
         Problem::Unjudgeable(detail) => TrialOutcome::unjudgeable(detail),
@@ -53,9 +54,13 @@ struct Pair<'a> {
     prompt: &'a str,
 }
 
-fn trace_trial(criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Judged {
+fn trace_trial(contract: &Contract, criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Judged {
+    let candidate = match criterion.is_isolated() {
+        true => isolated(rec, &criterion.compare, &trial.prompt)?,
+        false => recorded(rec, &criterion.compare[0], &trial.prompt)?,
+    };
     let pair = Pair {
-        candidate: (&criterion.compare[0], recorded(rec, &criterion.compare[0], &trial.prompt)?),
+        candidate: (&criterion.compare[0], candidate),
         baseline: (&criterion.compare[1], recorded(rec, &criterion.compare[1], &trial.prompt)?),
         prompt: &trial.prompt,
     };
@@ -68,13 +73,112 @@ fn trace_trial(criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Judg
     let layers = layers_read(criterion.tap, trial.layer, &pair)?;
     let rows = rows_read(criterion.metric, trial.position, pair.baseline.1)?;
     match criterion.metric {
-        Metric::Cosine | Metric::Nmse | Metric::MaxAbs => distance_trial(criterion, &pair, &layers, rows),
-        Metric::Bitwise => bitwise_trial(criterion, &pair, &layers, rows),
+        Metric::Cosine | Metric::Nmse | Metric::MaxAbs => {
+            let ties = TieRows { contract, criterion, rec };
+            distance_trial(criterion, &pair, &layers, rows, &ties)
+        }
+        Metric::Bitwise => {
+            let ties = TieRows { contract, criterion, rec };
+            bitwise_trial(criterion, &pair, &layers, rows, &ties)
+        }
         Metric::Kld => kld_trial(criterion, &pair, rows),
         Metric::Argmax => argmax_trial(&pair, rows),
-        Metric::TopkSet => topk_trial(criterion, trial, rec, &pair, &layers, rows),
+        Metric::TopkSet => topk_trial(contract, criterion, rec, &pair, &layers, rows),
         Metric::ErrorRatio => error_ratio_trial(criterion, rec, &pair, &layers, rows),
         Metric::Greedy => Err(Problem::Unjudgeable("greedy trials read greedy steps, not traces".into())),
+    }
+}
+
+/// The candidate's layers run on the baseline's inputs (`mode: isolated`).
+fn isolated<'a>(rec: &'a Recorded, [candidate, baseline]: &[String; 2], prompt: &str) -> Result<&'a Trace, Problem> {
+    rec.isolated(candidate, baseline, prompt).ok_or_else(|| {
+        Problem::Unjudgeable(format!(
+            "no isolated layers of run `{candidate}` on run `{baseline}`'s inputs were recorded for prompt `{prompt}`"
+        ))
+    })
+}
+
+/// What an isolated trial needs to set aside positions whose expert choice is a certified tie.
+struct TieRows<'a> {
+    contract: &'a Contract,
+    criterion: &'a Criterion,
+    rec: &'a Recorded,
+}
+
+/// The positions an isolated trial sets aside at one layer, or why it fails outright.
+enum RowSplit {
+    /// Compare every position read except these (certified ties), with the largest reference gap.
+    Keep { tied: Vec<usize>, gap: f64 },
+    /// A position chose other experts and the reference does not call it a tie.
+    Differs(String),
+}
+
+impl TieRows<'_> {
+    /// For an isolated criterion on a tap downstream of the router (hidden, router_weights): the
+    /// positions among `rows` where the candidate, on the baseline's input, chose another expert set
+    /// than the baseline. Each must be a tie the reference certifies (gap < the contract's `ties.margin`);
+    /// such a position's row then differs by the swapped expert, which is not the layer's arithmetic,
+    /// so it is set aside. Any other tap or mode sets nothing aside.
+    fn split(&self, pair: &Pair<'_>, tap: Tap, layer: Option<usize>, rows: &Range<usize>) -> RowSplit {
+        let keep_all = RowSplit::Keep { tied: Vec::new(), gap: 0.0 };
+        let (true, Tap::Hidden | Tap::RouterWeights, Some(l)) = (self.criterion.is_isolated(), tap, layer) else {
+            return keep_all;
+        };
+        let (Some(c), Some(b)) = (pair.candidate.1.layers.get(l), pair.baseline.1.layers.get(l)) else {
+            return keep_all;
+        };
+        let swaps: Vec<ties::Swap> = ties::swaps_at(c, b, pair.baseline.1.top_k())
+            .into_iter()
+            .filter(|s| rows.contains(&s.position))
+            .collect();
+        if swaps.is_empty() {
+            return keep_all;
+        }
+        let (run, margin) = (ties::reference_run(self.contract), self.contract.ties.margin);
+        let reference = self.rec.tie_reference(run, pair.prompt);
+        let (mut tied, mut worst) = (Vec::new(), 0.0f64);
+        for swap in &swaps {
+            let gap = reference.and_then(|r| ties::swap_gap(r, l, swap));
+            match gap {
+                Some(g) if g < margin => {
+                    tied.push(swap.position);
+                    worst = worst.max(g);
+                }
+                _ => {
+                    let why = match (reference, gap) {
+                        (None, _) => format!("no trace of reference run `{run}` to certify a tie"),
+                        (Some(_), None) => "the reference cannot measure that swap".to_string(),
+                        (Some(_), Some(g)) => format!("reference gap {g:.3e} >= ties.margin {margin:e}: not a tie"),
+                    };
+                    return RowSplit::Differs(format!(
+                        "layer {l}, position {}: run `{}` on `{}`'s input chose experts {:?} where `{}` chose {:?}; {why}",
+                        swap.position, pair.candidate.0, pair.baseline.0, swap.only_a, pair.baseline.0, swap.only_b
+                    ));
+                }
+            }
+        }
+        RowSplit::Keep { tied, gap: worst }
+    }
+}
+
+/// The values of `values` (`cols` per row, rows starting at `first_row`) outside the rows `skip`.
+fn without_rows(values: &[f64], cols: usize, first_row: usize, skip: &[usize]) -> Vec<f64> {
+    values
+        .chunks(cols.max(1))
+        .enumerate()
+        .filter(|(i, _)| !skip.contains(&(first_row + i)))
+        .flat_map(|(_, row)| row.iter().copied())
+        .collect()
+}
+
+/// The sentence an isolated trial adds about the tie positions it set aside.
+fn tie_note(tied: &[(usize, usize)], gap: f64) -> String {
+    match tied {
+        [] => String::new(),
+        _ => {
+            let at: Vec<String> = tied.iter().map(|(l, p)| format!("layer {l} position {p}")).collect();
+            format!("; set aside as certified router ties (reference gap <= {gap:.3e}): {}", at.join(", "))
+        }
     }
 }
 
@@ -211,27 +315,48 @@ fn matrix_by_name<'a>(trace: &'a Trace, name: &str) -> Option<&'a Matrix> {
     }
 }
 
-/// cosine, nmse, max_abs: one value per layer over the flattened rows; the worst decides.
+/// cosine, nmse, max_abs: one value per layer over the flattened rows; the worst decides. Isolated trials
+/// set certified tie positions aside ([`TieRows::split`]).
 fn distance_trial(
     criterion: &Criterion,
     pair: &Pair<'_>,
     layers: &[Option<usize>],
     rows: Range<usize>,
+    ties: &TieRows<'_>,
 ) -> Judged {
     let metric = criterion.metric;
     let mut worst: Option<(f64, Option<usize>)> = None;
+    let (mut tied, mut tie_gap) = (Vec::new(), 0.0f64);
     for &layer in layers {
-        let (c, b, _) = float_rows(pair, criterion.tap, layer, &rows)?;
+        let (c, b, cols) = float_rows(pair, criterion.tap, layer, &rows)?;
+        let skip = match ties.split(pair, criterion.tap, layer, &rows) {
+            RowSplit::Differs(detail) => return Ok(differs(metric, detail)),
+            RowSplit::Keep { tied: positions, gap } => {
+                tie_gap = tie_gap.max(gap);
+                tied.extend(positions.iter().map(|&p| (layer.unwrap_or(0), p)));
+                positions
+            }
+        };
+        if skip.len() == rows.len() {
+            continue;
+        }
+        let (c, b) = match skip.is_empty() {
+            true => (c.to_vec(), b.to_vec()),
+            false => (without_rows(c, cols, rows.start, &skip), without_rows(b, cols, rows.start, &skip)),
+        };
         let value = match metric {
-            Metric::Cosine => metrics::cosine(c, b),
-            Metric::Nmse => metrics::nmse(c, b),
-            _ => metrics::max_abs(c, b),
+            Metric::Cosine => metrics::cosine(&c, &b),
+            Metric::Nmse => metrics::nmse(&c, &b),
+            _ => metrics::max_abs(&c, &b),
         };
         if worst.is_none_or(|(w, _)| is_worse(metric, value, w)) {
             worst = Some((value, layer));
         }
     }
-    let (value, layer) = worst.unwrap_or((f64::NAN, None));
+    let Some((value, layer)) = worst else {
+        let detail = format!("every position read is a certified router tie{}", tie_note(&tied, tie_gap));
+        return Ok(TrialOutcome { value: f64::NAN, passed: true, detail, non_finite: None });
+    };
     let passed = criterion.threshold.admits(value);
     let mut detail = format!("{metric} {} ({})", show(metric, value), criterion.threshold);
     if layers.len() > 1
@@ -239,7 +364,17 @@ fn distance_trial(
     {
         detail.push_str(&format!(", worst at layer {l} of {}", layers.len()));
     }
+    detail.push_str(&tie_note(&tied, tie_gap));
     Ok(TrialOutcome { value, passed, detail, non_finite: None })
+}
+
+/// A failed isolated trial whose layer chose other experts than the reference can excuse.
+fn differs(metric: Metric, detail: String) -> TrialOutcome {
+    let value = match metric.bound() {
+        Some(Bound::Min) => -1.0,
+        _ => f64::INFINITY,
+    };
+    TrialOutcome { value, passed: false, detail, non_finite: None }
 }
 
 /// ‖candidate - reference‖ / ‖baseline - reference‖ per layer, each over the rows read; the worst decides.
@@ -322,7 +457,13 @@ fn bitwise_trial(
     pair: &Pair<'_>,
     layers: &[Option<usize>],
     rows: Range<usize>,
+    ties: &TieRows<'_>,
 ) -> Judged {
+    for &layer in layers {
+        if let RowSplit::Differs(detail) = ties.split(pair, criterion.tap, layer, &rows) {
+            return Ok(TrialOutcome { value: f64::INFINITY, passed: false, detail, non_finite: None });
+        }
+    }
     let mut mismatches = 0usize;
     let mut first: Option<String> = None;
     let mut compared = 0usize;
@@ -426,37 +567,46 @@ fn expert_rows<'a>(
     Ok((&c[span.clone()], &b[span], kc))
 }
 
-/// The same experts at every (layer, position) read; swaps the reference cannot separate are ties.
+/// The same experts at every (layer, position) read; swaps the reference cannot separate are ties. The
+/// margin is the criterion's `tie_margin`, else the contract's `ties.margin`; the reference is the
+/// criterion's, else the contract's tie reference, read only where the sets differ (the gate records it
+/// for the prompts where they do).
 fn topk_trial(
+    contract: &Contract,
     criterion: &Criterion,
-    trial: &TrialPlan,
     rec: &Recorded,
     pair: &Pair<'_>,
     layers: &[Option<usize>],
     rows: Range<usize>,
 ) -> Judged {
-    let reference = match criterion.metric_reference() {
-        Some(run) => Some((run, recorded(rec, run, &trial.prompt)?)),
-        None => None,
-    };
-    let (mut compared, mut ties, mut differ) = (0usize, 0usize, 0usize);
+    let run = criterion.tie_reference().unwrap_or_else(|| ties::reference_run(contract));
+    let margin = criterion.tie_margin.unwrap_or(contract.ties.margin);
+    let reference = rec.tie_reference(run, pair.prompt);
+    let (mut compared, mut tied, mut differ) = (0usize, 0usize, 0usize);
     let mut first: Option<String> = None;
     for &layer in layers {
         let (c, b, k) = expert_rows(pair, layer, &rows)?;
         for (i, (cr, br)) in c.chunks(k).zip(b.chunks(k)).enumerate() {
             let row = rows.start + i;
+            compared += 1;
+            if metrics::topk_set(cr, br, None, None) == TopkVerdict::Same {
+                continue;
+            }
             let probs = match reference {
-                Some(r) => Some(reference_probs(r, pair.prompt, layer, row)?),
+                Some(r) => Some(reference_probs((run, r), pair.prompt, layer, row)?),
                 None => None,
             };
-            compared += 1;
-            match metrics::topk_set(cr, br, probs.as_deref(), criterion.tie_margin) {
+            match metrics::topk_set(cr, br, probs.as_deref(), Some(margin)) {
                 TopkVerdict::Same => {}
-                TopkVerdict::Tie { .. } => ties += 1,
+                TopkVerdict::Tie { .. } => tied += 1,
                 TopkVerdict::Differ { only_candidate, only_baseline, gap } => {
                     differ += 1;
                     first.get_or_insert_with(|| {
-                        let gap = gap.map_or(String::new(), |g| format!(", reference probability gap {g:.3e}"));
+                        let gap = match gap {
+                            Some(g) => format!(", reference probability gap {g:.3e}"),
+                            None if reference.is_none() => format!(", no trace of reference run `{run}` to certify a tie"),
+                            None => String::new(),
+                        };
                         let margin = probs.as_deref().map_or(String::new(), |p| {
                             format!(", reference router margin {:.3e}", metrics::router_margin(p, k))
                         });
@@ -472,10 +622,7 @@ fn topk_trial(
             }
         }
     }
-    let tie_note = match criterion.tie_margin {
-        Some(m) => format!("{ties} certified ties (reference gap < {m:e})"),
-        None => "no tie margin".to_string(),
-    };
+    let tie_note = format!("{tied} certified ties (reference gap < {margin:e})");
     let detail = match &first {
         None => format!("no real difference over {compared} (layer, position) pairs; {tie_note}"),
         Some(at) => format!(

@@ -20,6 +20,7 @@ mod prompts;
 mod raw;
 mod record;
 mod schema;
+pub mod ties;
 mod validate;
 mod verdict;
 
@@ -32,8 +33,8 @@ pub use prompts::{generate_prompts, generated_id};
 pub use record::{GreedyStep, Recorded, TrialOutcome};
 pub use schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,
-    KnownDivergence, LayerSpan, Metric, OnlyOn, Per, Policy, Prompt, PromptSet, QWEN3_VOCAB, RunSpec, Status,
-    Tap, Threshold,
+    KnownDivergence, LayerSpan, Metric, Mode, OnlyOn, Per, Policy, Prompt, PromptSet, QWEN3_VOCAB, RunSpec,
+    Status, Tap, Threshold, TiePolicy, Ties,
 };
 pub use validate::{MAX_GENERATED_COUNT, MAX_GENERATED_LEN, MAX_GREEDY_STEPS};
 pub use verdict::{CriterionSummary, all_blocking_gates_hold, summarize};

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
-use crate::schema::{AmendmentKind, Gate, Metric, OnlyOn, Per, Status, Tap};
+use crate::schema::{AmendmentKind, Gate, Metric, Mode, OnlyOn, Per, Status, Tap, TiePolicy};
 
 /// A value with the place it was written.
 pub(crate) type S<T> = Spanned<T>;
@@ -25,6 +25,7 @@ pub(crate) struct RawContract {
     pub prompts: S<Vec<RawPromptSet>>,
     pub runs: S<RunMap>,
     pub criteria: S<Vec<RawCriterion>>,
+    pub ties: Option<S<RawTies>>,
     #[serde(default)]
     pub known_divergences: Vec<RawDivergence>,
     pub amendments: S<Vec<RawAmendment>>,
@@ -98,6 +99,17 @@ pub(crate) struct RawCriterion {
     pub blocking: Option<bool>,
     pub reference: Option<S<String>>,
     pub prompts: Option<S<Vec<S<String>>>>,
+    pub mode: Option<S<Mode>>,
+}
+
+/// `ties: {policy, margin, isolated_nmse, reference}`, every field optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTies {
+    pub policy: Option<S<TiePolicy>>,
+    pub margin: Option<S<f64>>,
+    pub isolated_nmse: Option<S<f64>>,
+    pub reference: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,12 +21,29 @@ pub struct Recorded {
     pub traces: HashMap<(String, String), Trace>,
     /// The greedy decode of each (run, prompt) that a greedy criterion needs.
     pub greedy: HashMap<(String, String), Vec<GreedyStep>>,
+    /// For `mode: isolated` criteria, keyed by `(candidate, baseline, prompt)`: the candidate's layers,
+    /// each run alone on the baseline's input to it (layer 0 on the shared token embeddings), as a
+    /// trace with the prompt's tokens and no logits.
+    pub isolated: HashMap<(String, String, String), Trace>,
+    /// The reference's layers up to the deepest one a router tie needs, by prompt, for the prompts where
+    /// two runs chose different experts and no criterion recorded the reference's whole forward.
+    pub tie_references: HashMap<String, Trace>,
 }
 
 impl Recorded {
     /// The trace of `run` on `prompt`.
     pub fn trace(&self, run: &str, prompt: &str) -> Option<&Trace> {
         self.traces.get(&(run.to_string(), prompt.to_string()))
+    }
+
+    /// The candidate's layers run on the baseline's inputs, for `prompt`.
+    pub fn isolated(&self, candidate: &str, baseline: &str, prompt: &str) -> Option<&Trace> {
+        self.isolated.get(&(candidate.to_string(), baseline.to_string(), prompt.to_string()))
+    }
+
+    /// The trace that certifies ties on `prompt`: the tie reference's prefix, else `run`'s whole trace.
+    pub fn tie_reference(&self, run: &str, prompt: &str) -> Option<&Trace> {
+        self.tie_references.get(prompt).or_else(|| self.trace(run, prompt))
     }
 
     /// The greedy steps of `run` on `prompt`.

@@ -37,6 +37,8 @@ pub struct Contract {
     pub runs: BTreeMap<String, RunSpec>,
     /// The criteria, in file order.
     pub criteria: Vec<Criterion>,
+    /// How router near-ties are certified, and what a certified tie cascade does to the verdict.
+    pub ties: Ties,
     /// Expected failures: reported, not blocking; strict ones fail the gate when they pass.
     pub known_divergences: Vec<KnownDivergence>,
     /// The history of the contract, newest first.
@@ -164,6 +166,9 @@ pub struct Criterion {
     pub reference: Option<String>,
     /// The prompts or prompt sets it applies to; `None` = every prompt.
     pub prompts: Option<Vec<String>>,
+    /// Whether the candidate's layers are judged as its own forward computed them (accumulated) or each
+    /// on the baseline's input to that layer (isolated).
+    pub mode: Mode,
 }
 
 impl Criterion {
@@ -172,12 +177,95 @@ impl Criterion {
         self.per.contains(&per)
     }
 
-    /// The reference run, when the metric itself reads it (topk_set with a tie margin, error_ratio): the
-    /// gate records it for the criterion's prompts, and every trial reads it.
+    /// The reference run the metric reads for every trial (error_ratio): the gate records it for the
+    /// criterion's prompts up front.
     pub fn metric_reference(&self) -> Option<&str> {
-        match (self.metric, self.tie_margin) {
-            (Metric::TopkSet, Some(_)) | (Metric::ErrorRatio, _) => self.reference.as_deref(),
+        match self.metric {
+            Metric::ErrorRatio => self.reference.as_deref(),
             _ => None,
+        }
+    }
+
+    /// The reference run that certifies a topk_set swap as a tie. It is read only where the two runs
+    /// choose different experts, so the gate records it only for the prompts where they do.
+    pub fn tie_reference(&self) -> Option<&str> {
+        match (self.metric, self.tie_margin) {
+            (Metric::TopkSet, Some(_)) => self.reference.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether each layer of the candidate is judged on the baseline's input.
+    pub fn is_isolated(&self) -> bool {
+        self.mode == Mode::Isolated
+    }
+}
+
+/// How the candidate's layers are fed for a per-layer criterion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Each run's own forward: layer `l` of the candidate read its own layer `l - 1`, so a difference
+    /// anywhere carries on to every later layer (what an end user sees).
+    #[default]
+    Accumulated,
+    /// Layer `l` of the candidate run alone on the baseline's residual stream after layer `l - 1` (layer
+    /// 0 on the token embeddings, which both runs share): each layer is judged on its own kernels, with
+    /// no accumulation and no cascade. Positions where the router's expert set differs are judged by
+    /// the contract's `ties` rule: excluded when the reference certifies a tie, a failure otherwise.
+    Isolated,
+}
+
+/// What a certified tie cascade does to the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TiePolicy {
+    /// The downstream failures of a certified tie are reported as such and block nothing.
+    #[default]
+    Excuse,
+    /// They are reported as such and fail as any other failure.
+    Fail,
+}
+
+/// The contract's rule for router near-ties (`ties:` in the YAML; every field optional).
+///
+/// Two runs that first choose different experts at (layer `l`, position `p`) have a *certified tie*
+/// when the reference separates exactly the experts involved at (l, p) by less than `margin` (router
+/// probabilities) and every compared non-reference run computes layer `l`, fed the reference's input,
+/// to within `isolated_nmse` of the reference (positions where the run's own expert choice is itself a
+/// tie aside). The accumulated trials of that prompt from layer `l` on (and its logits trials) are then
+/// a *tie cascade*, excused or failed as `policy` says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ties {
+    /// What a certified tie cascade does to the verdict.
+    pub policy: TiePolicy,
+    /// The reference probability gap below which a swap of two experts is a tie.
+    pub margin: f64,
+    /// The isolated nmse (against the reference) above which a layer computes something else.
+    pub isolated_nmse: f64,
+    /// The run that certifies ties; `None` = the run named `reference`, else the only run on the
+    /// reference backend, else a reference backend the gate creates.
+    pub reference: Option<String>,
+}
+
+impl Ties {
+    /// The default margin. f32 rounding moves a router logit by ~1e-5, which moves a probability p by
+    /// ~p * 2e-5: at most 2.5e-6 for the top experts of the small presets, ~2e-7 for 128 experts, while
+    /// a real routing defect swaps experts whose probabilities differ by 1e-3 or more.
+    pub const DEFAULT_MARGIN: f64 = 1e-5;
+    /// The default isolated bound. f32 arithmetic through one decoder layer leaves nmse around
+    /// 1e-13..1e-11 against f64 (measured on the H200: <= 1.2e-14 for the production shape), while
+    /// quantising activations to 8 bits gives 1e-5 to 5e-4: 1e-8 sits between them with 1000x either way.
+    pub const DEFAULT_ISOLATED_NMSE: f64 = 1e-8;
+}
+
+impl Default for Ties {
+    fn default() -> Self {
+        Self {
+            policy: TiePolicy::default(),
+            margin: Self::DEFAULT_MARGIN,
+            isolated_nmse: Self::DEFAULT_ISOLATED_NMSE,
+            reference: None,
         }
     }
 }
@@ -475,6 +563,24 @@ macro_rules! display_as_str {
     )*};
 }
 display_as_str!(Tap, Metric);
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Accumulated => "accumulated",
+            Mode::Isolated => "isolated",
+        })
+    }
+}
+
+impl fmt::Display for TiePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TiePolicy::Excuse => "excuse",
+            TiePolicy::Fail => "fail",
+        })
+    }
+}
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -11,11 +11,12 @@ use serde_saphyr::Spanned;
 
 use crate::error::{ContractError, SourceLocation};
 use crate::raw::{
-    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawWhere, RunMap, S,
+    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawTies, RawWhere, RunMap,
+    S,
 };
 use crate::schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,
-    KnownDivergence, LayerSpan, Metric, Per, Policy, PromptSet, QWEN3_VOCAB, RunSpec, Tap, Threshold,
+    KnownDivergence, LayerSpan, Metric, Mode, Per, Policy, PromptSet, QWEN3_VOCAB, RunSpec, Tap, Threshold, Ties,
 };
 
 /// The longest generated prompt: far beyond any parity check's needs, and it keeps a typo like
@@ -42,6 +43,7 @@ pub(crate) fn validate(raw: RawContract, src: &str, path: &Path) -> Result<Contr
     let names = PromptNames::of(&prompts);
     let runs = v.runs(&raw.runs)?;
     let criteria = v.criteria(&raw.criteria, &runs, &names)?;
+    let ties = v.ties(raw.ties.as_ref(), &runs)?;
     let known_divergences = v.divergences(&raw.known_divergences, &criteria, &prompts, &names)?;
     let amendments = v.amendments(&raw.amendments, &version)?;
     Ok(Contract {
@@ -54,6 +56,7 @@ pub(crate) fn validate(raw: RawContract, src: &str, path: &Path) -> Result<Contr
         prompts,
         runs,
         criteria,
+        ties,
         known_divergences,
         amendments,
         path: path.to_path_buf(),
@@ -328,6 +331,7 @@ impl Validator<'_> {
         let steps = self.steps(c)?;
         let reference = self.reference(c, runs)?;
         let prompts = self.criterion_prompts(c, names)?;
+        let mode = self.mode(c)?;
         Ok(Criterion {
             id,
             title,
@@ -342,7 +346,74 @@ impl Validator<'_> {
             blocking: c.blocking.unwrap_or(true),
             reference,
             prompts,
+            mode,
         })
+    }
+
+    /// `mode: isolated` needs a per-layer tap and a metric that compares two runs' layer outputs.
+    fn mode(&self, c: &RawCriterion) -> Result<Mode> {
+        let Some(mode) = &c.mode else { return Ok(Mode::Accumulated) };
+        if mode.value == Mode::Isolated {
+            if !c.tap.value.is_per_layer() {
+                return self.fail(
+                    mode,
+                    format!("`mode: isolated` runs each layer alone, and tap {} has no layers", c.tap.value),
+                    "use tap hidden, router_logits, router_experts or router_weights, or remove `mode`",
+                );
+            }
+            if c.metric.value == Metric::ErrorRatio {
+                return self.fail(
+                    mode,
+                    "error_ratio measures both runs' own forwards against the reference; it has no isolated form",
+                    "remove `mode`, or compare the isolated layers with cosine or nmse",
+                );
+            }
+        }
+        Ok(mode.value)
+    }
+
+    /// The `ties:` section, defaults for what it leaves out.
+    fn ties(&self, raw: Option<&S<RawTies>>, runs: &BTreeMap<String, RunSpec>) -> Result<Ties> {
+        let mut ties = Ties { reference: default_reference(runs), ..Ties::default() };
+        let Some(raw) = raw else { return Ok(ties) };
+        let raw = &raw.value;
+        if let Some(p) = &raw.policy {
+            ties.policy = p.value;
+        }
+        if let Some(m) = &raw.margin {
+            if !(m.value > 0.0 && m.value < 1.0) {
+                return self.fail(
+                    m,
+                    format!("`ties.margin: {}` is outside (0, 1)", m.value),
+                    "it is a difference of router probabilities, e.g. 1.0e-5",
+                );
+            }
+            ties.margin = m.value;
+        }
+        if let Some(n) = &raw.isolated_nmse {
+            if !(n.value > 0.0 && n.value.is_finite()) {
+                return self.fail(
+                    n,
+                    format!("`ties.isolated_nmse: {}` is not a positive number", n.value),
+                    "it bounds one layer's nmse against the reference, e.g. 1.0e-8",
+                );
+            }
+            ties.isolated_nmse = n.value;
+        }
+        if let Some(r) = &raw.reference {
+            match runs.get(&r.value) {
+                None => return self.unknown_run(r, runs),
+                Some(spec) if spec.backend != BackendKind::Reference => {
+                    return self.fail(
+                        r,
+                        format!("run `{}` runs on {}, and only a reference run can certify a tie", r.value, spec.backend),
+                        "name a run with `backend: reference`, or leave `ties.reference` out",
+                    );
+                }
+                Some(_) => ties.reference = Some(r.value.clone()),
+            }
+        }
+        Ok(ties)
     }
 
     fn compare(&self, c: &RawCriterion, runs: &BTreeMap<String, RunSpec>) -> Result<[String; 2]> {

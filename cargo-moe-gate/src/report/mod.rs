@@ -50,6 +50,9 @@ pub struct GateReport {
     pub argmax: Vec<ArgmaxRow>,
     /// One diagnosis per (criterion, prompt) with an unexpected failure.
     pub diagnoses: Vec<Diagnosis>,
+    /// Every first routing difference that explains a failure, certified as a tie or not.
+    #[serde(default)]
+    pub ties: Vec<crate::ties::TieReport>,
     /// The gate's decision.
     pub verdict: Verdict,
 }
@@ -139,6 +142,9 @@ pub struct Timings {
     pub runs: Vec<RunTiming>,
     /// Evaluating every trial from the recorded traces.
     pub evaluation_s: f64,
+    /// Isolated layers, tie references and tie certification.
+    #[serde(default)]
+    pub ties_s: f64,
     /// Diagnosing the failures (isolated layers, extra reference forwards).
     pub diagnosis_s: f64,
     /// The whole run.
@@ -212,6 +218,9 @@ pub struct CriterionReport {
     pub ignored: usize,
     /// Failures recorded as known divergences.
     pub expected_failures: usize,
+    /// Failures excused as the cascade of a certified router tie.
+    #[serde(default)]
+    pub tie_excused: usize,
     /// Strict known divergences that passed: they fail the gate.
     pub unexpected_passes: Vec<String>,
     pub gate_holds: bool,
@@ -227,6 +236,9 @@ pub enum TrialStatus {
     ExpectedFailure,
     /// A strict known divergence that passed: the contract is out of date.
     UnexpectedPass,
+    /// Failed downstream of a certified router tie (the reason names it), under `ties.policy: excuse`:
+    /// counts nowhere, like an expected failure, but nobody had to write it into the contract.
+    TieExcused(String),
     /// Listed as ignored (e.g. no CUDA), with the reason.
     Ignored(String),
     /// Not selected by the name filters.
@@ -246,6 +258,7 @@ impl TrialStatus {
             TrialStatus::Failed => "FAILED",
             TrialStatus::ExpectedFailure => "expected failure",
             TrialStatus::UnexpectedPass => "UNEXPECTED PASS",
+            TrialStatus::TieExcused(_) => "tie cascade",
             TrialStatus::Ignored(_) => "ignored",
             TrialStatus::FilteredOut => "filtered out",
         }
@@ -568,6 +581,7 @@ pub(crate) mod sample {
                     seconds: 0.25,
                 }],
                 evaluation_s: 0.01,
+                ties_s: 0.0,
                 diagnosis_s: 0.02,
                 total_s: 0.9,
             },
@@ -585,6 +599,7 @@ pub(crate) mod sample {
                 total: 4,
                 ignored: 0,
                 expected_failures: 0,
+                tie_excused: 0,
                 unexpected_passes: vec![],
                 gate_holds: false,
             }],
@@ -645,6 +660,7 @@ pub(crate) mod sample {
                 summary: "layer 1 itself diverges".into(),
                 notes: vec!["isolated layer unavailable: the backend has no run_layer".into()],
             }],
+            ties: vec![],
             verdict: Verdict {
                 exit_code: 101,
                 blocking_failed: vec!["HID".into()],

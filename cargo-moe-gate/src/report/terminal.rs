@@ -14,6 +14,7 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&criteria_section(report));
     out.push_str(&layers_section(report));
     out.push_str(&argmax_section(report));
+    out.push_str(&ties_section(report));
     out.push_str(&diagnoses_section(report));
     out.push_str(&timings_line(report));
     out.push_str(&format!("\ngate: {}\n", report.verdict.line));
@@ -68,6 +69,9 @@ pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
     if c.expected_failures > 0 {
         extras.push(format!("{} expected failures", c.expected_failures));
     }
+    if c.tie_excused > 0 {
+        extras.push(format!("{} excused as router-tie cascades", c.tie_excused));
+    }
     if !c.unexpected_passes.is_empty() {
         extras.push(format!("{} unexpected passes", c.unexpected_passes.len()));
     }
@@ -77,7 +81,8 @@ pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
     if !extras.is_empty() {
         result.push_str(&format!(" ({})", extras.join(", ")));
     }
-    let nothing_judged = c.total == 0 && c.unexpected_passes.is_empty() && c.expected_failures == 0;
+    let nothing_judged =
+        c.total == 0 && c.unexpected_passes.is_empty() && c.expected_failures == 0 && c.tie_excused == 0;
     let verdict = match (nothing_judged, c.gate_holds, c.blocking) {
         (true, _, _) => "not judged",
         (false, true, _) => "holds",
@@ -159,6 +164,42 @@ fn argmax_section(report: &GateReport) -> String {
         t.row(cells);
     }
     format!("\nnext token at the last position\n{}", t.to_text(2))
+}
+
+/// Every first routing difference that explains a failure: certified ties (and the trials they excuse)
+/// and swaps that are not ties.
+fn ties_section(report: &GateReport) -> String {
+    if report.ties.is_empty() {
+        return String::new();
+    }
+    let certified = report.ties.iter().filter(|t| t.certified).count();
+    let mut out = format!(
+        "\nrouter ties: {certified} certified, {} not ({} failing trials explained)\n",
+        report.ties.len() - certified,
+        report.ties.iter().map(|t| t.trials.len()).sum::<usize>()
+    );
+    for t in &report.ties {
+        let swaps: Vec<String> = t
+            .swaps
+            .iter()
+            .map(|s| format!("pos {} {:?}/{:?}", s.position, s.only_first, s.only_second))
+            .collect();
+        let iso: Vec<String> = t.isolated.iter().map(|i| format!("{} {:.1e}", i.run, i.nmse)).collect();
+        out.push_str(&format!(
+            "  {} {}: {} vs {} at layer {} ({}); reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
+            if t.certified { "CERTIFIED" } else { "NOT A TIE" },
+            t.prompt,
+            t.runs[0],
+            t.runs[1],
+            t.layer,
+            swaps.join(", "),
+            t.gap.map_or("-".to_string(), |g| format!("{g:.3e}")),
+            iso.join(", "),
+            t.trials.len(),
+            t.reason
+        ));
+    }
+    out
 }
 
 fn diagnoses_section(report: &GateReport) -> String {
