@@ -168,7 +168,10 @@ fn a_nan_fails_the_trials_that_read_it_and_is_located() {
 #[test]
 fn a_nan_in_the_reference_fails_a_tie_check_that_reads_it() {
     let c = contract();
-    let mut rec = recorded(trace("cuda"));
+    // The reference is read only where the sets differ: row 0 swaps expert 1 for 2.
+    let mut cuda = trace("cuda");
+    cuda.layers[0].router_experts = vec![0, 2, 0, 1];
+    let mut rec = recorded(cuda);
     rec.traces.get_mut(&("reference".to_string(), "p".to_string())).unwrap().layers[0].router_logits.data
         [2] = f64::NAN;
     let out = outcome(&c, &rec, "ev::TOPK::p::layer00");

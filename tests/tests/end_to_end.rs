@@ -566,3 +566,113 @@ fn bench_refuses_bad_arguments_with_exit_2() {
     assert_eq!(out.code, 2, "{}", out.all());
     assert!(out.stderr.contains("error: no CUDA to benchmark on: "), "{}", out.all());
 }
+
+/// A copy of the fixture model whose layer-0 router gives experts 0, 1 and 2 the same row (4x expert 0's,
+/// so the three lead wherever that row's logit is positive), expert 1's and 2's off by one f32 ulp in one
+/// element each. Their logits then differ by ~1e-8 relative, below f32 rounding of a 64-term dot product
+/// (~1e-7): which two of the three the f32 cpu forward keeps is decided by rounding, while the f64
+/// reference decides by the true order. Every such swap is a genuine router tie.
+fn with_router_tie(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = fixture_model();
+    let mut bytes = std::fs::read(&model).unwrap();
+    let file = moe_engine::gguf::GgufFile::open(&model).unwrap();
+    let info = file.tensor("blk.0.ffn_gate_inp.weight").expect("the fixture has a layer-0 router");
+    assert_eq!(info.ty, moe_kernels::GgmlType::F32, "the fixture's router is F32");
+    let data = file.tensor_data(info).to_vec();
+    let at = bytes.windows(data.len()).position(|w| w == data).expect("the tensor's bytes are in the file");
+    let row_len = info.dims[0];
+    let row: Vec<f32> =
+        data[..4 * row_len].chunks(4).map(|b| 4.0 * f32::from_le_bytes(b.try_into().unwrap())).collect();
+    for expert in 0..3usize {
+        let mut r = row.clone();
+        if expert > 0 {
+            r[expert] = f32::from_bits(r[expert].to_bits() + 1);
+        }
+        for (i, v) in r.iter().enumerate() {
+            let o = at + 4 * (expert * row_len + i);
+            bytes[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    let out = dir.join("tie.gguf");
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+/// Issue 11: a router tie that f32 rounding resolves differently from f64 is certified by the gate itself
+/// (the reference's gap between exactly the swapped experts, the layer right in isolation), its cascade is
+/// excused under `ties.policy: excuse` and fails under `fail`, and no known divergence is written.
+#[test]
+fn a_router_tie_is_certified_and_its_cascade_excused_or_failed_as_the_policy_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = with_router_tie(dir.path());
+    let prompts: Vec<String> = (0..24u32)
+        .map(|i| format!("  - {{id: p{i:02}, tokens: [{}, {}, {}]}}", (1 + 37 * i) % 256, (5 + 11 * i) % 256, (3 + 53 * i) % 256))
+        .collect();
+    let contract = |policy: &str| {
+        format!(
+            "contract: e2e-ties-{policy}-v1
+version: 1.0.0
+status: active
+title: a router tie certified by the gate
+model: {m}
+smoke_model: {m}
+prompts:
+{p}
+runs:
+  cpu: {{backend: cpu}}
+  reference: {{backend: reference}}
+ties: {{policy: {policy}, margin: 1.0e-5, isolated_nmse: 1.0e-8}}
+criteria:
+  - {{id: ISO, title: each layer alone, mode: isolated, compare: [cpu, reference], tap: hidden, metric: nmse,
+     per: [prompt, layer], threshold: {{max: 1.0e-8}}}}
+  - {{id: HID, title: accumulated, compare: [cpu, reference], tap: hidden, metric: nmse, per: [prompt, layer],
+     threshold: {{max: 1.0e-8}}}}
+  - {{id: SETS, title: experts, compare: [cpu, reference], tap: router_experts, metric: topk_set,
+     per: [prompt, layer], tie_margin: 1.0e-5}}
+amendments:
+  - {{version: 1.0.0, date: 2026-12-02, kind: created, summary: test}}
+",
+            m = model.display(),
+            p = prompts.join("\n")
+        )
+    };
+    let run = |policy: &str| {
+        let path = dir.path().join(format!("e2e-ties-{policy}-v1.yaml"));
+        std::fs::write(&path, contract(policy)).unwrap();
+        let reports = dir.path().join(policy);
+        let out = gate_in(
+            dir.path(),
+            &["--contract", path.to_str().unwrap(), "--report-dir", reports.to_str().unwrap()],
+        );
+        let report = match reports.join("report.json").exists() {
+            true => report_json(&reports),
+            false => panic!("no report.json: {}", out.all()),
+        };
+        (out, report)
+    };
+
+    let (out, report) = run("excuse");
+    assert_eq!(out.code, 0, "{}", out.all());
+    let ties = report["ties"].as_array().expect("a ties section");
+    let certified: Vec<&serde_json::Value> = ties.iter().filter(|t| t["certified"] == true).collect();
+    assert!(!certified.is_empty(), "the engineered tie flips at least one position: {}", out.all());
+    for t in &certified {
+        assert_eq!(t["layer"], 0, "{t}");
+        let swap = &t["swaps"][0];
+        let swapped: Vec<u64> = [&swap["only_first"][0], &swap["only_second"][0]]
+            .iter()
+            .map(|e| e.as_u64().unwrap())
+            .collect();
+        assert!(swapped.iter().all(|e| *e < 3), "only experts 0, 1, 2 are tied: {t}");
+        assert!(t["gap"].as_f64().unwrap() < 1e-5, "{t}");
+        assert!(t["isolated"][0]["nmse"].as_f64().unwrap() <= 1e-8, "{t}");
+    }
+    let excused = report["criteria"].as_array().unwrap().iter().map(|c| c["tie_excused"].as_u64().unwrap());
+    assert!(excused.sum::<u64>() > 0, "the cascade is excused: {}", out.all());
+    assert!(out.stdout.contains("router ties:") && out.stdout.contains("CERTIFIED"), "{}", out.all());
+    assert!(out.stdout.contains("certified router tie cascade"), "{}", out.all());
+
+    let (out, report) = run("fail");
+    assert_eq!(out.code, 101, "under policy fail the cascade blocks: {}", out.all());
+    assert!(report["ties"].as_array().unwrap().iter().any(|t| t["certified"] == true), "{}", out.all());
+}
