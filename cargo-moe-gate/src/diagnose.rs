@@ -239,7 +239,13 @@ impl Diagnoser<'_> {
 
     /// Where the two compared runs first route differently, if that is at `layer`: the reference's gap
     /// between exactly the swapped experts (the largest over the positions that differ there).
-    fn swap_margin(&self, criterion: &Criterion, reference: &str, prompt: &str, layer: usize) -> Option<RouterMargin> {
+    fn swap_margin(
+        &self,
+        criterion: &Criterion,
+        reference: &str,
+        prompt: &str,
+        layer: usize,
+    ) -> Option<RouterMargin> {
         let a = self.trace(&criterion.compare[0], prompt)?;
         let b = self.trace(&criterion.compare[1], prompt)?;
         let flip = moe_contracts::ties::first_flip(a, b).filter(|f| f.layer == layer)?;
@@ -343,7 +349,8 @@ impl Diagnoser<'_> {
         // A layer wrong on the reference's input is a defect of that backend, whatever the router margin:
         // a defect that moves a router logit can itself flip an expert at a small margin.
         let bound = self.contract.ties.isolated_nmse;
-        let defective: Vec<&IsolatedError> = d.isolated.iter().filter(|i| !(i.nmse <= bound)).collect();
+        let defective: Vec<&IsolatedError> =
+            d.isolated.iter().filter(|i| i.nmse > bound || i.nmse.is_nan()).collect();
         if let Some(iso) = defective.first() {
             return format!(
                 "layer {layer} of `{}` computes something else than the reference on the same input (isolated \

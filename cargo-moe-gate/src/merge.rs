@@ -379,7 +379,8 @@ fn recorded_outcomes(
         if let Some(o) = &outcome {
             let expected = trials::status(plan, &Selection::Run, Some(o));
             // A shard's tie certification turns a failure into a tie cascade; the shard decided it.
-            let certified = matches!(trial.status, TrialStatus::TieExcused(_)) && expected == TrialStatus::Failed;
+            let certified =
+                matches!(trial.status, TrialStatus::TieExcused(_)) && expected == TrialStatus::Failed;
             if expected != trial.status && !certified {
                 return Err(MergeError::StatusDisagrees {
                     path: shard.path.clone(),

@@ -107,7 +107,9 @@ impl TieWork<'_> {
     /// the token embeddings both runs share), layer `l` runs alone on the baseline's hidden state `l - 1`.
     fn isolated_layers(&mut self, candidate: &str, baseline: &str, prompt: &str) -> Result<Trace, GateError> {
         let missing = |run: &str| {
-            GateError::Usage(format!("internal: run `{run}` has no trace of prompt `{prompt}` to isolate layers on"))
+            GateError::Usage(format!(
+                "internal: run `{run}` has no trace of prompt `{prompt}` to isolate layers on"
+            ))
         };
         let own = self.recorded.trace(candidate, prompt).ok_or_else(|| missing(candidate))?;
         let base = self.recorded.trace(baseline, prompt).ok_or_else(|| missing(baseline))?;
@@ -119,7 +121,10 @@ impl TieWork<'_> {
         let backend = self.backend(candidate)?;
         for (l, input) in inputs.iter().enumerate().take(inputs.len().saturating_sub(1)) {
             let layer = backend.run_layer(l + 1, input).map_err(|e| {
-                GateError::engine(format!("run `{candidate}`: layer {} alone on `{baseline}`'s input", l + 1), e)
+                GateError::engine(
+                    format!("run `{candidate}`: layer {} alone on `{baseline}`'s input", l + 1),
+                    e,
+                )
             })?;
             out.layers.push(layer);
         }
@@ -129,10 +134,19 @@ impl TieWork<'_> {
     /// Step 2: the reference's layers for every prompt where some pair of runs that a selected trial
     /// compares (or an isolated layer and its baseline) chooses different experts, up to the deepest
     /// layer where one does. Returns notes for prompts left without one.
-    pub fn record_references(&mut self, plans: &[TrialPlan], selection: &[Selection]) -> Result<Vec<String>, GateError> {
+    pub fn record_references(
+        &mut self,
+        plans: &[TrialPlan],
+        selection: &[Selection],
+    ) -> Result<Vec<String>, GateError> {
         let reference = ties::reference_run(self.contract).to_string();
         let mut deepest: BTreeMap<usize, usize> = BTreeMap::new();
+        // One look per (criterion, prompt): every trial of a per-layer criterion reads the same runs.
+        let mut seen: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
         for (plan, _) in plans.iter().zip(selection).filter(|(_, s)| **s == Selection::Run) {
+            if !seen.insert((plan.criterion.as_str(), plan.prompt.as_str())) {
+                continue;
+            }
             let criterion = criterion_of(self.contract, plan);
             let Some(prompt_at) = self.prompts.iter().position(|p| p.id == plan.prompt) else { continue };
             if let Some(layer) = self.deepest_swap(criterion, plan) {
@@ -186,7 +200,12 @@ impl TieWork<'_> {
     /// The reference's layers `0..=last` of `prompt`: each layer run alone on the previous one's output,
     /// which is exactly the reference forward's residual stream (the f64 reference has one way to
     /// compute), without the layers after `last` and the LM head.
-    fn reference_prefix(&mut self, reference: &str, prompt: &Prompt, last: usize) -> Result<Trace, GateError> {
+    fn reference_prefix(
+        &mut self,
+        reference: &str,
+        prompt: &Prompt,
+        last: usize,
+    ) -> Result<Trace, GateError> {
         let mut input = embeddings(self.weights, &prompt.tokens);
         let backend = self.backend(reference)?;
         let mut trace = Trace::new("", "reference", "fast", moe_engine::trace::Precision::F64);
@@ -209,8 +228,9 @@ impl TieWork<'_> {
                 Some(spec) => (spec.backend, spec.policy),
                 None => (BackendKind::Reference, Policy::Fast),
             };
-            let backend = create_backend(kind, Arc::clone(self.weights), policy)
-                .map_err(|e| GateError::engine(format!("creating the {kind} backend of `{run}` for tie certification"), e))?;
+            let backend = create_backend(kind, Arc::clone(self.weights), policy).map_err(|e| {
+                GateError::engine(format!("creating the {kind} backend of `{run}` for tie certification"), e)
+            })?;
             self.backends.insert(run.to_string(), backend);
         }
         Ok(self.backends.get_mut(run).expect("inserted above").as_mut())
@@ -228,6 +248,7 @@ impl TieWork<'_> {
         outcomes: &[Option<TrialOutcome>],
     ) -> Vec<TieReport> {
         let mut reports: Vec<TieReport> = Vec::new();
+        let mut flips: HashMap<(String, String, String), Option<Flip>> = HashMap::new();
         for (i, plan) in plans.iter().enumerate() {
             if statuses[i] != TrialStatus::Failed || outcomes[i].is_none() {
                 continue;
@@ -238,7 +259,9 @@ impl TieWork<'_> {
             }
             let mut explaining: Option<usize> = None;
             for (a, b) in pairs(&plan.runs) {
-                let Some(flip) = self.flip(a, b, &plan.prompt) else { continue };
+                let key = (a.to_string(), b.to_string(), plan.prompt.clone());
+                let flip = flips.entry(key).or_insert_with(|| self.flip(a, b, &plan.prompt)).clone();
+                let Some(flip) = flip else { continue };
                 if plan.layer.is_some_and(|l| l < flip.layer) {
                     continue;
                 }
@@ -290,7 +313,11 @@ impl TieWork<'_> {
             swaps: flip
                 .swaps
                 .iter()
-                .map(|s| TieSwap { position: s.position, only_first: s.only_a.clone(), only_second: s.only_b.clone() })
+                .map(|s| TieSwap {
+                    position: s.position,
+                    only_first: s.only_a.clone(),
+                    only_second: s.only_b.clone(),
+                })
                 .collect(),
             gap: None,
             margin,
@@ -306,13 +333,18 @@ impl TieWork<'_> {
         report.gap = ties::flip_gap(&ref_trace, flip);
         let Some(gap) = report.gap.filter(|g| *g < margin) else {
             report.reason = match report.gap {
-                Some(g) => format!("the reference separates the swapped experts by {g:.3e} >= ties.margin {margin:e}: not a tie"),
+                Some(g) => format!(
+                    "the reference separates the swapped experts by {g:.3e} >= ties.margin {margin:e}: not a tie"
+                ),
                 None => "the reference cannot measure the swap (not one expert for one)".into(),
             };
             return report;
         };
         let bound = self.contract.ties.isolated_nmse;
-        for run in [a, b].into_iter().filter(|r| self.contract.runs.get(*r).is_none_or(|s| s.backend != BackendKind::Reference)) {
+        for run in [a, b]
+            .into_iter()
+            .filter(|r| self.contract.runs.get(*r).is_none_or(|s| s.backend != BackendKind::Reference))
+        {
             match self.isolated_check(run, &ref_trace, prompt, flip.layer) {
                 Ok(check) => report.isolated.push(check),
                 Err(why) => {
@@ -321,7 +353,7 @@ impl TieWork<'_> {
                 }
             }
         }
-        if let Some(bad) = report.isolated.iter().find(|c| !(c.nmse <= bound)) {
+        if let Some(bad) = report.isolated.iter().find(|c| c.nmse > bound || c.nmse.is_nan()) {
             report.reason = format!(
                 "layer {} of `{}` computes something else on the reference's input (isolated nmse {:.3e} > \
                  ties.isolated_nmse {bound:e}): a defect, whatever the router margin",
@@ -329,7 +361,8 @@ impl TieWork<'_> {
             );
             return report;
         }
-        if let Some(name) = failed_isolated_trial(self.contract, plans, statuses, [a, b], prompt, flip.layer) {
+        if let Some(name) = failed_isolated_trial(self.contract, plans, statuses, [a, b], prompt, flip.layer)
+        {
             report.reason = format!("the isolated trial {name} fails at or before layer {}", flip.layer);
             return report;
         }
@@ -345,14 +378,23 @@ impl TieWork<'_> {
     /// `run`'s layer `layer` on the reference's input against the reference's output, with the positions
     /// where the run's own expert choice is a certified tie set aside (a swapped expert moves that row by
     /// ~1 %, which is routing, not the layer's arithmetic). Err: a swap that is not a tie.
-    fn isolated_check(&mut self, run: &str, reference: &Trace, prompt: &str, layer: usize) -> Result<IsolatedCheck, String> {
+    fn isolated_check(
+        &mut self,
+        run: &str,
+        reference: &Trace,
+        prompt: &str,
+        layer: usize,
+    ) -> Result<IsolatedCheck, String> {
         let input = match layer {
             0 => embeddings(self.weights, &reference.tokens),
             l => reference.layers[l - 1].hidden.clone(),
         };
         let got = self
             .backend(run)
-            .and_then(|b| b.run_layer(layer, &input).map_err(|e| GateError::engine(format!("run `{run}`: layer {layer} alone"), e)))
+            .and_then(|b| {
+                b.run_layer(layer, &input)
+                    .map_err(|e| GateError::engine(format!("run `{run}`: layer {layer} alone"), e))
+            })
             .map_err(|e| format!("cannot run layer {layer} of `{run}` alone for prompt `{prompt}`: {e}"))?;
         let expected = &reference.layers[layer];
         let margin = self.contract.ties.margin;
@@ -374,7 +416,12 @@ impl TieWork<'_> {
         }
         let cols = expected.hidden.cols.max(1);
         let keep = |m: &Matrix| -> Vec<f64> {
-            m.data.chunks(cols).enumerate().filter(|(p, _)| !tied.contains(p)).flat_map(|(_, r)| r.iter().copied()).collect()
+            m.data
+                .chunks(cols)
+                .enumerate()
+                .filter(|(p, _)| !tied.contains(p))
+                .flat_map(|(_, r)| r.iter().copied())
+                .collect()
         };
         let nmse = moe_contracts::metrics::nmse(&keep(&got.hidden), &keep(&expected.hidden));
         Ok(IsolatedCheck { run: run.to_string(), nmse, tied_positions: tied })
@@ -393,8 +440,12 @@ fn failed_isolated_trial(
     plans.iter().zip(statuses).find_map(|(p, s)| {
         let c = criterion_of(contract, p);
         let same_runs = c.compare.iter().all(|r| runs.contains(&r.as_str()));
-        (c.is_isolated() && same_runs && p.prompt == prompt && p.layer.is_none_or(|l| l <= layer) && s.is_failure())
-            .then(|| p.name.clone())
+        (c.is_isolated()
+            && same_runs
+            && p.prompt == prompt
+            && p.layer.is_none_or(|l| l <= layer)
+            && s.is_failure())
+        .then(|| p.name.clone())
     })
 }
 
@@ -429,7 +480,11 @@ pub fn embeddings(weights: &ModelWeights, tokens: &[u32]) -> Matrix {
     let hidden = weights.config.hidden;
     let mut data = vec![0.0f64; tokens.len() * hidden];
     for (row, &t) in data.chunks_mut(hidden).zip(tokens) {
-        moe_kernels::quant::dequantize_row_f64(weights.token_embd.ty, weights.token_embd.row(t as usize), row);
+        moe_kernels::quant::dequantize_row_f64(
+            weights.token_embd.ty,
+            weights.token_embd.row(t as usize),
+            row,
+        );
     }
     Matrix::from_f64(tokens.len(), hidden, data)
 }

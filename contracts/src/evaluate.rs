@@ -90,7 +90,11 @@ fn trace_trial(contract: &Contract, criterion: &Criterion, trial: &TrialPlan, re
 }
 
 /// The candidate's layers run on the baseline's inputs (`mode: isolated`).
-fn isolated<'a>(rec: &'a Recorded, [candidate, baseline]: &[String; 2], prompt: &str) -> Result<&'a Trace, Problem> {
+fn isolated<'a>(
+    rec: &'a Recorded,
+    [candidate, baseline]: &[String; 2],
+    prompt: &str,
+) -> Result<&'a Trace, Problem> {
     rec.isolated(candidate, baseline, prompt).ok_or_else(|| {
         Problem::Unjudgeable(format!(
             "no isolated layers of run `{candidate}` on run `{baseline}`'s inputs were recorded for prompt `{prompt}`"
@@ -121,7 +125,8 @@ impl TieRows<'_> {
     /// so it is set aside. Any other tap or mode sets nothing aside.
     fn split(&self, pair: &Pair<'_>, tap: Tap, layer: Option<usize>, rows: &Range<usize>) -> RowSplit {
         let keep_all = RowSplit::Keep { tied: Vec::new(), gap: 0.0 };
-        let (true, Tap::Hidden | Tap::RouterWeights, Some(l)) = (self.criterion.is_isolated(), tap, layer) else {
+        let (true, Tap::Hidden | Tap::RouterWeights, Some(l)) = (self.criterion.is_isolated(), tap, layer)
+        else {
             return keep_all;
         };
         let (Some(c), Some(b)) = (pair.candidate.1.layers.get(l), pair.baseline.1.layers.get(l)) else {
@@ -148,11 +153,18 @@ impl TieRows<'_> {
                     let why = match (reference, gap) {
                         (None, _) => format!("no trace of reference run `{run}` to certify a tie"),
                         (Some(_), None) => "the reference cannot measure that swap".to_string(),
-                        (Some(_), Some(g)) => format!("reference gap {g:.3e} >= ties.margin {margin:e}: not a tie"),
+                        (Some(_), Some(g)) => {
+                            format!("reference gap {g:.3e} >= ties.margin {margin:e}: not a tie")
+                        }
                     };
                     return RowSplit::Differs(format!(
                         "layer {l}, position {}: run `{}` on `{}`'s input chose experts {:?} where `{}` chose {:?}; {why}",
-                        swap.position, pair.candidate.0, pair.baseline.0, swap.only_a, pair.baseline.0, swap.only_b
+                        swap.position,
+                        pair.candidate.0,
+                        pair.baseline.0,
+                        swap.only_a,
+                        pair.baseline.0,
+                        swap.only_b
                     ));
                 }
             }

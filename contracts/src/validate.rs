@@ -11,12 +11,13 @@ use serde_saphyr::Spanned;
 
 use crate::error::{ContractError, SourceLocation};
 use crate::raw::{
-    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawTies, RawWhere, RunMap,
-    S,
+    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawTies, RawWhere,
+    RunMap, S,
 };
 use crate::schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,
-    KnownDivergence, LayerSpan, Metric, Mode, Per, Policy, PromptSet, QWEN3_VOCAB, RunSpec, Tap, Threshold, Ties,
+    KnownDivergence, LayerSpan, Metric, Mode, Per, Policy, PromptSet, QWEN3_VOCAB, RunSpec, Tap, Threshold,
+    Ties,
 };
 
 /// The longest generated prompt: far beyond any parity check's needs, and it keeps a typo like
@@ -406,7 +407,10 @@ impl Validator<'_> {
                 Some(spec) if spec.backend != BackendKind::Reference => {
                     return self.fail(
                         r,
-                        format!("run `{}` runs on {}, and only a reference run can certify a tie", r.value, spec.backend),
+                        format!(
+                            "run `{}` runs on {}, and only a reference run can certify a tie",
+                            r.value, spec.backend
+                        ),
                         "name a run with `backend: reference`, or leave `ties.reference` out",
                     );
                 }

@@ -108,7 +108,11 @@ fn a_swap_the_reference_certifies_is_set_aside_and_one_it_does_not_fails() {
     let o = outcome(&c, &rec, "iso::ISO::p::layer01");
     assert!(o.passed, "{}", o.detail);
     assert_eq!(o.value, 0.0, "the remaining position is exact");
-    assert!(o.detail.contains("certified router ties") && o.detail.contains("layer 1 position 0"), "{}", o.detail);
+    assert!(
+        o.detail.contains("certified router ties") && o.detail.contains("layer 1 position 0"),
+        "{}",
+        o.detail
+    );
     let set = outcome(&c, &rec, "iso::ISOSET::p::layer01");
     assert!(set.passed && set.detail.contains("1 certified ties"), "{}", set.detail);
 

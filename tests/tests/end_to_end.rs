@@ -606,7 +606,14 @@ fn a_router_tie_is_certified_and_its_cascade_excused_or_failed_as_the_policy_say
     let dir = tempfile::tempdir().unwrap();
     let model = with_router_tie(dir.path());
     let prompts: Vec<String> = (0..24u32)
-        .map(|i| format!("  - {{id: p{i:02}, tokens: [{}, {}, {}]}}", (1 + 37 * i) % 256, (5 + 11 * i) % 256, (3 + 53 * i) % 256))
+        .map(|i| {
+            format!(
+                "  - {{id: p{i:02}, tokens: [{}, {}, {}]}}",
+                (1 + 37 * i) % 256,
+                (5 + 11 * i) % 256,
+                (3 + 53 * i) % 256
+            )
+        })
         .collect();
     let contract = |policy: &str| {
         format!(
@@ -659,10 +666,8 @@ amendments:
     for t in &certified {
         assert_eq!(t["layer"], 0, "{t}");
         let swap = &t["swaps"][0];
-        let swapped: Vec<u64> = [&swap["only_first"][0], &swap["only_second"][0]]
-            .iter()
-            .map(|e| e.as_u64().unwrap())
-            .collect();
+        let swapped: Vec<u64> =
+            [&swap["only_first"][0], &swap["only_second"][0]].iter().map(|e| e.as_u64().unwrap()).collect();
         assert!(swapped.iter().all(|e| *e < 3), "only experts 0, 1, 2 are tied: {t}");
         assert!(t["gap"].as_f64().unwrap() < 1e-5, "{t}");
         assert!(t["isolated"][0]["nmse"].as_f64().unwrap() <= 1e-8, "{t}");

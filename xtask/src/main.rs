@@ -146,6 +146,24 @@ fn ci(args: &[String]) -> Result<()> {
     gate.args(["run", "--quiet", "--package", "cargo-moe-gate", "--", "--report-dir"]).arg(&report_dir);
     step("cargo moe-gate (default contract, default model)", gate)?;
 
+    // Issue 11's evidence without a GPU: 512 prompts, no known divergences, router ties certified by the
+    // gate wherever the cpu and the reference route a token differently.
+    let breadth_dir = root().join("target/moe-gate-breadth");
+    let mut breadth = cargo();
+    breadth
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "cargo-moe-gate",
+            "--",
+            "--contract",
+            "cpu-vs-reference-breadth-v1",
+        ])
+        .args(["--report-dir"])
+        .arg(&breadth_dir);
+    step("cargo moe-gate --contract cpu-vs-reference-breadth-v1 (512 prompts, ties certified)", breadth)?;
+
     println!(
         "\nci: all steps green in {:.1} s (gate reports in {})",
         started.elapsed().as_secs_f64(),

@@ -65,11 +65,9 @@ fn testcase(report: &GateReport, t: &TrialReport) -> String {
             esc(t.known_divergence.as_deref().unwrap_or("")),
             esc(&t.detail)
         )),
-        TrialStatus::TieExcused(reason) => Some(format!(
-            "      <system-out>{}: {}</system-out>\n",
-            esc(reason),
-            esc(&t.detail)
-        )),
+        TrialStatus::TieExcused(reason) => {
+            Some(format!("      <system-out>{}: {}</system-out>\n", esc(reason), esc(&t.detail)))
+        }
         TrialStatus::Ignored(reason) => Some(format!("      <skipped message=\"{}\"/>\n", esc(reason))),
         TrialStatus::FilteredOut => Some("      <skipped message=\"filtered out\"/>\n".to_string()),
     };
