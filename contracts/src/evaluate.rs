@@ -604,9 +604,12 @@ fn topk_trial(
             if metrics::topk_set(cr, br, None, None) == TopkVerdict::Same {
                 continue;
             }
+            // The tie reference may stop at the first layer where the runs route differently: a swap
+            // past it is downstream of that one (its cascade), not a tie to measure on its own.
+            let covered = |r: &Trace| layer.is_none_or(|l| l < r.layers.len());
             let probs = match reference {
-                Some(r) => Some(reference_probs((run, r), pair.prompt, layer, row)?),
-                None => None,
+                Some(r) if covered(r) => Some(reference_probs((run, r), pair.prompt, layer, row)?),
+                _ => None,
             };
             match metrics::topk_set(cr, br, probs.as_deref(), Some(margin)) {
                 TopkVerdict::Same => {}
@@ -616,7 +619,12 @@ fn topk_trial(
                     first.get_or_insert_with(|| {
                         let gap = match gap {
                             Some(g) => format!(", reference probability gap {g:.3e}"),
-                            None if reference.is_none() => format!(", no trace of reference run `{run}` to certify a tie"),
+                            None if reference.is_none() => {
+                                format!(", no trace of reference run `{run}` to certify a tie")
+                            }
+                            None if probs.is_none() => ", past the layers of the tie reference (it stops at the first routing \
+                                 difference, of which this is the cascade)"
+                                .to_string(),
                             None => String::new(),
                         };
                         let margin = probs.as_deref().map_or(String::new(), |p| {

@@ -53,6 +53,7 @@ pub fn render(report: &GateReport) -> String {
 
     out.push_str(&layers(report));
     out.push_str(&argmax(report));
+    out.push_str(&ties(report));
     out.push_str(&diagnoses(report));
     out.push_str(&failures(report));
     out.push_str(&timings(report));
@@ -118,6 +119,44 @@ fn diagnoses(report: &GateReport) -> String {
         out.push_str(&diagnosis_text(d, ""));
     }
     out.push_str("```\n");
+    out
+}
+
+/// Every first routing difference that explains a failure, certified as a tie or not.
+fn ties(report: &GateReport) -> String {
+    if report.ties.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\n## Router ties\n\n");
+    let mut t = Table::new([
+        "prompt",
+        "runs",
+        "layer",
+        "swaps",
+        "reference gap",
+        "isolated nmse",
+        "certified",
+        "trials",
+    ]);
+    for tie in &report.ties {
+        let swaps: Vec<String> = tie
+            .swaps
+            .iter()
+            .map(|s| format!("pos {} {:?}/{:?}", s.position, s.only_first, s.only_second))
+            .collect();
+        let iso: Vec<String> = tie.isolated.iter().map(|i| format!("{} {:.2e}", i.run, i.nmse)).collect();
+        t.row([
+            tie.prompt.clone(),
+            format!("{} vs {}", tie.runs[0], tie.runs[1]),
+            tie.layer.to_string(),
+            swaps.join(", "),
+            tie.gap.map_or("-".into(), |g| format!("{g:.3e}")),
+            iso.join(", "),
+            if tie.certified { "yes".into() } else { format!("no: {}", tie.reason) },
+            tie.trials.len().to_string(),
+        ]);
+    }
+    out.push_str(&t.to_markdown());
     out
 }
 

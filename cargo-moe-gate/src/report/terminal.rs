@@ -278,6 +278,9 @@ fn timings_line(report: &GateReport) -> String {
         parts.push(format!("{} {:.2} s ({} prompts, {} tokens)", r.run, r.seconds, r.prompts, r.tokens));
     }
     parts.push(format!("evaluation {:.3} s", t.evaluation_s));
+    if t.ties_s > 0.0 {
+        parts.push(format!("isolated layers and ties {:.2} s", t.ties_s));
+    }
     if t.diagnosis_s > 0.0 {
         parts.push(format!("diagnosis {:.2} s", t.diagnosis_s));
     }
