@@ -78,6 +78,24 @@ pub enum Command {
     /// Measures prefill and decode tokens/s of one backend on one model, and decode against the
     /// bandwidth roofline.
     Bench(BenchArgs),
+    /// Tokenises text with a model's own tokenizer (the one its GGUF carries), as text prompts are.
+    Tokenize(TokenizeArgs),
+}
+
+/// Arguments of `cargo moe-gate tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// The model: a `.gguf` path or `synth:PRESET[:QUANT][@SEED]`.
+    #[arg(long, value_name = "SPEC")]
+    pub model: String,
+    /// The text to tokenise; prints its ids and their text.
+    #[arg(long, value_name = "TEXT", conflicts_with = "jsonl", required_unless_present = "jsonl")]
+    pub text: Option<String>,
+    /// A file of JSON lines, each `{"text": "..."}` or `{"hex": "..."}` (raw bytes, which must be UTF-8);
+    /// writes one line per input to stdout: `{"ids": [...], "text": "..."}` (the ids decoded) or
+    /// `{"error": "..."}`.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub jsonl: Option<PathBuf>,
 }
 
 /// Arguments of `cargo moe-gate trace`.

@@ -1,5 +1,6 @@
 //! The subcommands next to the gate run (DESIGN §4): `trace`, `synth`, `validate`, `list`, `quantize`,
-//! `merge` (DESIGN §9, in [`crate::merge`]) and `bench` (DESIGN §9, in [`crate::bench`]).
+//! `merge` (DESIGN §9, in [`crate::merge`]), `bench` (DESIGN §9, in [`crate::bench`]) and `tokenize`
+//! (in [`crate::text`]).
 //! Each returns the process exit code (0, 101 for a merge whose blocking gate fails, or 2 through a
 //! [`GateError`]).
 
@@ -24,6 +25,7 @@ pub fn run(command: Command) -> Result<u8, GateError> {
         Command::Quantize(args) => quantize(&args),
         Command::Merge(args) => crate::merge::run_merge(&args),
         Command::Bench(args) => crate::bench::run_bench(&args),
+        Command::Tokenize(args) => crate::text::run_tokenize(&args),
     }
 }
 

@@ -31,6 +31,9 @@ pub enum GateError {
     /// The model cannot be loaded.
     #[error("cannot load model `{spec}`: {reason}")]
     Model { spec: String, reason: String },
+    /// The contract's text prompts cannot be tokenised on the model.
+    #[error("text prompts on model `{spec}`: {reason}")]
+    TextPrompt { spec: String, reason: String },
     /// A command-line value is wrong.
     #[error("{0}")]
     Usage(String),

@@ -57,6 +57,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
 
     let contract = resolve_for_model(contract, choice.source, &choice.spec);
+    let (contract, tokenizer) = crate::text::tokenize_prompts(contract, &weights, &choice.spec)?;
     let mut prompts = contract.expand_prompts();
     let mut plans = contract.plan(weights.config.n_layer);
     let partition = args.partition.map(|part| {
@@ -159,6 +160,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         partition,
     }
     .build(&summaries, diagnoses, tie_reports, timings);
+    let report = crate::text::annotate(report, tokenizer.as_deref(), &contract, &recording.recorded);
 
     let summary = terminal::render(&report);
     if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
@@ -274,6 +276,7 @@ impl ReportInputs<'_> {
             trials: self.judged.trials(),
             layers: self.judged.layer_tables(),
             argmax: self.argmax_rows(),
+            greedy: Vec::new(),
             diagnoses,
             ties,
             verdict,
@@ -300,7 +303,7 @@ impl ReportInputs<'_> {
                         let margin = top
                             .get(1)
                             .map_or(f64::INFINITY, |&(t2, _)| logit - trace.logits.row(last)[t2 as usize]);
-                        Some(RunToken { run: (*run).clone(), token, logit, margin })
+                        Some(RunToken { run: (*run).clone(), token, text: None, logit, margin })
                     })
                     .collect();
                 if tokens.is_empty() {

@@ -9,6 +9,7 @@
 //!   subcommands; [`report`]: the report writers.
 //! - [`partition`]: `--partition K/N`; [`merge`]: `cargo moe-gate merge` of the shards' reports.
 //! - [`bench`]: `cargo moe-gate bench`, the speed measurement.
+//! - [`text`]: text prompts through the model's tokenizer, and token ids read back as text in reports.
 //!
 //! The binary is a thin `main` over [`run`], so the end-to-end tests and the `harness = false` test
 //! target run exactly what `cargo moe-gate` runs.
@@ -26,6 +27,7 @@ pub mod model;
 pub mod partition;
 pub mod record;
 pub mod report;
+pub mod text;
 pub mod ties;
 pub mod trials;
 

@@ -23,8 +23,8 @@ use crate::gate::resolve_for_model;
 use crate::judged::Judged;
 use crate::partition::Partition;
 use crate::report::{
-    ArgmaxRow, CudaInfo, Diagnosis, GateReport, SCHEMA_VERSION, ShardSummary, Timings, TrialReport,
-    TrialStatus, terminal,
+    ArgmaxRow, CudaInfo, Diagnosis, GateReport, GreedyRow, SCHEMA_VERSION, ShardSummary, Timings,
+    TrialReport, TrialStatus, terminal,
 };
 use crate::trials::{self, Selection};
 
@@ -298,6 +298,8 @@ pub fn merge(contract: &Contract, shards: &[Shard]) -> Result<GateReport, MergeE
     let position = |prompt: &str| prompts.iter().position(|p| p.id == prompt).unwrap_or(usize::MAX);
     let mut argmax: Vec<ArgmaxRow> = shards.iter().flat_map(|s| s.report.argmax.clone()).collect();
     argmax.sort_by_key(|row| position(&row.prompt));
+    let mut greedy: Vec<GreedyRow> = shards.iter().flat_map(|s| s.report.greedy.clone()).collect();
+    greedy.sort_by_key(|row| position(&row.prompt));
     let criterion_index = |id: &str| contract.criteria.iter().position(|c| c.id == id).unwrap_or(usize::MAX);
     let mut diagnoses: Vec<Diagnosis> = shards.iter().flat_map(|s| s.report.diagnoses.clone()).collect();
     diagnoses.sort_by_key(|d| (criterion_index(&d.criterion), position(&d.prompt)));
@@ -321,6 +323,7 @@ pub fn merge(contract: &Contract, shards: &[Shard]) -> Result<GateReport, MergeE
         trials: judged.trials(),
         layers: judged.layer_tables(),
         argmax,
+        greedy,
         diagnoses,
         ties,
         verdict,
@@ -576,6 +579,7 @@ amendments:
             trials: judged.trials(),
             layers: judged.layer_tables(),
             argmax: vec![],
+            greedy: vec![],
             diagnoses: vec![],
             ties: vec![],
             verdict,

@@ -29,7 +29,7 @@ use std::path::Path;
 pub use error::{ContractError, SourceLocation};
 pub use evaluate::evaluate;
 pub use plan::{TrialPlan, trial_name};
-pub use prompts::{generate_prompts, generated_id};
+pub use prompts::{TextPromptError, generate_prompts, generated_id};
 pub use record::{GreedyStep, Recorded, TrialOutcome};
 pub use schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,

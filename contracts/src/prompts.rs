@@ -57,11 +57,24 @@ fn uniform_below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
     }
 }
 
+/// A text prompt that could not be tokenised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("prompt `{prompt}` cannot be tokenised: {reason}")]
+pub struct TextPromptError {
+    /// The prompt id.
+    pub prompt: String,
+    /// Why.
+    pub reason: String,
+}
+
 impl PromptSet {
     /// The prompts of this set.
     pub fn expand(&self) -> Vec<Prompt> {
         match self {
             PromptSet::Explicit { id, tokens, .. } => vec![Prompt { id: id.clone(), tokens: tokens.clone() }],
+            PromptSet::Text { id, tokens, .. } => {
+                vec![Prompt { id: id.clone(), tokens: tokens.clone().unwrap_or_default() }]
+            }
             PromptSet::Generated { id, count, min_len, max_len, seed, vocab, .. } => {
                 generate_prompts(*count, *min_len, *max_len, *seed, vocab.unwrap_or(QWEN3_VOCAB))
                     .into_iter()
@@ -77,6 +90,42 @@ impl Contract {
     /// Every prompt of every set, in file order.
     pub fn expand_prompts(&self) -> Vec<Prompt> {
         self.prompts.iter().flat_map(PromptSet::expand).collect()
+    }
+
+    /// Whether any prompt is written as text (then the model's tokenizer is needed).
+    pub fn has_text_prompts(&self) -> bool {
+        self.prompts.iter().any(|s| matches!(s, PromptSet::Text { .. }))
+    }
+
+    /// The contract with every text prompt tokenised by `encode` (the tokenizer of the model the gate
+    /// runs). An error names the prompt; a text that gives no tokens is refused.
+    pub fn tokenize_text<E: std::fmt::Display>(
+        &self,
+        mut encode: impl FnMut(&str) -> Result<Vec<u32>, E>,
+    ) -> Result<Contract, TextPromptError> {
+        let mut out = self.clone();
+        for set in &mut out.prompts {
+            if let PromptSet::Text { id, text, tokens, .. } = set {
+                let ids = encode(text)
+                    .map_err(|e| TextPromptError { prompt: id.clone(), reason: e.to_string() })?;
+                if ids.is_empty() {
+                    return Err(TextPromptError {
+                        prompt: id.clone(),
+                        reason: "the text gives no tokens; write at least one character".into(),
+                    });
+                }
+                *tokens = Some(ids);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The text of prompt `id`, where it is written as text.
+    pub fn prompt_text(&self, id: &str) -> Option<&str> {
+        self.prompts.iter().find_map(|s| match s {
+            PromptSet::Text { id: own, text, .. } if own == id => Some(text.as_str()),
+            _ => None,
+        })
     }
 
     /// Whether `model_spec` is this contract's smoke model (sets with `only_on: model` skip it).

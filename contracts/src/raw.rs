@@ -31,14 +31,16 @@ pub(crate) struct RawContract {
     pub amendments: S<Vec<RawAmendment>>,
 }
 
-/// A prompt set as written: `tokens` for an explicit prompt, `count`/`min_len`/`max_len`/`seed`
-/// (and optionally `vocab`) for a generated set. One struct rather than an untagged enum, so that a
+/// A prompt set as written: `tokens` for an explicit prompt, `text` for a prompt in words (tokenised
+/// with the model's own tokenizer), `count`/`min_len`/`max_len`/`seed` (and optionally `vocab`) for a
+/// generated set. One struct rather than an untagged enum, so that a
 /// mix of both forms gets a precise error and every field keeps its location.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPromptSet {
     pub id: S<String>,
     pub tokens: Option<S<Vec<S<u32>>>>,
+    pub text: Option<S<String>>,
     pub count: Option<S<usize>>,
     pub min_len: Option<S<usize>>,
     pub max_len: Option<S<usize>>,

@@ -77,7 +77,7 @@ pub enum OnlyOn {
     Model,
 }
 
-/// A set of prompts: listed token by token, or generated from a seed.
+/// A set of prompts: listed token by token, written as text, or generated from a seed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptSet {
     /// One prompt, token by token.
@@ -86,6 +86,20 @@ pub enum PromptSet {
         id: String,
         /// The token ids.
         tokens: Vec<u32>,
+        /// Restricts the prompt to some models; `None` = every model.
+        only_on: Option<OnlyOn>,
+    },
+    /// One prompt as text, tokenised with the tokenizer of the model the gate runs
+    /// ([`Contract::tokenize_text`]): the same text may be different ids on models with different
+    /// vocabularies.
+    Text {
+        /// The prompt id (in trial names).
+        id: String,
+        /// The text, as written.
+        text: String,
+        /// Its token ids on the model the gate runs; `None` until [`Contract::tokenize_text`] (until then
+        /// the prompt expands to no tokens and has no trials).
+        tokens: Option<Vec<u32>>,
         /// Restricts the prompt to some models; `None` = every model.
         only_on: Option<OnlyOn>,
     },
@@ -113,14 +127,18 @@ impl PromptSet {
     /// The set's id.
     pub fn id(&self) -> &str {
         match self {
-            PromptSet::Explicit { id, .. } | PromptSet::Generated { id, .. } => id,
+            PromptSet::Explicit { id, .. } | PromptSet::Text { id, .. } | PromptSet::Generated { id, .. } => {
+                id
+            }
         }
     }
 
     /// The model restriction, if any.
     pub fn only_on(&self) -> Option<OnlyOn> {
         match self {
-            PromptSet::Explicit { only_on, .. } | PromptSet::Generated { only_on, .. } => *only_on,
+            PromptSet::Explicit { only_on, .. }
+            | PromptSet::Text { only_on, .. }
+            | PromptSet::Generated { only_on, .. } => *only_on,
         }
     }
 }

@@ -170,6 +170,24 @@ impl Validator<'_> {
         let only_on = raw.only_on.as_ref().map(|o| o.value);
         let generated =
             [raw.count.is_some(), raw.min_len.is_some(), raw.max_len.is_some(), raw.seed.is_some()];
+        if let Some(text) = &raw.text {
+            if raw.tokens.is_some() || generated.iter().any(|&g| g) || raw.vocab.is_some() {
+                return self.fail(
+                    &raw.id,
+                    format!("prompt `{id}` has `text` and also `tokens` or generator fields"),
+                    "keep `text` for one prompt in words, `tokens` for one prompt in ids, or `count`, \
+                     `min_len`, `max_len`, `seed` for a generated set",
+                );
+            }
+            if text.value.is_empty() {
+                return self.fail(
+                    text,
+                    format!("prompt `{id}` has an empty `text`"),
+                    "write the prompt's text",
+                );
+            }
+            return Ok(PromptSet::Text { id, text: text.value.clone(), tokens: None, only_on });
+        }
         match &raw.tokens {
             Some(tokens) => {
                 if generated.iter().any(|&g| g) || raw.vocab.is_some() {
@@ -190,8 +208,8 @@ impl Validator<'_> {
                 else {
                     return self.fail(
                         &raw.id,
-                        format!("prompt `{id}` has neither `tokens` nor all of `count`, `min_len`, `max_len`, `seed`"),
-                        "give `tokens: [...]` for one prompt, or all four generator fields for a generated set",
+                        format!("prompt `{id}` has neither `tokens`, `text` nor all of `count`, `min_len`, `max_len`, `seed`"),
+                        "give `tokens: [...]` or `text: \"...\"` for one prompt, or all four generator fields for a generated set",
                     );
                 };
                 self.generator(count, min_len, max_len, raw.vocab.as_ref())?;

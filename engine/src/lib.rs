@@ -3,7 +3,8 @@
 //! It reads GGUF files ([`gguf`]), derives the model configuration ([`config`]), and runs the forward on
 //! three backends ([`backend`]): `reference` (every value f64, the truth), `cpu` (f32, rayon) and `cuda`.
 //! Any forward can record a [`trace`]: the residual stream after every layer, every router's logits and
-//! choices, and the final logits.
+//! choices, and the final logits. [`tokenizer`] turns text into the model's token ids and back, with the
+//! tokenizer the GGUF file carries.
 
 pub mod backend;
 pub mod bench;
@@ -14,5 +15,6 @@ pub mod gguf;
 pub mod quantize;
 pub mod spec;
 pub mod synth;
+pub mod tokenizer;
 pub mod trace;
 pub mod weights;

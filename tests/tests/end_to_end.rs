@@ -681,3 +681,70 @@ amendments:
     assert_eq!(out.code, 101, "under policy fail the cascade blocks: {}", out.all());
     assert!(report["ties"].as_array().unwrap().iter().any(|t| t["certified"] == true), "{}", out.all());
 }
+
+/// A prompt written as text runs on the synthetic model's Qwen3 tokenizer, and the report shows the next
+/// token and the greedy decode as text next to the ids; a text that cannot be tokenised is exit 2 naming
+/// the prompt.
+#[test]
+fn text_prompts_are_tokenised_and_outputs_read_back_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let contract = |id: &str, prompt: &str| {
+        let yaml = format!(
+            "contract: {id}
+version: 1.0.0
+status: active
+title: text prompts
+model: synth:tiny
+smoke_model: synth:tiny
+prompts:
+  - {{id: fib, text: {prompt}}}
+  - {{id: ids, tokens: [785, 9217, 308]}}
+runs:
+{CPU_REF_RUNS}
+criteria:
+  - {{id: ARG, title: same next token, compare: [cpu, reference], tap: logits, metric: argmax, per: [prompt], gate: all}}
+  - {{id: GREEDY, title: same greedy tokens, compare: [cpu, reference], tap: logits, metric: greedy, steps: 3,
+     per: [prompt], gate: all}}
+amendments:
+  - {{version: 1.0.0, date: 2026-12-02, kind: created, summary: written by the end-to-end tests}}
+"
+        );
+        let path = dir.path().join(format!("{id}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let path = contract("e2e-text-v1", "\"def fib(n):\"");
+    let reports = dir.path().join("reports");
+    let out = gate_in(
+        dir.path(),
+        &["--contract", path.to_str().unwrap(), "--report-dir", reports.to_str().unwrap()],
+    );
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(out.trial("e2e-text-v1::ARG::fib"), Some("ok"), "{}", out.all());
+    assert!(
+        out.stdout.contains("greedy decode") && out.stdout.contains("fib \"def fib(n):\" -> "),
+        "{}",
+        out.all()
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("report.json")).unwrap()).unwrap();
+    let greedy = json["greedy"].as_array().expect("greedy rows");
+    let fib = greedy.iter().find(|g| g["prompt"] == "fib").expect("the text prompt's greedy row");
+    assert_eq!(fib["prompt_text"], "def fib(n):");
+    let run = &fib["runs"][0];
+    let ids: Vec<u32> =
+        run["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids.len(), 3);
+    // The text is the ids decoded by the same tokenizer, independently of the report.
+    let weights = moe_engine::spec::load_model("synth:tiny").unwrap();
+    let tok = moe_engine::tokenizer::ModelTokenizer::from_gguf(&weights.file).unwrap();
+    assert_eq!(run["text"].as_str(), Some(tok.decode(&ids).as_str()));
+    let arg = &json["argmax"][0]["runs"][0];
+    assert_eq!(arg["text"].as_str(), Some(tok.decode(&[arg["token"].as_u64().unwrap() as u32]).as_str()));
+    assert!(std::fs::read_to_string(reports.join("report.md")).unwrap().contains("## Greedy decode"));
+
+    let path = contract("e2e-text-empty-v1", "\"\"");
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("prompt `fib` has an empty `text`"), "{}", out.all());
+}

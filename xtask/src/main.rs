@@ -1,9 +1,9 @@
 //! Project automation (`cargo xtask`, aliased in .cargo/config.toml).
 //!
 //! - `cargo xtask ci`: what must be green before a commit lands: rustfmt check, clippy with warnings
-//!   denied (also with the CUDA feature, so the CUDA code is checked on machines without a GPU), every
-//!   test (nextest when installed, else `cargo test`), contract validation, and the gate on the default
-//!   model.
+//!   denied (with CUDA, cargo-moe-gate's default, and without), every test (nextest when installed, else
+//!   `cargo test`), every kernel compiled with NVRTC where `.ci/run` installed it, contract validation,
+//!   and the gate on the default model.
 //! - `cargo xtask bench`: the criterion benches (short), and the default gate's wall time, written to the
 //!   "Gate" section of docs/benchmarks.md.
 
@@ -17,9 +17,11 @@ use serde_json::Value;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  ci [--no-cuda-check]   fmt check, clippy -D warnings, all tests, contract validation, the gate on the
-                         default model; unless --no-cuda-check, also clippy and the CUDA tests with the
-                         `cuda` feature (without a GPU they list every device case as ignored, with why)
+  ci [--no-cuda-check]   fmt check, clippy -D warnings, all tests (the CUDA ones list every device case
+                         as ignored, with why, without a GPU), the kernels compiled with NVRTC where
+                         MOE_GATE_NVRTC_DIR names it (.ci/run sets it), contract validation, the gate on
+                         the default model; unless --no-cuda-check, also clippy without CUDA
+                         (--no-default-features)
   bench [--gate-only] [--runs N]
                          criterion benches (short), then the default gate's wall time (N runs, default 5),
                          written to docs/benchmarks.md (section \"Gate\")";
@@ -88,18 +90,19 @@ fn ci(args: &[String]) -> Result<()> {
     step("cargo clippy -D warnings", clippy)?;
 
     if cuda_check {
+        // cargo-moe-gate builds with CUDA by default (so the steps above check the CUDA code); this one
+        // checks the build without it.
         let mut clippy = cargo();
         clippy.args([
             "clippy",
             "--workspace",
             "--all-targets",
-            "--features",
-            "cargo-moe-gate/cuda,moe-gate-tests/cuda",
+            "--no-default-features",
             "--",
             "-D",
             "warnings",
         ]);
-        step("cargo clippy --features cuda -D warnings", clippy)?;
+        step("cargo clippy --no-default-features -D warnings (the build without CUDA)", clippy)?;
     }
 
     let mut test = cargo();
@@ -115,27 +118,9 @@ fn ci(args: &[String]) -> Result<()> {
         step("cargo test --workspace", test)?;
     }
 
-    if cuda_check {
-        // The CUDA tests built with the feature: on a machine without a driver every device case is
-        // listed as ignored with the reason, so CI proves they build and that nothing passes silently.
-        let mut cuda_tests = cargo();
-        cuda_tests.args([
-            "test",
-            "-p",
-            "moe-kernels",
-            "-p",
-            "moe-engine",
-            "--features",
-            "moe-engine/cuda",
-            "--test",
-            "cuda_ops",
-            "--test",
-            "cuda_exact",
-            "--test",
-            "cuda_forward",
-        ]);
-        step("cargo test --features cuda (CUDA tests; skipped with a reason without a GPU)", cuda_tests)?;
-    }
+    // The CUDA tests ran above with the `cuda` feature (cargo-moe-gate's default turns it on for the
+    // workspace): without a GPU every device case is listed as ignored with the reason.
+    kernel_compile_step()?;
 
     let mut validate = cargo();
     validate.args(["run", "--quiet", "--package", "cargo-moe-gate", "--", "validate"]);
@@ -170,6 +155,52 @@ fn ci(args: &[String]) -> Result<()> {
         report_dir.display()
     );
     Ok(())
+}
+
+/// Where `.ci/run` put NVRTC (the directory holding `libnvrtc.so.13`).
+const NVRTC_DIR_ENV: &str = "MOE_GATE_NVRTC_DIR";
+
+/// Compiles every kernel of both policies for compute_90 with NVRTC and checks the exact kernels' PTX
+/// (the `compile::` cases of cuda_ops and cuda_exact), where `MOE_GATE_NVRTC_DIR` names NVRTC: then a
+/// missing or unusable NVRTC fails the step instead of ignoring the cases. No GPU is needed.
+fn kernel_compile_step() -> Result<()> {
+    let Some(dir) = std::env::var_os(NVRTC_DIR_ENV).filter(|d| !d.is_empty()) else {
+        println!(
+            "\n==> kernel compile (NVRTC): skipped, {NVRTC_DIR_ENV} is not set; `.ci/run` installs NVRTC from \
+             PyPI and sets it (the compile cases above were listed as ignored, with the reason)"
+        );
+        return Ok(());
+    };
+    let dir = PathBuf::from(dir);
+    if !dir.join("libnvrtc.so.13").is_file() {
+        bail!("{NVRTC_DIR_ENV}={} holds no libnvrtc.so.13; install NVRTC there (see .ci/run)", dir.display());
+    }
+    let mut paths = vec![dir];
+    paths.extend(
+        std::env::var_os("LD_LIBRARY_PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    );
+    let mut test = cargo();
+    test.args([
+        "test",
+        "-p",
+        "moe-kernels",
+        "--features",
+        "cuda",
+        "--test",
+        "cuda_ops",
+        "--test",
+        "cuda_exact",
+        "--",
+        "compile::",
+    ])
+    .env("LD_LIBRARY_PATH", std::env::join_paths(paths).context("LD_LIBRARY_PATH")?)
+    .env("MOE_GATE_REQUIRE_NVRTC", "1");
+    step(
+        "kernel compile: every kernel of both policies for compute_90 with NVRTC, the exact PTX without FMA",
+        test,
+    )
 }
 
 fn has_nextest() -> bool {

@@ -54,6 +54,7 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&layers(report));
     out.push_str(&argmax(report));
     out.push_str(&ties(report));
+    out.push_str(&greedy(report));
     out.push_str(&diagnoses(report));
     out.push_str(&failures(report));
     out.push_str(&timings(report));
@@ -98,7 +99,10 @@ fn argmax(report: &GateReport) -> String {
         let tokens: Vec<String> = row
             .runs
             .iter()
-            .map(|r| format!("{}: {} ({:.4}, {:.2e})", r.run, r.token, r.logit, r.margin))
+            .map(|r| {
+                let text = super::terminal::token_text(r.text.as_deref());
+                format!("{}: {}{text} ({:.4}, {:.2e})", r.run, r.token, r.logit, r.margin)
+            })
             .collect();
         t.row([
             row.prompt.clone(),
@@ -107,6 +111,32 @@ fn argmax(report: &GateReport) -> String {
         ]);
     }
     out.push_str(&t.to_markdown());
+    out
+}
+
+fn greedy(report: &GateReport) -> String {
+    if report.greedy.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n## Greedy decode\n\nThe tokens each run decoded greedily after the prompt, and their text.\n\n",
+    );
+    let mut t = Table::new(["prompt", "run", "tokens", "text"]);
+    let cell = |text: Option<&str>| text.map(crate::text::quoted).unwrap_or_default();
+    for row in &report.greedy {
+        for r in &row.runs {
+            let ids: Vec<String> = r.tokens.iter().map(u32::to_string).collect();
+            let prompt = match &row.prompt_text {
+                Some(text) => format!("{} {}", row.prompt, cell(Some(text))),
+                None => row.prompt.clone(),
+            };
+            t.row([prompt, r.run.clone(), ids.join(" "), cell(r.text.as_deref())]);
+        }
+    }
+    out.push_str(&t.to_markdown());
+    if !report.greedy.iter().all(|g| g.agree) {
+        out.push_str("\nRuns differ on some prompts: see the greedy criterion's trials and diagnosis.\n");
+    }
     out
 }
 

@@ -48,6 +48,9 @@ pub struct GateReport {
     pub layers: Vec<LayerTable>,
     /// The next token of every prompt, per run.
     pub argmax: Vec<ArgmaxRow>,
+    /// The greedy decode of every prompt that a greedy criterion ran, per run, with its text.
+    #[serde(default)]
+    pub greedy: Vec<GreedyRow>,
     /// One diagnosis per (criterion, prompt) with an unexpected failure.
     pub diagnoses: Vec<Diagnosis>,
     /// Every first routing difference that explains a failure, certified as a tie or not.
@@ -327,11 +330,37 @@ pub struct ArgmaxRow {
 pub struct RunToken {
     pub run: String,
     pub token: u32,
+    /// The token's text in the model's tokenizer (`None` where the model has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     #[serde(deserialize_with = "finite_or_nan")]
     pub logit: f64,
     /// Distance to the runner-up logit: a small margin makes a flip benign.
     #[serde(deserialize_with = "finite_or_nan")]
     pub margin: f64,
+}
+
+/// The greedy decodes of one prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GreedyRow {
+    pub prompt: String,
+    /// The prompt's text: as written for a text prompt, else its tokens decoded (`None` without a
+    /// tokenizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_text: Option<String>,
+    pub runs: Vec<GreedyRun>,
+    /// Whether every run decoded the same tokens.
+    pub agree: bool,
+}
+
+/// One run's greedy decode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GreedyRun {
+    pub run: String,
+    pub tokens: Vec<u32>,
+    /// The tokens' text in the model's tokenizer (`None` where the model has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 /// What the gate found out about one failing (criterion, prompt).
@@ -635,8 +664,29 @@ pub(crate) mod sample {
             argmax: vec![ArgmaxRow {
                 prompt: "p_a".into(),
                 runs: vec![
-                    RunToken { run: "cpu".into(), token: 17, logit: 3.25, margin: 0.5 },
-                    RunToken { run: "reference".into(), token: 17, logit: 3.2500001, margin: 0.5 },
+                    RunToken {
+                        run: "cpu".into(),
+                        token: 17,
+                        text: Some("2".into()),
+                        logit: 3.25,
+                        margin: 0.5,
+                    },
+                    RunToken {
+                        run: "reference".into(),
+                        token: 17,
+                        text: Some("2".into()),
+                        logit: 3.2500001,
+                        margin: 0.5,
+                    },
+                ],
+                agree: true,
+            }],
+            greedy: vec![GreedyRow {
+                prompt: "p_a".into(),
+                prompt_text: Some("1+1=".into()),
+                runs: vec![
+                    GreedyRun { run: "cpu".into(), tokens: vec![17, 198], text: Some("2\n".into()) },
+                    GreedyRun { run: "reference".into(), tokens: vec![17, 198], text: Some("2\n".into()) },
                 ],
                 agree: true,
             }],

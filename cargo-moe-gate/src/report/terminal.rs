@@ -7,6 +7,9 @@ use super::{CriterionReport, Diagnosis, GateReport, TrialStatus, fmt_value};
 /// Diagnoses shown in the terminal; the files under `--report-dir` hold all of them.
 pub const MAX_TERMINAL_DIAGNOSES: usize = 12;
 
+/// Greedy decodes shown in the terminal (one line per prompt); report.md and report.json hold all.
+pub const MAX_TERMINAL_GREEDY: usize = 8;
+
 /// The whole summary as text.
 pub fn render(report: &GateReport) -> String {
     let mut out = String::new();
@@ -15,6 +18,7 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&layers_section(report));
     out.push_str(&argmax_section(report));
     out.push_str(&ties_section(report));
+    out.push_str(&greedy_section(report));
     out.push_str(&diagnoses_section(report));
     out.push_str(&timings_line(report));
     out.push_str(&format!("\ngate: {}\n", report.verdict.line));
@@ -149,14 +153,16 @@ fn argmax_section(report: &GateReport) -> String {
         }
     }
     let mut header = vec!["prompt".to_string()];
-    header.extend(runs.iter().map(|r| format!("{r}: token (logit, margin)")));
+    header.extend(runs.iter().map(|r| format!("{r}: token \"text\" (logit, margin)")));
     header.push("agree".into());
     let mut t = Table::new(header);
     for row in &report.argmax {
         let mut cells = vec![row.prompt.clone()];
         for run in &runs {
             cells.push(match row.runs.iter().find(|r| &r.run == run) {
-                Some(r) => format!("{} ({:.4}, {:.2e})", r.token, r.logit, r.margin),
+                Some(r) => {
+                    format!("{}{} ({:.4}, {:.2e})", r.token, token_text(r.text.as_deref()), r.logit, r.margin)
+                }
                 None => "-".into(),
             });
         }
@@ -198,6 +204,42 @@ fn ties_section(report: &GateReport) -> String {
             t.trials.len(),
             t.reason
         ));
+    }
+    out
+}
+
+/// ` "text"` after a token id, or nothing where the model has no tokenizer.
+pub fn token_text(text: Option<&str>) -> String {
+    text.map(|t| format!(" {}", crate::text::quoted(t))).unwrap_or_default()
+}
+
+/// The greedy decodes as text, one line per prompt (per run where the runs differ).
+fn greedy_section(report: &GateReport) -> String {
+    if report.greedy.is_empty() || report.greedy.iter().all(|g| g.runs.iter().all(|r| r.text.is_none())) {
+        return String::new();
+    }
+    let mut out = String::from("\ngreedy decode (text; token ids in report.md and report.json)\n");
+    for row in report.greedy.iter().take(MAX_TERMINAL_GREEDY) {
+        let prompt = match &row.prompt_text {
+            Some(text) => format!("{} {}", row.prompt, crate::text::quoted(text)),
+            None => row.prompt.clone(),
+        };
+        if row.agree {
+            let text = row.runs[0].text.as_deref().unwrap_or("");
+            out.push_str(&format!("  {prompt} -> {} (every run)\n", crate::text::quoted(text)));
+        } else {
+            out.push_str(&format!("  {prompt} -> runs differ:\n"));
+            for r in &row.runs {
+                out.push_str(&format!(
+                    "    {}: {}\n",
+                    r.run,
+                    crate::text::quoted(r.text.as_deref().unwrap_or(""))
+                ));
+            }
+        }
+    }
+    if report.greedy.len() > MAX_TERMINAL_GREEDY {
+        out.push_str(&format!("  ... and {} more prompts\n", report.greedy.len() - MAX_TERMINAL_GREEDY));
     }
     out
 }

@@ -1,40 +1,69 @@
-//! A minimal byte-level BPE vocabulary of Qwen3's size, so llama.cpp and other GGUF readers load
-//! synthetic models as they load real ones (`tokenizer.ggml.model = "gpt2"`, as the reference fixtures
-//! carry it).
+//! The tokenizer of every synthetic model: Qwen3's own (the Qwen team's byte-level BPE, Apache-2.0), so
+//! text prompts tokenise on `synth:` models exactly as on the real Qwen3-MoE files, and llama.cpp and
+//! other GGUF readers load synthetic models as they load real ones.
 //!
-//! Tokens `0..256` are the 256 bytes in GPT-2's byte-to-unicode spelling; then two-symbol tokens, then
-//! three-symbol tokens (a two-symbol token followed by a byte), each with the merge that forms it, in
-//! rank order; then Qwen's special tokens at Qwen's ids (`<|endoftext|>` 151643, `<|im_start|>` 151644,
-//! `<|im_end|>` 151645) and unique padding tokens up to the vocabulary size. Every token string is
-//! unique, and every merge joins two earlier tokens into a later one.
+//! The vocabulary and merges are in `qwen3_vocab/` (see its README for where they come from and how to
+//! regenerate them). The metadata is what llama.cpp's converter writes for Qwen3: `model = "gpt2"`,
+//! `pre = "qwen2"`; the 151 643 BPE tokens (type NORMAL); Qwen3's 26 added tokens at their ids, CONTROL
+//! where the tokenizer marks them special or they are spelled `<|...|>`, USER_DEFINED otherwise (the
+//! converter's rule); then `[PAD{id}]` entries (type UNUSED) up to the embedding table's size.
 
 use crate::gguf::GgufValue;
+use crate::tokenizer::token_type;
 
-/// llama.cpp's token type of an ordinary token (`LLAMA_TOKEN_TYPE_NORMAL`).
-const TOKEN_NORMAL: i32 = 1;
-/// llama.cpp's token type of a special token (`LLAMA_TOKEN_TYPE_CONTROL`).
-const TOKEN_CONTROL: i32 = 3;
+/// Qwen3's BPE tokens, one per line, by id.
+const TOKENS: &str = include_str!("qwen3_vocab/tokens.txt");
+/// Qwen3's merges, one `left right` pair per line, by rank.
+const MERGES: &str = include_str!("qwen3_vocab/merges.txt");
 
-/// Qwen's `<|endoftext|>`: beginning-of-sequence and padding id.
+/// Qwen3's added tokens from id [`BOS_ID`] on, and whether its tokenizer marks each special.
+const ADDED: [(&str, bool); 26] = [
+    ("<|endoftext|>", true),
+    ("<|im_start|>", true),
+    ("<|im_end|>", true),
+    ("<|object_ref_start|>", true),
+    ("<|object_ref_end|>", true),
+    ("<|box_start|>", true),
+    ("<|box_end|>", true),
+    ("<|quad_start|>", true),
+    ("<|quad_end|>", true),
+    ("<|vision_start|>", true),
+    ("<|vision_end|>", true),
+    ("<|vision_pad|>", true),
+    ("<|image_pad|>", true),
+    ("<|video_pad|>", true),
+    ("<tool_call>", false),
+    ("</tool_call>", false),
+    ("<|fim_prefix|>", false),
+    ("<|fim_middle|>", false),
+    ("<|fim_suffix|>", false),
+    ("<|fim_pad|>", false),
+    ("<|repo_name|>", false),
+    ("<|file_sep|>", false),
+    ("<tool_response>", false),
+    ("</tool_response>", false),
+    ("<think>", false),
+    ("</think>", false),
+];
+
+/// Qwen's `<|endoftext|>`: beginning-of-sequence and padding id (the first added token).
 pub const BOS_ID: u32 = 151_643;
 /// Qwen's `<|im_end|>`: end-of-sequence id.
 pub const EOS_ID: u32 = 151_645;
 
-/// The `tokenizer.ggml.*` metadata of a vocabulary of `vocab` tokens (`vocab` > 151 645).
+/// The `tokenizer.ggml.*` metadata of a vocabulary of `vocab` ids. Every preset has Qwen3's 151 936;
+/// a smaller `vocab` keeps the first `vocab` entries (the BPE stays whole down to 151 643).
 pub fn metadata(vocab: usize) -> Vec<(&'static str, GgufValue)> {
-    let tokens = tokens(vocab);
-    let types = (0..vocab)
-        .map(|id| GgufValue::I32(if id >= BOS_ID as usize { TOKEN_CONTROL } else { TOKEN_NORMAL }))
-        .collect();
+    let (tokens, types) = tokens(vocab);
     vec![
         ("tokenizer.ggml.model", GgufValue::from("gpt2")),
         ("tokenizer.ggml.pre", GgufValue::from("qwen2")),
         (
             "tokenizer.ggml.merges",
-            GgufValue::Array(merges(vocab).into_iter().map(GgufValue::String).collect()),
+            GgufValue::Array(MERGES.lines().map(|m| GgufValue::String(m.to_owned())).collect()),
         ),
         ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
-        ("tokenizer.ggml.token_type", GgufValue::Array(types)),
+        ("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect())),
         ("tokenizer.ggml.bos_token_id", GgufValue::U32(BOS_ID)),
         ("tokenizer.ggml.eos_token_id", GgufValue::U32(EOS_ID)),
         ("tokenizer.ggml.padding_token_id", GgufValue::U32(BOS_ID)),
@@ -42,88 +71,56 @@ pub fn metadata(vocab: usize) -> Vec<(&'static str, GgufValue)> {
     ]
 }
 
-/// The token strings, by id.
-fn tokens(vocab: usize) -> Vec<String> {
-    let symbols = byte_symbols();
-    let merged = BOS_ID as usize - 256;
-    let mut out: Vec<String> = symbols.iter().map(char::to_string).collect();
-    out.extend((0..merged).map(|j| {
-        let (left, right) = merge_parts(&symbols, j);
-        left + &right
-    }));
-    out.extend(["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(str::to_owned));
-    out.extend((out.len()..vocab).map(|id| format!("[PAD{id}]")));
-    out.truncate(vocab);
-    out
-}
-
-/// The merges, by rank: merge `j` forms token `256 + j`.
-fn merges(vocab: usize) -> Vec<String> {
-    let symbols = byte_symbols();
-    let merged = (BOS_ID as usize - 256).min(vocab.saturating_sub(256));
-    (0..merged)
-        .map(|j| {
-            let (left, right) = merge_parts(&symbols, j);
-            format!("{left} {right}")
-        })
-        .collect()
-}
-
-/// The two parts merge `j` joins: for `j < 65536` two bytes; after that a two-symbol token (the first
-/// ones, in order) and a byte.
-fn merge_parts(symbols: &[char; 256], j: usize) -> (String, String) {
-    if j < 256 * 256 {
-        (symbols[j / 256].to_string(), symbols[j % 256].to_string())
-    } else {
-        let k = j - 256 * 256;
-        let pair = k / 256;
-        let left: String = [symbols[pair / 256], symbols[pair % 256]].iter().collect();
-        (left, symbols[k % 256].to_string())
+/// The token strings and llama.cpp token types, by id.
+fn tokens(vocab: usize) -> (Vec<String>, Vec<i32>) {
+    let mut tokens: Vec<String> = TOKENS.lines().map(str::to_owned).collect();
+    let mut types = vec![token_type::NORMAL; tokens.len()];
+    for (text, special) in ADDED {
+        let looks_special = text.starts_with("<|") && text.ends_with("|>");
+        types.push(if special || looks_special { token_type::CONTROL } else { token_type::USER_DEFINED });
+        tokens.push(text.to_owned());
     }
-}
-
-/// GPT-2's byte-to-unicode map: printable Latin-1 bytes stand for themselves, the others for the
-/// code points from U+0100 on, in byte order. No symbol is a space, so merges can be space-separated.
-fn byte_symbols() -> [char; 256] {
-    let printable =
-        |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-    let mut next = 0x100u32;
-    std::array::from_fn(|b| {
-        let b = b as u32;
-        if printable(b) {
-            char::from_u32(b).unwrap_or('?')
-        } else {
-            next += 1;
-            char::from_u32(next - 1).unwrap_or('?')
-        }
-    })
+    for id in tokens.len()..vocab {
+        tokens.push(format!("[PAD{id}]"));
+        types.push(token_type::UNUSED);
+    }
+    tokens.truncate(vocab);
+    types.truncate(vocab);
+    (tokens, types)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
 
     use super::*;
 
-    /// Every token string is distinct (llama.cpp maps strings back to ids) and every merge joins two
-    /// existing tokens into the next one.
+    /// The files hold Qwen3's 151 643 BPE tokens and 151 387 merges; every token string is distinct
+    /// (llama.cpp maps strings back to ids), every merge joins two tokens into a token of the vocabulary,
+    /// and the added tokens sit at Qwen3's ids.
     #[test]
-    fn vocabulary_is_a_consistent_bpe() {
-        let vocab = 151_936;
-        let tokens = tokens(vocab);
-        assert_eq!(tokens.len(), vocab);
+    fn vocabulary_is_qwen3s_and_a_consistent_bpe() {
+        let vocab = crate::synth::preset::QWEN3_VOCAB;
+        let (tokens, types) = tokens(vocab);
+        assert_eq!((tokens.len(), types.len()), (vocab, vocab));
+        assert_eq!(TOKENS.lines().count(), BOS_ID as usize);
+        assert_eq!(MERGES.lines().count(), 151_387);
         let distinct: HashSet<&str> = tokens.iter().map(String::as_str).collect();
         assert_eq!(distinct.len(), vocab);
-        let index: std::collections::HashMap<&str, usize> =
-            tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
-        for (rank, merge) in merges(vocab).iter().enumerate() {
+        let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        for (rank, merge) in MERGES.lines().enumerate() {
             let (left, right) = merge.split_once(' ').expect("merge has two parts");
-            assert!(index[left] < 256 + rank && index[right] < 256 + rank, "merge {rank} uses a later token");
-            assert_eq!(index[format!("{left}{right}").as_str()], 256 + rank);
+            let joined = format!("{left}{right}");
+            assert!(index.contains_key(left) && index.contains_key(right), "merge {rank}: {merge:?}");
+            assert!(index[joined.as_str()] < BOS_ID as usize, "merge {rank} forms no BPE token");
         }
         assert_eq!(tokens[BOS_ID as usize], "<|endoftext|>");
         assert_eq!(tokens[EOS_ID as usize], "<|im_end|>");
-        // GPT-2's map: byte 0x21 '!' stands for itself, byte 0 for U+0100, space (0x20) for U+0120 'Ġ'.
-        assert_eq!((tokens[0x21].as_str(), tokens[0].as_str(), tokens[0x20].as_str()), ("!", "\u{100}", "Ġ"));
+        assert_eq!((tokens[151_667].as_str(), types[151_667]), ("<think>", token_type::USER_DEFINED));
+        assert_eq!((tokens[151_659].as_str(), types[151_659]), ("<|fim_prefix|>", token_type::CONTROL));
+        assert_eq!((tokens[151_669].as_str(), types[151_669]), ("[PAD151669]", token_type::UNUSED));
+        // GPT-2's byte map: ids 0..94 are the printable ASCII bytes '!'..'~' as themselves; the space
+        // byte is spelled 'Ġ' (U+0120), id 220 in Qwen's vocabulary.
+        assert_eq!((tokens[0].as_str(), tokens[93].as_str(), tokens[220].as_str()), ("!", "~", "Ġ"));
     }
 }

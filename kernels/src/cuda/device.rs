@@ -54,36 +54,37 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-/// The kernels of one block format.
-pub(crate) struct FormatKernels {
-    pub(crate) matvec: CudaFunction,
-    pub(crate) moe_matvec: CudaFunction,
-    pub(crate) get_rows: CudaFunction,
+/// The kernels of one block format (`F`: a loaded function; the kernel's name where only the names are
+/// wanted, see [`kernel_entry_names`]).
+pub(crate) struct FormatKernels<F = CudaFunction> {
+    pub(crate) matvec: F,
+    pub(crate) moe_matvec: F,
+    pub(crate) get_rows: F,
     /// The `exact` policy's matrix-vector product (plain and per routed slot), `exact.cu`.
-    pub(crate) matvec_exact: CudaFunction,
+    pub(crate) matvec_exact: F,
 }
 
 /// Every kernel of the program, looked up once.
-pub(crate) struct Kernels {
-    pub(crate) formats: HashMap<GgmlType, FormatKernels>,
-    pub(crate) rmsnorm: CudaFunction,
-    pub(crate) head_norm_rope: CudaFunction,
-    pub(crate) attention: CudaFunction,
-    pub(crate) softmax_topk: CudaFunction,
-    pub(crate) moe_group: CudaFunction,
-    pub(crate) moe_combine: CudaFunction,
+pub(crate) struct Kernels<F = CudaFunction> {
+    pub(crate) formats: HashMap<GgmlType, FormatKernels<F>>,
+    pub(crate) rmsnorm: F,
+    pub(crate) head_norm_rope: F,
+    pub(crate) attention: F,
+    pub(crate) softmax_topk: F,
+    pub(crate) moe_group: F,
+    pub(crate) moe_combine: F,
     /// The `exact` policy's kernels (`exact.cu`).
-    pub(crate) exact: ExactKernels,
+    pub(crate) exact: ExactKernels<F>,
 }
 
 /// The kernels of `exact.cu` that do not depend on a block format.
-pub(crate) struct ExactKernels {
-    pub(crate) exp: CudaFunction,
-    pub(crate) rmsnorm: CudaFunction,
-    pub(crate) head_norm_rope: CudaFunction,
-    pub(crate) attention: CudaFunction,
-    pub(crate) softmax_topk: CudaFunction,
-    pub(crate) moe_combine: CudaFunction,
+pub(crate) struct ExactKernels<F = CudaFunction> {
+    pub(crate) exp: F,
+    pub(crate) rmsnorm: F,
+    pub(crate) head_norm_rope: F,
+    pub(crate) attention: F,
+    pub(crate) softmax_topk: F,
+    pub(crate) moe_combine: F,
 }
 
 /// One CUDA device with the kernels compiled for it and the stream all work is queued on.
@@ -430,9 +431,14 @@ fn compile_named(name: &str, src: String, arch: &str) -> Result<Ptx, CudaError> 
 }
 
 fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
-    let load = |name: &str| {
+    look_up_kernels(|name| {
         module.load_function(name).map_err(|e| CudaError::driver(format!("looking up kernel {name}"), e))
-    };
+    })
+}
+
+/// Every kernel the device opens by name, each looked up with `load`: the one list of entry points, used
+/// by [`CudaDevice::get`] and by [`kernel_entry_names`].
+fn look_up_kernels<F, E>(mut load: impl FnMut(&str) -> Result<F, E>) -> Result<Kernels<F>, E> {
     let mut formats = HashMap::new();
     for ty in GgmlType::ALL {
         let suffix = ty.name().to_ascii_lowercase();
@@ -463,6 +469,21 @@ fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
             moe_combine: load("moe_combine_exact")?,
         },
     })
+}
+
+/// The name of every kernel a device looks up in the compiled program, both policies (`fast` and
+/// `exact`), in lookup order: a compile-only check (no driver, no device) that the PTX of
+/// [`compile_program`] has an `.entry` for each proves that [`CudaDevice::get`] would find them all.
+pub fn kernel_entry_names() -> Vec<String> {
+    let mut names = Vec::new();
+    let looked_up = look_up_kernels(|name| {
+        names.push(name.to_string());
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match looked_up {
+        Ok(_) => names,
+        Err(never) => match never {},
+    }
 }
 
 mod sealed {

@@ -27,7 +27,7 @@ mod ops;
 
 pub use device::{
     CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceInfo, DeviceMatrix, DeviceScalar, compile_program,
-    compile_source,
+    compile_source, kernel_entry_names,
 };
 pub use error::CudaError;
 pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
@@ -37,6 +37,11 @@ pub use ops::{AttentionShape, ExpertGroups, Routing};
 /// asynchronous fault (an illegal address, say) is reported at the operation that caused it. Any value
 /// but `0` turns it on; it slows the forward down.
 pub const SYNC_EACH_LAUNCH_ENV: &str = "MOE_GATE_CUDA_SYNC";
+
+/// Environment variable that turns "no NVRTC here" from an ignored compile test into a failed one: CI sets
+/// it where it has installed NVRTC, so a compile check cannot pass by skipping. Any value but `0` turns it
+/// on.
+pub const REQUIRE_NVRTC_ENV: &str = "MOE_GATE_REQUIRE_NVRTC";
 
 /// The CUDA C program, in the order its parts depend on each other.
 const SOURCES: [(&str, &str); 6] = [
