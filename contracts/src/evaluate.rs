@@ -598,6 +598,8 @@ fn topk_trial(
     let mut first: Option<String> = None;
     for &layer in layers {
         let (c, b, k) = expert_rows(pair, layer, &rows)?;
+        // The experts were chosen from the router logits: a NaN or Inf there fails the trial too.
+        float_rows(pair, Tap::RouterLogits, layer, &rows)?;
         for (i, (cr, br)) in c.chunks(k).zip(b.chunks(k)).enumerate() {
             let row = rows.start + i;
             compared += 1;
@@ -689,13 +691,12 @@ fn greedy_trial(criterion: &Criterion, trial: &TrialPlan, rec: &Recorded) -> Jud
                 trial.prompt
             )));
         }
-        if let Some((i, (t, v))) = recorded[..steps]
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.top5.iter().find(|(_, v)| !v.is_finite()).map(|x| (i, *x)))
-        {
+        if let Some((i, (t, v))) = recorded[..steps].iter().enumerate().find_map(|(i, s)| {
+            let in_top5 = s.top5.iter().find(|(_, v)| !v.is_finite()).copied();
+            in_top5.or(s.non_finite).map(|x| (i, x))
+        }) {
             return Err(Problem::NonFinite(format!(
-                "run `{run}`, prompt `{}`: greedy step {i}, the logit of top-5 token {t} is {v}",
+                "run `{run}`, prompt `{}`: greedy step {i}, the logit of token {t} is {v}",
                 trial.prompt
             )));
         }

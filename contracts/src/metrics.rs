@@ -449,7 +449,8 @@ mod tests {
     }
 
     fn step(token: u32, top5: &[u32]) -> GreedyStep {
-        GreedyStep { token, top5: top5.iter().enumerate().map(|(i, &t)| (t, 10.0 - i as f32)).collect() }
+        let top5 = top5.iter().enumerate().map(|(i, &t)| (t, 10.0 - i as f32)).collect();
+        GreedyStep { token, top5, non_finite: None }
     }
 
     #[test]

@@ -126,11 +126,51 @@ pub(crate) struct RawThreshold {
 pub(crate) struct RawDivergence {
     pub criterion: S<String>,
     #[serde(rename = "where")]
-    pub at: Option<RawWhere>,
+    pub at: Option<S<RawScope>>,
     pub status: S<String>,
     #[serde(default)]
     pub strict: bool,
     pub note: S<String>,
+    /// Why masking this much is safe: required where the entry masks a whole criterion (`where: all`) or
+    /// a whole prompt set.
+    pub reason: Option<S<String>>,
+}
+
+/// `where:` as written: the word `all` (every trial of the criterion), or a mapping narrowing it.
+#[derive(Debug)]
+pub(crate) enum RawScope {
+    All,
+    Some(RawWhere),
+}
+
+impl<'de> Deserialize<'de> for RawScope {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScopeVisitor;
+
+        impl<'de> Visitor<'de> for ScopeVisitor {
+            type Value = RawScope;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`all`, or a mapping of `prompt`, `layer` and/or `layers`")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawScope, E> {
+                match s {
+                    "all" => Ok(RawScope::All),
+                    other => Err(E::custom(format!(
+                        "`where: {other}`: write `where: all` (with a `reason`) or a mapping such as \
+                         `{{prompt: P, layer: L}}`"
+                    ))),
+                }
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawScope, A::Error> {
+                RawWhere::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawScope::Some)
+            }
+        }
+
+        deserializer.deserialize_any(ScopeVisitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

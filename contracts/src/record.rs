@@ -6,12 +6,24 @@ use std::collections::HashMap;
 use moe_engine::trace::Trace;
 
 /// One greedy decode step: the chosen token and the five best tokens with their logits.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GreedyStep {
     /// The token chosen (the argmax of the step's logits).
     pub token: u32,
     /// The five highest-scoring tokens with their logits, best first.
     pub top5: Vec<(u32, f32)>,
+    /// The first NaN or Inf among all of the step's logits, as `(token, logit)`: the top-5 alone would
+    /// hide one outside it, and a step that computed a NaN anywhere fails its greedy trial.
+    #[serde(default)]
+    pub non_finite: Option<(u32, f32)>,
+}
+
+impl GreedyStep {
+    /// The step that chose `token` with `top5` from the step's full `logits` (scanned for NaN/Inf).
+    pub fn new(token: u32, top5: Vec<(u32, f32)>, logits: &[f32]) -> Self {
+        let non_finite = logits.iter().position(|v| !v.is_finite()).map(|i| (i as u32, logits[i]));
+        Self { token, top5, non_finite }
+    }
 }
 
 /// Everything the gate recorded, keyed by `(run id, prompt id)`.

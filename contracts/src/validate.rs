@@ -11,8 +11,8 @@ use serde_saphyr::Spanned;
 
 use crate::error::{ContractError, SourceLocation};
 use crate::raw::{
-    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawTies, RawWhere,
-    RunMap, S,
+    RawAmendment, RawContract, RawCriterion, RawDivergence, RawLayers, RawPromptSet, RawScope, RawTies,
+    RawWhere, RunMap, S,
 };
 use crate::schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,
@@ -62,6 +62,22 @@ pub(crate) fn validate(raw: RawContract, src: &str, path: &Path) -> Result<Contr
         amendments,
         path: path.to_path_buf(),
     })
+}
+
+/// Whether `name` is the id of a prompt set that holds more than the one prompt of that id (a generated
+/// set), rather than one prompt.
+fn is_set_name(name: &str, sets: &[PromptSet]) -> bool {
+    sets.iter().any(|s| s.id() == name && s.expand().iter().all(|p| p.id != name))
+}
+
+/// What a broad known divergence masks, for its note.
+fn broad_scope(d: &RawDivergence) -> String {
+    match d.at.as_ref().map(|w| &w.value) {
+        Some(RawScope::Some(RawWhere { prompt: Some(p), .. })) => {
+            format!("every prompt of set `{}`", p.value)
+        }
+        _ => format!("every trial of `{}`", d.criterion.value),
+    }
 }
 
 /// The names a criterion or known divergence may use for prompts: set ids and expanded prompt ids.
@@ -705,14 +721,19 @@ impl Validator<'_> {
                 format!("use one of: {}", known.join(", ")),
             );
         };
-        let prompt = d.at.as_ref().and_then(|w| w.prompt.as_ref());
+        let narrowed = match d.at.as_ref().map(|w| &w.value) {
+            Some(RawScope::Some(w)) => Some(w),
+            _ => None,
+        };
+        let prompt = narrowed.and_then(|w| w.prompt.as_ref());
         if let Some(p) = prompt {
             self.divergence_prompt(p, criterion, sets, names)?;
         }
-        let layers = match &d.at {
+        let layers = match narrowed {
             Some(w) => self.divergence_layers(w, criterion)?,
             None => None,
         };
+        let reason = self.divergence_breadth(d, sets)?;
         if !DIVERGENCE_STATUSES.contains(&d.status.value.as_str()) {
             return self.fail(
                 &d.status,
@@ -727,8 +748,56 @@ impl Validator<'_> {
             layers,
             status: d.status.value.clone(),
             strict: d.strict,
-            note,
+            note: match reason {
+                Some(reason) => format!("{note} (masks {}: {reason})", broad_scope(d)),
+                None => note,
+            },
         })
+    }
+
+    /// A mask too broad to be safe is refused unless the entry says so: no `where` (every trial of the
+    /// criterion), or `where.prompt` naming a prompt set (every prompt of the set). The explicit forms are
+    /// `where: all` and a set name, each with a `reason`, which is returned; a `reason` on a narrow entry
+    /// is refused too, so the word always marks a broad mask.
+    fn divergence_breadth(&self, d: &RawDivergence, sets: &[PromptSet]) -> Result<Option<String>> {
+        let Some(at) = &d.at else {
+            return self.fail(
+                &d.criterion,
+                format!("a known divergence of `{}` without `where` would mask every trial of it", d.criterion.value),
+                "narrow it with `where: {prompt: P, layer: L}`, or write `where: all` with a `reason` if every \
+                 trial of the criterion is really expected to fail",
+            );
+        };
+        let set = match &at.value {
+            RawScope::All => None,
+            RawScope::Some(w) => w.prompt.as_ref().filter(|p| is_set_name(&p.value, sets)),
+        };
+        let broad = matches!(at.value, RawScope::All) || set.is_some();
+        match (&d.reason, broad) {
+            (Some(reason), true) => self.text(reason, "reason").map(Some),
+            (None, true) => match set {
+                Some(p) => self.fail(
+                    p,
+                    format!(
+                        "`where.prompt: {}` names a prompt set, so the entry masks every prompt of it",
+                        p.value
+                    ),
+                    "name the prompts that diverge (one entry each), or add a `reason` saying why the whole \
+                     set is expected to fail",
+                ),
+                None => self.fail(
+                    at,
+                    format!("`where: all` masks every trial of `{}`", d.criterion.value),
+                    "add a `reason` saying why every trial is expected to fail, or narrow `where`",
+                ),
+            },
+            (Some(reason), false) => self.fail(
+                reason,
+                "`reason` justifies a broad mask (`where: all` or a prompt set), and this entry is narrow",
+                "drop `reason` and say why it diverges in `note`",
+            ),
+            (None, false) => Ok(None),
+        }
     }
 
     /// The layers of `where`: `layer: L` or `layers: {from, to}` (not both), on a per-layer criterion.

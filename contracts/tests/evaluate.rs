@@ -66,7 +66,10 @@ fn recorded(cuda: Trace) -> Recorded {
         rec.traces.insert((run.to_string(), "p".to_string()), t);
     }
     let steps = |tokens: &[u32]| {
-        tokens.iter().map(|&t| GreedyStep { token: t, top5: vec![(t, 5.0), (t + 1, 4.0)] }).collect()
+        tokens
+            .iter()
+            .map(|&t| GreedyStep { token: t, top5: vec![(t, 5.0), (t + 1, 4.0)], non_finite: None })
+            .collect()
     };
     rec.greedy.insert(("cpu".into(), "p".into()), steps(&[3, 4, 5]));
     rec.greedy.insert(("cuda".into(), "p".into()), steps(&[3, 4, 5]));
@@ -271,9 +274,9 @@ fn greedy_reports_the_first_divergence_and_top5_membership() {
     rec.greedy.insert(
         ("cuda".into(), "p".into()),
         vec![
-            GreedyStep { token: 3, top5: vec![(3, 5.0)] },
-            GreedyStep { token: 9, top5: vec![(9, 5.0), (10, 4.0)] },
-            GreedyStep { token: 5, top5: vec![(5, 5.0)] },
+            GreedyStep { token: 3, top5: vec![(3, 5.0)], non_finite: None },
+            GreedyStep { token: 9, top5: vec![(9, 5.0), (10, 4.0)], non_finite: None },
+            GreedyStep { token: 5, top5: vec![(5, 5.0)], non_finite: None },
         ],
     );
     let out = outcome(&c, &rec, "ev::GREEDY::p");
@@ -462,4 +465,71 @@ fn error_ratio_without_the_reference_recording_or_with_a_nan_in_it_fails() {
     let out = outcome(&c, &rec, "er::ER::p::layer00");
     assert!(!out.passed);
     assert_eq!(out.detail, "no trace was recorded for run `f64` on prompt `p`");
+}
+
+/// One criterion of every metric, each reading what the NaN test below poisons.
+const EVERY_METRIC: &str = "\
+contract: nan
+version: 1.0.0
+status: active
+title: every metric on a non-finite value
+model: synth:small
+smoke_model: synth:tiny
+prompts:
+  - {id: p, tokens: [7, 8]}
+runs:
+  cpu: {backend: cpu}
+  cuda: {backend: cuda}
+  reference: {backend: reference}
+criteria:
+  - {id: COS, title: t, compare: [cuda, cpu], tap: hidden, metric: cosine, per: [prompt, layer], threshold: {min: 0.9}}
+  - {id: NMSE, title: t, compare: [cuda, cpu], tap: hidden, metric: nmse, per: [prompt, layer], threshold: {max: 1.0}}
+  - {id: MAX, title: t, compare: [cuda, cpu], tap: hidden, metric: max_abs, per: [prompt, layer], threshold: {max: 1.0}}
+  - {id: RATIO, title: t, compare: [cuda, cpu], reference: reference, tap: hidden, metric: error_ratio, per: [prompt, layer], threshold: {max: 1.5}}
+  - {id: BITS, title: t, compare: [cuda, cpu], tap: hidden, metric: bitwise, per: [prompt, layer]}
+  - {id: KLD, title: t, compare: [cuda, cpu], tap: logits, metric: kld, threshold: {max: 0.01}}
+  - {id: ARG, title: t, compare: [cuda, cpu], tap: logits, metric: argmax}
+  - {id: TOPK, title: t, compare: [cuda, cpu], tap: router_experts, metric: topk_set, per: [prompt, layer]}
+  - {id: GREEDY, title: t, compare: [cuda, cpu], tap: logits, metric: greedy, steps: 3}
+amendments:
+  - {version: 1.0.0, date: 2026-12-02, kind: created, summary: test}
+";
+
+#[test]
+fn a_non_finite_value_fails_the_trial_of_every_metric_that_reads_it() {
+    let c = parse(EVERY_METRIC, Path::new("nan.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let mut cuda = trace("cuda");
+    cuda.layers[0].hidden.data[1] = f64::NAN; // hidden.0[0, 1]
+    cuda.layers[0].router_logits.data[3] = f64::INFINITY; // router_logits.0[0, 3]: the experts' source
+    cuda.logits.data[3] = f64::NAN; // logits[1, 1]: the last position, which argmax reads
+    let mut rec = recorded(cuda);
+    // A NaN logit outside the top-5 of greedy step 2: only the step's flag records it.
+    let steps: Vec<GreedyStep> = [3, 4, 5]
+        .into_iter()
+        .map(|t| GreedyStep::new(t, vec![(t, 5.0)], &[1.0, 5.0, if t == 5 { f32::NAN } else { 0.0 }]))
+        .collect();
+    assert_eq!(steps[2].non_finite.map(|(t, _)| t), Some(2));
+    rec.greedy.insert(("cuda".into(), "p".into()), steps);
+    let cases = [
+        ("COS::p::layer00", "hidden.0[0, 1] is NaN"),
+        ("NMSE::p::layer00", "hidden.0[0, 1] is NaN"),
+        ("MAX::p::layer00", "hidden.0[0, 1] is NaN"),
+        ("RATIO::p::layer00", "hidden.0[0, 1] is NaN"),
+        ("BITS::p::layer00", "hidden.0[0, 1] is NaN"),
+        ("KLD::p", "logits[1, 1] is NaN"),
+        ("ARG::p", "logits[1, 1] is NaN"),
+        ("TOPK::p::layer00", "router_logits.0[0, 3] is inf"),
+        ("GREEDY::p", "greedy step 2, the logit of token 2 is NaN"),
+    ];
+    for (trial, location) in cases {
+        let out = outcome(&c, &rec, &format!("nan::{trial}"));
+        assert!(!out.passed && out.value.is_nan(), "{trial}: {out:?}");
+        let found =
+            out.non_finite.unwrap_or_else(|| panic!("{trial}: no non-finite location in {:?}", out.detail));
+        assert!(found.contains(location), "{trial}: {found:?} should contain {location:?}");
+    }
+    // Layer 1 is finite everywhere: its trials pass, so the failures above are the NaN's, not the data's.
+    for trial in ["COS::p::layer01", "NMSE::p::layer01", "BITS::p::layer01", "TOPK::p::layer01"] {
+        assert!(outcome(&c, &rec, &format!("nan::{trial}")).passed, "{trial}");
+    }
 }

@@ -23,7 +23,8 @@ criteria:
   - {id: LP, title: lp, compare: [cpu, ref64], tap: router_logits, metric: nmse, per: [layer, prompt, position], threshold: {max: 1}}
   - {id: G, title: g, compare: [cpu, ref64], tap: logits, metric: kld, threshold: {max: 1}, prompts: [gen]}
 known_divergences:
-  - {criterion: L, where: {prompt: gen, layer: 1}, status: investigating, note: whole set at layer 1}
+  - {criterion: L, where: {prompt: gen, layer: 1}, status: investigating, note: whole set at layer 1,
+     reason: every generated prompt diverges there}
   - {criterion: G, where: {prompt: gen_01}, status: benign, strict: true, note: one prompt}
 amendments:
   - {version: 2.0.0, date: 2026-11-29, kind: loosened, summary: 'looser bound, so a major version'}
@@ -96,7 +97,8 @@ fn known_divergences_match_layer_ranges() {
     // router tie starts and the residual stream carries to the last layer); without `from`, from layer 0.
     let with = |layers: &str| {
         let src = CONTRACT
-            .replace("where: {prompt: gen, layer: 1}", &format!("where: {{prompt: a, layers: {layers}}}"));
+            .replace("where: {prompt: gen, layer: 1}", &format!("where: {{prompt: a, layers: {layers}}}"))
+            .replace(",\n     reason: every generated prompt diverges there", "");
         let c = parse(&src, Path::new("pl.yaml")).unwrap_or_else(|e| panic!("{layers}: {e}"));
         let plan = c.plan(6);
         let layers: Vec<usize> = plan

@@ -95,6 +95,8 @@ impl ModelConfig {
             let reason = format!("does not divide head_count {n_head} into whole query groups");
             return Err(invalid("attention.head_count_kv", n_kv_head, reason));
         }
+        product("attention.head_count", n_head, "attention.key_length", head_dim)?;
+        product("attention.head_count_kv", n_kv_head, "attention.key_length", head_dim)?;
         let n_expert = positive(f, "expert_count")?;
         let n_expert_used = positive(f, "expert_used_count")?;
         if n_expert_used > n_expert {
@@ -109,6 +111,9 @@ impl ModelConfig {
         let rope_theta = positive_float(f, "rope.freq_base")?.unwrap_or(DEFAULT_ROPE_THETA);
         let norm_topk_prob =
             optional(f, "expert_weights_norm", GgufValue::as_bool, "a bool")?.unwrap_or(true);
+        // Every key is checked before the tensors are read, so a bad key is named as such.
+        let expert_ffn = positive(f, "expert_feed_forward_length")?;
+        let context_length = positive(f, "context_length")?;
         Ok(ModelConfig {
             n_layer,
             hidden,
@@ -117,15 +122,37 @@ impl ModelConfig {
             head_dim,
             n_expert,
             n_expert_used,
-            expert_ffn: positive(f, "expert_feed_forward_length")?,
+            expert_ffn,
             vocab: vocab_size(f, hidden)?,
             rope_theta,
             rms_eps,
-            context_length: positive(f, "context_length")?,
+            context_length,
             norm_topk_prob,
         })
     }
 }
+
+/// A derived size, `a * b` of keys `a_name` and `b_name` (the query width `head_count * key_length`, the
+/// key width `head_count_kv * key_length`): refused, naming the first key, when it overflows `usize` or
+/// exceeds [`MAX_DERIVED_SIZE`], so [`ModelConfig::q_dim`] and [`ModelConfig::kv_dim`] never overflow
+/// on a configuration read from a file.
+fn product(a_name: &str, a: usize, b_name: &str, b: usize) -> Result<usize, ModelError> {
+    match a.checked_mul(b) {
+        Some(n) if n <= MAX_DERIVED_SIZE => Ok(n),
+        _ => Err(invalid(
+            a_name,
+            a,
+            format!(
+                "times {} = {b} exceeds {MAX_DERIVED_SIZE}, the widest activation row this engine sizes",
+                qkey(b_name)
+            ),
+        )),
+    }
+}
+
+/// The largest width a derived activation row (queries, keys) may have: 2^31 values, as ggml's `int32`
+/// row lengths allow; the production model's query width is 4096.
+pub const MAX_DERIVED_SIZE: usize = 1 << 31;
 
 /// The full key of architecture key `name`.
 fn qkey(name: &str) -> String {
@@ -195,4 +222,94 @@ fn wrong_type(key: &str, expected: &'static str, found: &GgufValue) -> ModelErro
 
 fn invalid(name: &str, value: impl std::fmt::Display, reason: String) -> ModelError {
     ModelError::InvalidConfig { key: qkey(name), value: value.to_string(), reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufWriter;
+
+    /// The metadata of a small valid configuration (no tensors: the checks of this module run first, and
+    /// `token_embd.weight` is only needed for the vocabulary, after them).
+    fn file(overrides: &[(&str, GgufValue)]) -> GgufFile {
+        let mut keys: Vec<(String, GgufValue)> = [
+            ("block_count", GgufValue::U32(2)),
+            ("embedding_length", GgufValue::U32(64)),
+            ("attention.head_count", GgufValue::U32(4)),
+            ("attention.head_count_kv", GgufValue::U32(2)),
+            ("attention.key_length", GgufValue::U32(16)),
+            ("expert_count", GgufValue::U32(8)),
+            ("expert_used_count", GgufValue::U32(2)),
+            ("expert_feed_forward_length", GgufValue::U32(32)),
+            ("context_length", GgufValue::U32(512)),
+            ("attention.layer_norm_rms_epsilon", GgufValue::F32(1e-6)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (qkey(k), v))
+        .collect();
+        for (key, value) in overrides {
+            keys.retain(|(k, _)| k != key);
+            keys.push((key.to_string(), value.clone()));
+        }
+        let mut w = GgufWriter::new(32);
+        w.add_metadata("general.architecture", GgufValue::from(ARCHITECTURE));
+        for (k, v) in keys {
+            w.add_metadata(&k, v);
+        }
+        GgufFile::from_bytes(w.to_vec(|_, _| Ok(())).unwrap()).unwrap()
+    }
+
+    fn refusal(overrides: &[(&str, GgufValue)]) -> String {
+        ModelConfig::from_gguf(&file(overrides)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_base_configuration_reaches_the_vocabulary() {
+        // Every key above is valid: only the missing embedding tensor remains, so each case below is
+        // refused by its own key.
+        assert!(refusal(&[]).contains("token_embd.weight"), "{}", refusal(&[]));
+    }
+
+    #[test]
+    fn absurd_metadata_is_refused_naming_the_key_and_value() {
+        let big = GgufValue::U64(1 << 40);
+        let cases: Vec<(Vec<(&str, GgufValue)>, &str)> = vec![
+            // 2^40 heads of 2^40 values overflow usize: q_dim would panic in the dev profile.
+            (
+                vec![
+                    ("qwen3moe.attention.head_count", big.clone()),
+                    ("qwen3moe.attention.key_length", big.clone()),
+                ],
+                "\"qwen3moe.attention.head_count\" = 1099511627776",
+            ),
+            (
+                vec![
+                    ("qwen3moe.attention.head_count", big.clone()),
+                    ("qwen3moe.attention.head_count_kv", big.clone()),
+                    ("qwen3moe.attention.key_length", GgufValue::U32(2)),
+                ],
+                "\"qwen3moe.attention.head_count\" = 1099511627776",
+            ),
+            (vec![("qwen3moe.expert_count", GgufValue::U32(0))], "\"qwen3moe.expert_count\" = 0"),
+            (vec![("qwen3moe.expert_used_count", GgufValue::U32(9))], "\"qwen3moe.expert_used_count\" = 9"),
+            (vec![("qwen3moe.context_length", GgufValue::U32(0))], "\"qwen3moe.context_length\" = 0"),
+            (vec![("qwen3moe.rope.freq_base", GgufValue::F32(-1.0))], "\"qwen3moe.rope.freq_base\" = -1"),
+            (
+                vec![("qwen3moe.rope.freq_base", GgufValue::F32(f32::INFINITY))],
+                "\"qwen3moe.rope.freq_base\" = inf",
+            ),
+            (
+                vec![("qwen3moe.attention.layer_norm_rms_epsilon", GgufValue::F32(0.0))],
+                "\"qwen3moe.attention.layer_norm_rms_epsilon\" = 0",
+            ),
+            (
+                vec![("qwen3moe.attention.head_count_kv", GgufValue::U32(8))],
+                "\"qwen3moe.attention.head_count_kv\" = 8",
+            ),
+        ];
+        for (overrides, expected) in cases {
+            let message = refusal(&overrides);
+            assert!(message.contains(expected), "{message:?} should contain {expected:?}");
+        }
+    }
 }

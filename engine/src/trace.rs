@@ -79,6 +79,9 @@ pub struct Trace {
     pub logits: Matrix,
 }
 
+/// Tensors a trace file stores per layer: `hidden`, `router_logits`, `router_experts`, `router_weights`.
+const TENSORS_PER_LAYER: usize = 4;
+
 /// Errors reading or writing a trace file.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
@@ -172,7 +175,7 @@ impl Trace {
             .map_err(|reason| reason.to_string())
             .and_then(with_sorted_header)
             .map_err(|reason| TraceError::Format { path: path.display().to_string(), reason })?;
-        std::fs::write(path, bytes)
+        write_atomically(path, &bytes)
             .map_err(|source| TraceError::Write { path: path.display().to_string(), source })
     }
 
@@ -194,9 +197,16 @@ impl Trace {
     pub fn read_safetensors(path: &Path) -> Result<Self, TraceError> {
         let p = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| TraceError::Read { path: p.clone(), source })?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
+        Self::from_safetensors_bytes(&bytes, &p)
+    }
+
+    /// Parses the bytes of a trace file; `p` is the path errors name. Every shape is checked against the
+    /// bytes before it is used, so a corrupt or hostile file is an error, never a panic.
+    pub fn from_safetensors_bytes(bytes: &[u8], p: &str) -> Result<Self, TraceError> {
+        let p = p.to_string();
+        let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| TraceError::Format { path: p.clone(), reason: e.to_string() })?;
-        let st = SafeTensors::deserialize(&bytes)
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| TraceError::Format { path: p.clone(), reason: e.to_string() })?;
         let md = meta.metadata().clone().unwrap_or_default();
         let get = |k: &str| md.get(k).cloned().unwrap_or_default();
@@ -204,6 +214,16 @@ impl Trace {
             path: p.clone(),
             reason: "metadata `n_layer` is missing or not a number".into(),
         })?;
+        // Four tensors per layer: a count the file cannot hold is refused before anything is allocated.
+        if n_layer > st.len() / TENSORS_PER_LAYER {
+            return Err(TraceError::Format {
+                path: p.clone(),
+                reason: format!(
+                    "metadata `n_layer` = {n_layer}, but the file holds only {} tensors",
+                    st.len()
+                ),
+            });
+        }
         let tensor_err = |tensor: &str, reason: String| TraceError::Tensor {
             path: p.clone(),
             tensor: tensor.to_string(),
@@ -258,6 +278,32 @@ impl Trace {
             layers,
             logits,
         })
+    }
+}
+
+/// Writes `bytes` to `path` so that a reader finds either the old file or the whole new one, never a
+/// part: the bytes go to a temporary file beside `path` (same directory, so the same file system), are
+/// flushed to disk, and the temporary file is renamed over `path`. A crash or a kill in between leaves
+/// at most the temporary file (`.NAME.tmp-PID`), which no reader of `path` picks up.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
 }
 
@@ -340,6 +386,35 @@ mod tests {
         let keys = ["backend", "engine_version", "model", "n_layer", "policy"];
         let at: Vec<usize> = keys.iter().map(|k| text[meta..].find(&format!("\"{k}\"")).unwrap()).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "metadata keys in sorted order: {at:?}");
+    }
+
+    #[test]
+    fn an_atomic_write_replaces_the_whole_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        std::fs::write(&path, "old contents, longer than the new").unwrap();
+        write_atomically(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["r.json"], "only the target remains");
+        // A failed write (the directory is gone) reports the error and leaves nothing behind.
+        let missing = dir.path().join("no-such-dir/r.json");
+        assert!(write_atomically(&missing, b"x").is_err());
+    }
+
+    #[test]
+    fn a_layer_count_the_file_cannot_hold_is_refused_before_allocating() {
+        // Issue 13 fuzzing: `n_layer` = 10^15 in the metadata made the reader reserve 10^15 layers.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        sample(Precision::F32).write_safetensors(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        let at = text.find("\"n_layer\":\"1\"").expect("n_layer in the header") + "\"n_layer\":\"".len();
+        let mut patched = bytes.clone();
+        patched[at] = b'9'; // one digit keeps the header length: "9" layers in a file of 1
+        let e = Trace::from_safetensors_bytes(&patched, "t").unwrap_err().to_string();
+        assert!(e.contains("`n_layer` = 9, but the file holds only 6 tensors"), "{e}");
     }
 
     #[test]
