@@ -8,7 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdeviceptr, cudaError_enum};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DeviceRepr, result};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
 
 use super::error::{CudaError, describe};
@@ -61,6 +61,12 @@ pub(crate) struct FormatKernels {
     pub(crate) get_rows: CudaFunction,
     /// The `exact` policy's matrix-vector product (plain and per routed slot), `exact.cu`.
     pub(crate) matvec_exact: CudaFunction,
+    /// The single-token (decode) kernels: plain and per-slot products, the fused gate + up projection
+    /// with its SwiGLU, and the fused down projection + weighted sum + residual.
+    pub(crate) matvec1: CudaFunction,
+    pub(crate) moe_matvec1: CudaFunction,
+    pub(crate) moe_gate_up1: CudaFunction,
+    pub(crate) moe_down_combine1: CudaFunction,
 }
 
 /// Every kernel of the program, looked up once.
@@ -309,6 +315,50 @@ impl CudaDevice {
             .map_err(|e| CudaError::driver("copying on the device", e))
     }
 
+    /// Records the work `enqueue` queues on this device (kernel launches and copies between device
+    /// buffers; nothing that waits for the device or allocates) into a graph instead of running it: replaying
+    /// the graph ([`CudaDevice::replay`]) queues all of it with one call, without the per-launch overhead.
+    /// The graph keeps the buffers and arguments it was captured with: whatever changes from one replay to
+    /// the next must be read by the kernels from device memory. With [`super::SYNC_EACH_LAUNCH_ENV`] set,
+    /// capturing is refused (a launch would wait for the device inside the capture).
+    pub fn capture(&self, enqueue: impl FnOnce() -> Result<(), CudaError>) -> Result<DeviceGraph, CudaError> {
+        let op = "capture";
+        if self.sync_each_launch {
+            return Err(CudaError::invalid(
+                op,
+                format!("{SYNC_EACH_LAUNCH_ENV} makes every launch wait, which a graph capture cannot; unset it"),
+            ));
+        }
+        self.bind()?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| CudaError::driver("starting a graph capture", e))?;
+        let queued = enqueue();
+        // The capture must end whatever happened, or the stream stays in capture mode.
+        let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        queued?;
+        match ended.map_err(|e| CudaError::driver("ending a graph capture", e))? {
+            Some(graph) => Ok(DeviceGraph { graph }),
+            None => Err(CudaError::invalid(op, "the capture recorded no work")),
+        }
+    }
+
+    /// Whether every launch waits for its kernel ([`super::SYNC_EACH_LAUNCH_ENV`]); graphs cannot be
+    /// captured then.
+    pub fn syncs_each_launch(&self) -> bool {
+        self.sync_each_launch
+    }
+
+    /// Queues every operation of `graph` on this device's stream.
+    pub fn replay(&self, graph: &DeviceGraph) -> Result<(), CudaError> {
+        self.bind()?;
+        graph.graph.launch().map_err(|e| CudaError::driver("launching a captured graph", e))?;
+        if self.sync_each_launch {
+            self.synchronize()?;
+        }
+        Ok(())
+    }
+
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize), CudaError> {
         self.bind()?;
@@ -443,6 +493,10 @@ fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
                 moe_matvec: load(&format!("moe_matvec_{suffix}"))?,
                 get_rows: load(&format!("get_rows_{suffix}"))?,
                 matvec_exact: load(&format!("matvec_exact_{suffix}"))?,
+                matvec1: load(&format!("matvec1_{suffix}"))?,
+                moe_matvec1: load(&format!("moe_matvec1_{suffix}"))?,
+                moe_gate_up1: load(&format!("moe_gate_up1_{suffix}"))?,
+                moe_down_combine1: load(&format!("moe_down_combine1_{suffix}"))?,
             },
         );
     }
@@ -464,6 +518,17 @@ fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
         },
     })
 }
+
+/// Work captured by [`CudaDevice::capture`], replayed by [`CudaDevice::replay`]. It refers to the device
+/// buffers it was captured with: replay it only while they live.
+pub struct DeviceGraph {
+    graph: CudaGraph,
+}
+
+// SAFETY: the graph and its executable are driver handles that may be used from any thread once the
+// context is bound (replay binds it); CUDA only forbids using one graph from two threads at once, which
+// `DeviceGraph` rules out by not being `Sync` (replay borrows it, so one thread at a time uses it).
+unsafe impl Send for DeviceGraph {}
 
 mod sealed {
     pub trait Sealed {}

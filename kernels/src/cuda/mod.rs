@@ -26,12 +26,12 @@ mod exact;
 mod ops;
 
 pub use device::{
-    CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceInfo, DeviceMatrix, DeviceScalar, compile_program,
-    compile_source,
+    CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceGraph, DeviceInfo, DeviceMatrix, DeviceScalar,
+    compile_program, compile_source,
 };
 pub use error::CudaError;
 pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
-pub use ops::{AttentionShape, ExpertGroups, Routing};
+pub use ops::{AttentionShape, ExpertGroups, FUSED_MAX_SLOTS, RopePosition, Routing};
 
 /// Environment variable that makes every launch wait for the kernel and check its status, so an
 /// asynchronous fault (an illegal address, say) is reported at the operation that caused it. Any value

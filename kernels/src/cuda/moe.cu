@@ -109,8 +109,8 @@ extern "C" __global__ void __launch_bounds__(256)
         const u64 slot = (u64)t * k + j;
         const int e = ids[slot];
         const float v = (e >= 0 && e < n_expert) ? expert_out[slot * hidden + r] : F32_NAN;
-        s += weights[slot] * v;
+        s = combine_term(s, weights[slot], v);
     }
     float* o = x + (u64)t * hidden + r;
-    *o = *o + s;
+    *o = __fadd_rn(*o, s);
 }

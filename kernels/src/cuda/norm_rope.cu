@@ -24,12 +24,20 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS)
 //   x'[i] = x[i] cos a - x[i + half] sin a,   x'[i + half] = x[i + half] cos a + x[i] sin a,
 // cos and sin evaluated in f64 and rounded to f32 (the shared table definition of docs/numerics.md).
 // One warp per (t, head); grid ceil(n_tok * n_head / 4), block 128. head_dim even, <= 256.
+// With `pos_ptr` != 0 the first position is *pos_ptr instead of pos0 (a device counter, so a captured graph
+// replays at any position) and, with `at_position`, the rows start at row *pos_ptr of x (a KV cache); a
+// position range outside [0, max_pos) leaves x alone.
 #define ROPE_WARPS 4
 extern "C" __global__ void __launch_bounds__(32 * ROPE_WARPS)
     head_norm_rope(float* x, u64 row_stride, int n_tok, int n_head, int head_dim, const float* w, float eps,
-                   int pos0, const double* inv_freq) {
+                   int pos0, const double* inv_freq, const int* pos_ptr, int at_position, int max_pos) {
     const int idx = blockIdx.x * ROPE_WARPS + (threadIdx.x >> 5);
     if (idx >= n_tok * n_head) return;
+    if (pos_ptr != 0) {
+        pos0 = *pos_ptr;
+        if (at_position) x += (u64)max(pos0, 0) * row_stride;
+    }
+    if (pos0 < 0 || pos0 + n_tok > max_pos) return;
     const int lane = threadIdx.x & 31;
     const int t = idx / n_head;
     const int h = idx % n_head;
