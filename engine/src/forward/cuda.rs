@@ -45,7 +45,11 @@ const INITIAL_KV_POSITIONS: usize = 256;
 /// uploads the weights. [`Policy::Fast`] runs the fast kernels; [`Policy::Exact`] the canonical order of
 /// `docs/numerics.md`, bit-identical to the `cpu` backend.
 pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
-    let device = CudaDevice::get(DEVICE_ORDINAL).map_err(|e| engine_error("opening the CUDA device", e))?;
+    // A stream of its own: the decode graph is captured from this forward's stream, which no other
+    // forward (on another thread) may queue work on meanwhile.
+    let device = CudaDevice::get(DEVICE_ORDINAL)
+        .and_then(|d| d.fork())
+        .map_err(|e| engine_error("opening the CUDA device", e))?;
     Ok(Box::new(CudaForward::new(device, weights, policy)?))
 }
 
@@ -195,6 +199,8 @@ struct Workspace {
     tokens: DeviceBuffer<i32>,
     /// The position of a decode step, read by the kernels of the captured decode graph.
     pos: DeviceBuffer<i32>,
+    /// The block counter of the one-token router (`CudaDevice::router_topk`; 0 between launches).
+    router_counter: DeviceBuffer<i32>,
     /// The residual stream `[T][hidden]`.
     x: DeviceBuffer<f32>,
     /// A normed copy of it.
@@ -221,6 +227,7 @@ impl Workspace {
             capacity,
             tokens: device.alloc_zeros(capacity)?,
             pos: device.alloc_zeros(1)?,
+            router_counter: device.alloc_zeros(1)?,
             x: device.alloc_zeros(capacity * cfg.hidden)?,
             h: device.alloc_zeros(capacity * cfg.hidden)?,
             q: device.alloc_zeros(capacity * cfg.q_dim())?,
@@ -601,22 +608,32 @@ impl Layer<'_> {
         let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
         let eps = cfg.rms_eps as f32;
         let Workspace {
-            x, h, router_logits, expert_ids, expert_weights, groups, gate, act, expert_out, ..
+            x,
+            h,
+            router_logits,
+            router_counter,
+            expert_ids,
+            expert_weights,
+            groups,
+            gate,
+            act,
+            expert_out,
+            ..
         } = work;
         let xs = 0..n * hidden;
         d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
         let hn = h.slice(xs.clone())?;
-        d.matvec(&lw.router, hn, n, router_logits.slice_mut(0..n * n_exp)?, false)?;
         let slots = n * k;
-        d.softmax_topk(
-            router_logits.slice(0..n * n_exp)?,
-            n,
-            n_exp,
-            k,
-            cfg.norm_topk_prob,
-            expert_ids.slice_mut(0..slots)?,
-            expert_weights.slice_mut(0..slots)?,
-        )?;
+        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, cfg.norm_topk_prob);
+        let (out_ids, out_w) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
+        if n == 1 {
+            // One token: router, softmax and top-k in one launch (the values of the two below).
+            d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
+        } else {
+            d.matvec(&lw.router, hn, n, logits, false)?;
+            let logits = router_logits.slice(0..n * n_exp)?;
+            d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+        }
         let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
         let routing = if slots < n_exp {
             Routing::PerSlot { ids }

@@ -55,6 +55,7 @@ impl std::fmt::Display for DeviceInfo {
 }
 
 /// The kernels of one block format.
+#[derive(Clone)]
 pub(crate) struct FormatKernels {
     pub(crate) matvec: CudaFunction,
     pub(crate) moe_matvec: CudaFunction,
@@ -67,9 +68,12 @@ pub(crate) struct FormatKernels {
     pub(crate) moe_matvec1: CudaFunction,
     pub(crate) moe_gate_up1: CudaFunction,
     pub(crate) moe_down_combine1: CudaFunction,
+    /// The router of one token with its softmax and top-k, `moe.cu`.
+    pub(crate) router_topk1: CudaFunction,
 }
 
 /// Every kernel of the program, looked up once.
+#[derive(Clone)]
 pub(crate) struct Kernels {
     pub(crate) formats: HashMap<GgmlType, FormatKernels>,
     pub(crate) rmsnorm: CudaFunction,
@@ -83,6 +87,7 @@ pub(crate) struct Kernels {
 }
 
 /// The kernels of `exact.cu` that do not depend on a block format.
+#[derive(Clone)]
 pub(crate) struct ExactKernels {
     pub(crate) exp: CudaFunction,
     pub(crate) rmsnorm: CudaFunction,
@@ -121,6 +126,22 @@ impl CudaDevice {
         let device = Arc::new(Self::open(ordinal)?);
         devices.push(device.clone());
         Ok(device)
+    }
+
+    /// The same device and compiled kernels with a stream of its own: work queued through the fork is
+    /// ordered only with other work of the fork. A forward that captures a graph needs one, since a
+    /// capture records whatever any thread queues on the capturing stream.
+    pub fn fork(&self) -> Result<Arc<CudaDevice>, CudaError> {
+        self.bind()?;
+        let stream = self.ctx.new_stream().map_err(|e| CudaError::driver("creating a stream", e))?;
+        Ok(Arc::new(CudaDevice {
+            stream,
+            kernels: self.kernels.clone(),
+            sync_each_launch: self.sync_each_launch,
+            info: self.info.clone(),
+            _module: self._module.clone(),
+            ctx: self.ctx.clone(),
+        }))
     }
 
     /// Whether the libraries CUDA needs are present, without opening a device: `Err` says what is
@@ -497,6 +518,7 @@ fn load_kernels(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
                 moe_matvec1: load(&format!("moe_matvec1_{suffix}"))?,
                 moe_gate_up1: load(&format!("moe_gate_up1_{suffix}"))?,
                 moe_down_combine1: load(&format!("moe_down_combine1_{suffix}"))?,
+                router_topk1: load(&format!("router_topk1_{suffix}"))?,
             },
         );
     }

@@ -18,7 +18,8 @@
 //!   operation order of `docs/numerics.md`, the CPU kernels' order, with every operation explicitly
 //!   rounded: their results are the CPU's bits.
 //!
-//! Everything is enqueued on the device's one stream; only downloads wait for it.
+//! Everything is enqueued on the device's stream (one per `CudaDevice`; [`CudaDevice::fork`] gives another);
+//! only downloads wait for it.
 
 mod device;
 mod error;

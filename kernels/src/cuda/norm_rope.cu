@@ -2,20 +2,44 @@
 // apply_rotary_pos_emb with rotate_half).
 
 // out[r] = (x[r] * (1 / sqrt(mean(x[r]^2) + eps))) * w for each of `rows` rows of length n.
-// Grid rows, block RMS_THREADS: lane-strided partial sums of squares, block_sum.
+// Grid rows, block RMS_THREADS: lane-strided partial sums of squares (thread i takes i, i + RMS_THREADS,
+// ..., each square one fused multiply-add into its sum), block_sum. Rows of up to RMS_THREADS * RMS_HELD
+// values are read once, into registers (one round of loads instead of one per pass).
 #define RMS_THREADS 256
+#define RMS_HELD 8
 extern "C" __global__ void __launch_bounds__(RMS_THREADS)
     rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
     __shared__ float scratch[32];
     const float* xr = x + (u64)blockIdx.x * n;
     float* o = out + (u64)blockIdx.x * n;
+    const int tid = threadIdx.x;
     float ss = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    if (n <= RMS_THREADS * RMS_HELD) {
+        float xv[RMS_HELD];
+        float wv[RMS_HELD];
+#pragma unroll
+        for (int j = 0; j < RMS_HELD; ++j) {
+            const int i = tid + RMS_THREADS * j;
+            xv[j] = i < n ? xr[i] : 0.0f;
+            wv[j] = i < n ? w[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < RMS_HELD; ++j) {
+            if (tid + RMS_THREADS * j < n) ss = __fmaf_rn(xv[j], xv[j], ss);
+        }
+        ss = block_sum(ss, scratch);
+        const float r = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma unroll
+        for (int j = 0; j < RMS_HELD; ++j) {
+            const int i = tid + RMS_THREADS * j;
+            if (i < n) o[i] = __fmul_rn(__fmul_rn(xv[j], r), wv[j]);
+        }
+        return;
+    }
+    for (int i = tid; i < n; i += RMS_THREADS) ss = __fmaf_rn(xr[i], xr[i], ss);
     ss = block_sum(ss, scratch);
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = (xr[i] * r) * w[i];
+    for (int i = tid; i < n; i += RMS_THREADS) o[i] = __fmul_rn(__fmul_rn(xr[i], r), w[i]);
 }
 
 // In place on x [n_tok, n_head, head_dim] (rows `row_stride` floats apart, head h at h * head_dim):

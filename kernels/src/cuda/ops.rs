@@ -25,7 +25,7 @@ const RMS_THREADS: u32 = 256;
 const ROPE_WARPS: u32 = 4;
 /// Warps per block of `attention` (`ATT_WARPS`) and the largest head it holds in registers
 /// (32 lanes x `ATT_MAX_PER_LANE`).
-const ATT_WARPS: u32 = 4;
+const ATT_WARPS: u32 = 16;
 const ATT_MAX_HEAD_DIM: usize = 32 * 8;
 /// Threads per block of `get_rows` and `moe_combine`.
 const ELEMENTWISE_THREADS: u32 = 128;
@@ -495,6 +495,56 @@ impl CudaDevice {
         };
         self.launch(op, &self.kernels.softmax_topk, cfg, |b| {
             b.arg(&logits.ptr).arg(&e).arg(&k_i).arg(&norm).arg(&ids.ptr).arg(&weights.ptr);
+        })
+    }
+
+    /// The router of one token in one launch: `logits = W x` (as [`CudaDevice::matvec`]), then the
+    /// choices of [`CudaDevice::softmax_topk`] on them, made by the last block to finish. `counter` is one
+    /// device int that must hold 0 before the launch (the kernel leaves it at 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_topk(
+        &self,
+        w: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        logits: DevSliceMut<'_, f32>,
+        k: usize,
+        renormalise: bool,
+        ids: DevSliceMut<'_, i32>,
+        weights: DevSliceMut<'_, f32>,
+        counter: DevSliceMut<'_, i32>,
+    ) -> Result<(), CudaError> {
+        let op = "router_topk";
+        let n_expert = w.rows;
+        if w.experts != 1 || k == 0 || k > n_expert || n_expert * 4 > MAX_DYNAMIC_SHARED {
+            return Err(CudaError::invalid(op, format!("top-{k} of {n_expert} experts")));
+        }
+        need(op, "x", x.len, w.cols)?;
+        check_x_alignment(op, w, &x)?;
+        need(op, "logits", logits.len, n_expert)?;
+        need(op, "ids", ids.len, k)?;
+        need(op, "weights", weights.len, k)?;
+        need(op, "counter", counter.len, 1)?;
+        let (cols, e, k_i, norm) =
+            (to_i32(op, "cols", w.cols)?, to_i32(op, "n_expert", n_expert)?, k as i32, renormalise as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_expert as u32).div_ceil(DEC_WARPS * DEC_ROWS), 1, 1),
+            block_dim: (32 * DEC_WARPS, 1, 1),
+            shared_mem_bytes: (n_expert * 4) as u32,
+        };
+        let f = &self.kernels.formats[&w.ty].router_topk1;
+        let (wp, rb) = (w.data.as_slice().ptr, w.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp)
+                .arg(&rb)
+                .arg(&cols)
+                .arg(&e)
+                .arg(&x.ptr)
+                .arg(&logits.ptr)
+                .arg(&k_i)
+                .arg(&norm)
+                .arg(&ids.ptr)
+                .arg(&weights.ptr)
+                .arg(&counter.ptr);
         })
     }
 
