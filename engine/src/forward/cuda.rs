@@ -24,7 +24,7 @@ use std::sync::Arc;
 use moe_kernels::cpu::RopeTable;
 use moe_kernels::cuda::{
     AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceGraph, DeviceMatrix, ExactRows,
-    ExpertGroups, FUSED_MAX_SLOTS, RopePosition, Routing,
+    ExpertGroups, FUSED_MAX_SLOTS, Routing,
 };
 use moe_kernels::quant::dequantize_row;
 
@@ -578,13 +578,17 @@ impl Layer<'_> {
         d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
         d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
         d.matvec_to_row(&lw.v, hn, values.slice_mut(all_kv.clone())?, capacity, pos)?;
-        let inv_freq = model.inv_freq.as_slice();
-        let (hd, q_norm, k_norm) =
-            (cfg.head_dim, Some((lw.q_norm.as_slice(), eps)), Some((lw.k_norm.as_slice(), eps)));
-        let at = |at_position| RopePosition::Device { pos, at_position, max_pos: capacity };
-        d.head_norm_rope_with(q.slice_mut(0..qd)?, qd, 1, cfg.n_head, hd, q_norm, at(false), inv_freq)?;
-        let kc = keys.slice_mut(all_kv.clone())?;
-        d.head_norm_rope_with(kc, kvd, 1, cfg.n_kv_head, hd, k_norm, at(true), inv_freq)?;
+        let (inv_freq, hd) = (model.inv_freq.as_slice(), cfg.head_dim);
+        d.head_norm_rope_qk(
+            q.slice_mut(0..qd)?,
+            (cfg.n_head, lw.q_norm.as_slice()),
+            keys.slice_mut(all_kv.clone())?,
+            (kvd, cfg.n_kv_head, lw.k_norm.as_slice()),
+            hd,
+            eps,
+            inv_freq,
+            (pos, capacity),
+        )?;
         let shape = self.attention_shape(1, 0);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);

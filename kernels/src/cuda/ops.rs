@@ -376,6 +376,67 @@ impl CudaDevice {
         })
     }
 
+    /// The per-head RMSNorm + RoPE of one token's queries and keys in one launch, at the position
+    /// `pos[0]` read from the device: `q` holds `n_q_head` heads in place, the keys are row `pos[0]` of
+    /// `k_cache` (`max_pos` rows of `k_row` floats, `n_k_head` heads each). Each head's values are those of
+    /// [`CudaDevice::head_norm_rope`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_rope_qk(
+        &self,
+        q: DevSliceMut<'_, f32>,
+        (n_q_head, q_norm): (usize, DevSlice<'_, f32>),
+        k_cache: DevSliceMut<'_, f32>,
+        (k_row, n_k_head, k_norm): (usize, usize, DevSlice<'_, f32>),
+        head_dim: usize,
+        eps: f32,
+        inv_freq: DevSlice<'_, f64>,
+        (pos, max_pos): (DevSlice<'_, i32>, usize),
+    ) -> Result<(), CudaError> {
+        let op = "head_norm_rope_qk";
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || max_pos == 0 || k_row < n_k_head * head_dim {
+            return Err(CudaError::invalid(
+                op,
+                format!("{n_q_head} + {n_k_head} heads of {head_dim} (must be even), key rows of {k_row}"),
+            ));
+        }
+        need(op, "q", q.len, n_q_head * head_dim)?;
+        need(op, "k_cache", k_cache.len, max_pos * k_row)?;
+        need(op, "q norm weight", q_norm.len, head_dim)?;
+        need(op, "k norm weight", k_norm.len, head_dim)?;
+        need(op, "inv_freq", inv_freq.len, head_dim / 2)?;
+        need(op, "pos", pos.len, 1)?;
+        let heads = n_q_head + n_k_head;
+        let blocks = u32::try_from(heads.div_ceil(ROPE_WARPS as usize))
+            .map_err(|_| CudaError::invalid(op, "too many heads"))?;
+        let (nq, nk, d, mp) = (
+            to_i32(op, "n_q_head", n_q_head)?,
+            to_i32(op, "n_k_head", n_k_head)?,
+            to_i32(op, "head_dim", head_dim)?,
+            to_i32(op, "positions", max_pos)?,
+        );
+        to_i32(op, "heads", heads)?;
+        let stride = k_row as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (32 * ROPE_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(op, &self.kernels.head_norm_rope_qk, cfg, |b| {
+            b.arg(&q.ptr)
+                .arg(&nq)
+                .arg(&q_norm.ptr)
+                .arg(&k_cache.ptr)
+                .arg(&stride)
+                .arg(&nk)
+                .arg(&k_norm.ptr)
+                .arg(&d)
+                .arg(&eps)
+                .arg(&inv_freq.ptr)
+                .arg(&pos.ptr)
+                .arg(&mp);
+        })
+    }
+
     /// Causal GQA attention: `out[t, h] = softmax(q[t, h] . K[0..=pos0+t] * scale) V[0..=pos0+t]` with the
     /// kv head `h / (n_head / n_kv_head)`. Caches are `[positions, n_kv_head, head_dim]`.
     pub fn attention(
