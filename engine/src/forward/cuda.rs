@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use moe_kernels::cpu::RopeTable;
 use moe_kernels::cuda::{
-    AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceMatrix, ExactRows, ExpertGroups,
-    Routing,
+    AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceGraph, DeviceMatrix, ExactRows,
+    ExpertGroups, FUSED_MAX_SLOTS, Routing,
 };
 use moe_kernels::quant::dequantize_row;
 
@@ -45,7 +45,11 @@ const INITIAL_KV_POSITIONS: usize = 256;
 /// uploads the weights. [`Policy::Fast`] runs the fast kernels; [`Policy::Exact`] the canonical order of
 /// `docs/numerics.md`, bit-identical to the `cpu` backend.
 pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
-    let device = CudaDevice::get(DEVICE_ORDINAL).map_err(|e| engine_error("opening the CUDA device", e))?;
+    // A stream of its own: the decode graph is captured from this forward's stream, which no other
+    // forward (on another thread) may queue work on meanwhile.
+    let device = CudaDevice::get(DEVICE_ORDINAL)
+        .and_then(|d| d.fork())
+        .map_err(|e| engine_error("opening the CUDA device", e))?;
     Ok(Box::new(CudaForward::new(device, weights, policy)?))
 }
 
@@ -193,6 +197,10 @@ struct KvCache {
 struct Workspace {
     capacity: usize,
     tokens: DeviceBuffer<i32>,
+    /// The position of a decode step, read by the kernels of the captured decode graph.
+    pos: DeviceBuffer<i32>,
+    /// The block counter of the one-token router (`CudaDevice::router_topk`; 0 between launches).
+    router_counter: DeviceBuffer<i32>,
     /// The residual stream `[T][hidden]`.
     x: DeviceBuffer<f32>,
     /// A normed copy of it.
@@ -218,6 +226,8 @@ impl Workspace {
         Ok(Workspace {
             capacity,
             tokens: device.alloc_zeros(capacity)?,
+            pos: device.alloc_zeros(1)?,
+            router_counter: device.alloc_zeros(1)?,
             x: device.alloc_zeros(capacity * cfg.hidden)?,
             h: device.alloc_zeros(capacity * cfg.hidden)?,
             q: device.alloc_zeros(capacity * cfg.q_dim())?,
@@ -246,6 +256,9 @@ struct CudaForward {
     n_cached: usize,
     /// The RoPE tables of the `exact` policy (`None` under `fast`).
     exact_rope: Option<ExactRope>,
+    /// The `fast` decode step (embedding, every layer, logits of one token) captured once and replayed at
+    /// each step; the position comes from `work.pos`. Dropped whenever a buffer it uses is reallocated.
+    decode_graph: Option<DeviceGraph>,
 }
 
 impl CudaForward {
@@ -263,7 +276,17 @@ impl CudaForward {
                 Some(ExactRope::new(&device, cfg).map_err(|e| engine_error("uploading the RoPE tables", e))?)
             }
         };
-        Ok(CudaForward { device, weights, policy, model, cache, work, n_cached: 0, exact_rope })
+        Ok(CudaForward {
+            device,
+            weights,
+            policy,
+            model,
+            cache,
+            work,
+            n_cached: 0,
+            exact_rope,
+            decode_graph: None,
+        })
     }
 
     fn cfg(&self) -> &ModelConfig {
@@ -278,6 +301,9 @@ impl CudaForward {
         self.ensure_workspace(n)?;
         self.ensure_cache(start + n)?;
         self.ensure_rope(start + n)?;
+        if n == 1 && trace.is_none() && self.policy == Policy::Fast && !self.device.syncs_each_launch() {
+            return self.decode_step(tokens[0], start);
+        }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         self.embed(&ids).map_err(|e| engine_error("looking up the embeddings", e))?;
 
@@ -313,10 +339,64 @@ impl CudaForward {
         Ok(logits[(rows - 1) * vocab..].to_vec())
     }
 
+    /// One token at position `pos` through the captured decode graph (captured on first use): the same
+    /// kernels, and so the same values, as [`CudaForward::run`] on one token.
+    fn decode_step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, EngineError> {
+        let vocab = self.cfg().vocab;
+        self.ensure_logits(1).map_err(|e| engine_error("allocating the logits", e))?;
+        let step = || format!("decoding at position {pos}");
+        let pos_i = i32::try_from(pos).map_err(|_| EngineError::Cuda {
+            stage: step(),
+            message: format!("position {pos} exceeds the kernels' int range"),
+        })?;
+        let d = Arc::clone(&self.device);
+        d.copy_to_device(&[token as i32], self.work.tokens.as_mut()).map_err(|e| engine_error(&step(), e))?;
+        d.copy_to_device(&[pos_i], self.work.pos.as_mut()).map_err(|e| engine_error(&step(), e))?;
+        if self.decode_graph.is_none() {
+            let graph = d
+                .capture(|| self.enqueue_decode())
+                .map_err(|e| engine_error("capturing the decode step", e))?;
+            self.decode_graph = Some(graph);
+        }
+        if let Some(graph) = &self.decode_graph {
+            d.replay(graph).map_err(|e| engine_error(&step(), e))?;
+        }
+        self.n_cached = pos + 1;
+        d.download(self.work.logits.slice(0..vocab).map_err(|e| engine_error(&step(), e))?)
+            .map_err(|e| engine_error(&step(), e))
+    }
+
+    /// Queues one decode step at the position in `work.pos`: embedding of `work.tokens[0]`, every layer
+    /// (its key and value into the cache row of that position), final norm and logits into `work.logits`.
+    fn enqueue_decode(&mut self) -> Result<(), CudaError> {
+        let CudaForward { device, weights, model, cache, work, .. } = self;
+        let (d, cfg) = (&**device, &weights.config);
+        let (hidden, vocab) = (cfg.hidden, cfg.vocab);
+        d.get_rows(&model.token_embd, work.tokens.slice(0..1)?, work.x.slice_mut(0..hidden)?)?;
+        for l in 0..cfg.n_layer {
+            let layer = Layer { d, cfg, model, l };
+            layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity)?;
+        }
+        let (norm, eps) = (model.output_norm.as_slice(), cfg.rms_eps as f32);
+        d.rmsnorm(work.x.slice(0..hidden)?, norm, 1, hidden, eps, work.h.slice_mut(0..hidden)?)?;
+        d.matvec(model.output(), work.h.slice(0..hidden)?, 1, work.logits.slice_mut(0..vocab)?, false)
+    }
+
+    /// Makes the logits buffer hold `rows` rows.
+    fn ensure_logits(&mut self, rows: usize) -> Result<(), CudaError> {
+        let vocab = self.weights.config.vocab;
+        if self.work.logits.len() < rows * vocab {
+            self.decode_graph = None;
+            self.work.logits = self.device.alloc_zeros(rows * vocab)?;
+        }
+        Ok(())
+    }
+
     /// Grows the activations to hold `n` tokens (to the next power of two, so growth is rare).
     fn ensure_workspace(&mut self, n: usize) -> Result<(), EngineError> {
         if n > self.work.capacity {
             let capacity = n.next_power_of_two();
+            self.decode_graph = None;
             let cfg = &self.weights.config;
             let grow = |work: &mut Workspace| -> Result<(), CudaError> {
                 // Free the old buffers first: their memory may be needed for the new ones.
@@ -346,6 +426,7 @@ impl CudaForward {
         }
         let cfg = &self.weights.config;
         let capacity = positions.max(2 * self.cache.capacity).min(cfg.context_length);
+        self.decode_graph = None;
         let mut grown =
             new_cache(&self.device, cfg, capacity).map_err(|e| engine_error("growing the KV cache", e))?;
         let kept = self.n_cached * cfg.kv_dim();
@@ -389,11 +470,9 @@ impl CudaForward {
 
     /// Logits of the last `rows` of the `n` positions: final RMSNorm, then the output projection.
     fn lm_head(&mut self, n: usize, rows: usize) -> Result<Vec<f32>, CudaError> {
+        self.ensure_logits(rows)?;
         let cfg = &self.weights.config;
         let (hidden, vocab) = (cfg.hidden, cfg.vocab);
-        if self.work.logits.len() < rows * vocab {
-            self.work.logits = self.device.alloc_zeros(rows * vocab)?;
-        }
         let w = &mut self.work;
         let x = w.x.slice((n - rows) * hidden..n * hidden)?;
         let h = w.h.slice_mut(0..rows * hidden)?;
@@ -423,6 +502,14 @@ fn new_cache(device: &CudaDevice, cfg: &ModelConfig, positions: usize) -> Result
     Ok(KvCache { keys, values, capacity: positions })
 }
 
+/// Whether layer `lw`'s experts can run through the fused kernels (`moe_gate_up`, `moe_down_combine`):
+/// gate and up projections of one shape and format, at most [`FUSED_MAX_SLOTS`] experts per token.
+fn fused_experts(lw: &DeviceLayer, k: usize) -> bool {
+    let (g, u) = (&lw.gate_exps, &lw.up_exps);
+    k <= FUSED_MAX_SLOTS
+        && (g.ty(), g.cols(), g.rows(), g.experts()) == (u.ty(), u.cols(), u.rows(), u.experts())
+}
+
 /// Decoder layer `l` of a model on a device.
 struct Layer<'a> {
     d: &'a CudaDevice,
@@ -446,22 +533,8 @@ impl Layer<'_> {
         let Layer { d, cfg, model, l } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
         let eps = cfg.rms_eps as f32;
-        let Workspace {
-            x,
-            h,
-            q,
-            attn,
-            router_logits,
-            expert_ids,
-            expert_weights,
-            groups,
-            gate,
-            act,
-            expert_out,
-            ..
-        } = work;
+        let Workspace { x, h, q, attn, .. } = &mut *work;
         let xs = 0..n * hidden;
         let new_kv = pos0 * kvd..(pos0 + n) * kvd;
         let all_kv = 0..(pos0 + n) * kvd;
@@ -486,32 +559,97 @@ impl Layer<'_> {
             pos0,
             inv_freq,
         )?;
-        let shape = AttentionShape {
-            n_tok: n,
-            n_head: cfg.n_head,
-            n_kv_head: cfg.n_kv_head,
-            head_dim: cfg.head_dim,
-            pos0,
-        };
+        let shape = self.attention_shape(n, pos0);
         let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
-        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs.clone())?, true)?;
+        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs)?, true)?;
+        self.moe(work, n)
+    }
 
-        // MoE block: x += sum over the chosen experts of weight * down(silu(gate · h) * (up · h)).
+    /// [`Layer::run`] on one token whose position is read from the device (`work.pos[0]`), over caches
+    /// of `capacity` positions: the kernels of a captured decode graph, which replays at any position. The
+    /// same kernels as `run` on one token, so the same values.
+    fn decode(
+        &self,
+        work: &mut Workspace,
+        keys: &mut DeviceBuffer<f32>,
+        values: &mut DeviceBuffer<f32>,
+        capacity: usize,
+    ) -> Result<(), CudaError> {
+        let Layer { d, cfg, model, l } = *self;
+        let lw = &model.layers[l];
+        let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let eps = cfg.rms_eps as f32;
+        let Workspace { x, h, q, attn, pos, .. } = &mut *work;
+        let pos = pos.slice(0..1)?;
+        let (xs, all_kv) = (0..hidden, 0..capacity * kvd);
+
+        d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), 1, hidden, eps, h.slice_mut(xs.clone())?)?;
+        let hn = h.slice(xs.clone())?;
+        d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
+        d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
+        d.matvec_to_row(&lw.v, hn, values.slice_mut(all_kv.clone())?, capacity, pos)?;
+        let (inv_freq, hd) = (model.inv_freq.as_slice(), cfg.head_dim);
+        d.head_norm_rope_qk(
+            q.slice_mut(0..qd)?,
+            (cfg.n_head, lw.q_norm.as_slice()),
+            keys.slice_mut(all_kv.clone())?,
+            (kvd, cfg.n_kv_head, lw.k_norm.as_slice()),
+            hd,
+            eps,
+            inv_freq,
+            (pos, capacity),
+        )?;
+        let shape = self.attention_shape(1, 0);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
+        let out = attn.slice_mut(0..qd)?;
+        d.attention_with(q.slice(0..qd)?, kc, vc, out, shape, scale, Some((pos, capacity)))?;
+        d.matvec(&lw.o, attn.slice(0..qd)?, 1, x.slice_mut(xs)?, true)?;
+        self.moe(work, 1)
+    }
+
+    fn attention_shape(&self, n_tok: usize, pos0: usize) -> AttentionShape {
+        let cfg = self.cfg;
+        AttentionShape { n_tok, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, pos0 }
+    }
+
+    /// The MoE block of the fast kernels on the `n` tokens in `work.x`: x += sum over the chosen experts
+    /// of weight * down(silu(gate · h) * (up · h)), over norm(x).
+    fn moe(&self, work: &mut Workspace, n: usize) -> Result<(), CudaError> {
+        let Layer { d, cfg, model, l } = *self;
+        let lw = &model.layers[l];
+        let hidden = cfg.hidden;
+        let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
+        let eps = cfg.rms_eps as f32;
+        let Workspace {
+            x,
+            h,
+            router_logits,
+            router_counter,
+            expert_ids,
+            expert_weights,
+            groups,
+            gate,
+            act,
+            expert_out,
+            ..
+        } = work;
+        let xs = 0..n * hidden;
         d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
         let hn = h.slice(xs.clone())?;
-        d.matvec(&lw.router, hn, n, router_logits.slice_mut(0..n * n_exp)?, false)?;
         let slots = n * k;
-        d.softmax_topk(
-            router_logits.slice(0..n * n_exp)?,
-            n,
-            n_exp,
-            k,
-            cfg.norm_topk_prob,
-            expert_ids.slice_mut(0..slots)?,
-            expert_weights.slice_mut(0..slots)?,
-        )?;
+        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, cfg.norm_topk_prob);
+        let (out_ids, out_w) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
+        if n == 1 {
+            // One token: router, softmax and top-k in one launch (the values of the two below).
+            d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
+        } else {
+            d.matvec(&lw.router, hn, n, logits, false)?;
+            let logits = router_logits.slice(0..n * n_exp)?;
+            d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+        }
         let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
         let routing = if slots < n_exp {
             Routing::PerSlot { ids }
@@ -520,12 +658,21 @@ impl Layer<'_> {
             Routing::Grouped(&*groups)
         };
         let ffn = cfg.expert_ffn;
+        let wts = expert_weights.slice(0..slots)?;
+        if let Routing::PerSlot { .. } = routing
+            && fused_experts(lw, k)
+        {
+            // Few slots: gate + up + SwiGLU in one pass, then down + weighted sum + residual in another
+            // (the same values as the four launches below).
+            d.moe_gate_up(&lw.gate_exps, &lw.up_exps, hn, k, ids, slots, act.slice_mut(0..slots * ffn)?)?;
+            let a = act.slice(0..slots * ffn)?;
+            return d.moe_down_combine(&lw.down_exps, a, ids, wts, n, k, x.slice_mut(xs)?);
+        }
         d.moe_matvec(&lw.gate_exps, hn, k, routing, slots, gate.slice_mut(0..slots * ffn)?, None)?;
         let g = Some(gate.slice(0..slots * ffn)?);
         d.moe_matvec(&lw.up_exps, hn, k, routing, slots, act.slice_mut(0..slots * ffn)?, g)?;
         let a = act.slice(0..slots * ffn)?;
         d.moe_matvec(&lw.down_exps, a, 1, routing, slots, expert_out.slice_mut(0..slots * hidden)?, None)?;
-        let wts = expert_weights.slice(0..slots)?;
         d.moe_combine(expert_out.slice(0..slots * hidden)?, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
     }
 

@@ -6,11 +6,15 @@
 // One block per (head, t), ATT_WARPS warps; warp w takes keys w, w + ATT_WARPS, ... with an online
 // softmax (running max m, running sum l, accumulator acc), then the warps' states are merged in warp order:
 // M = max m_w, L = sum l_w exp(m_w - M), out = sum acc_w exp(m_w - M) / L. head_dim <= 32 * ATT_MAX_PER_LANE.
-#define ATT_WARPS 4
+#define ATT_WARPS 16
 #define ATT_MAX_PER_LANE 8
+// With `pos_ptr` != 0 the first query's position is *pos_ptr (a device counter, so a captured graph replays
+// at any position); positions past max_pos (the cache's) leave out untouched.
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
     attention(const float* q, const float* k_cache, const float* v_cache, float* out, int n_head,
-              int n_kv_head, int head_dim, int pos0, float scale) {
+              int n_kv_head, int head_dim, int pos0, float scale, const int* pos_ptr, int max_pos) {
+    if (pos_ptr != 0) pos0 = *pos_ptr;
+    if (pos0 < 0 || pos0 + (int)gridDim.y > max_pos) return;
     __shared__ float s_m[ATT_WARPS];
     __shared__ float s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS][32 * ATT_MAX_PER_LANE];
@@ -33,6 +37,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
     }
     float m = -F32_INF;
     float l = 0.0f;
+#pragma unroll 2
     for (int j = warp; j <= last; j += ATT_WARPS) {
         const float* kr = k_cache + (u64)j * kv_stride + (u64)kvh * head_dim;
         const float* vr = v_cache + (u64)j * kv_stride + (u64)kvh * head_dim;

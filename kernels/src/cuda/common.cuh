@@ -79,7 +79,20 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return t;
 }
 
-// The canonical SiLU: x / (1 + exp(-x)).
+// The canonical SiLU: x / (1 + exp(-x)). The addition and the product of swiglu are written as rounded
+// intrinsics so that no kernel's context can contract them differently: every kernel that computes a
+// SwiGLU gets the same bits.
 __device__ __forceinline__ float silu(float x) {
-    return x / (1.0f + expf(-x));
+    return x / __fadd_rn(1.0f, expf(-x));
+}
+
+// silu(g) * u, the SwiGLU of an expert's gate and up projections.
+__device__ __forceinline__ float swiglu(float g, float u) {
+    return __fmul_rn(silu(g), u);
+}
+
+// One term of the weighted sum of expert outputs: sum + w * o as one fused multiply-add (moe_combine and
+// moe_down_combine1 both add their terms through this, in choice order from zero).
+__device__ __forceinline__ float combine_term(float sum, float w, float o) {
+    return __fmaf_rn(w, o, sum);
 }

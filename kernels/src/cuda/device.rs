@@ -8,7 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdeviceptr, cudaError_enum};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DeviceRepr, result};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
 
 use super::error::{CudaError, describe};
@@ -56,19 +56,30 @@ impl std::fmt::Display for DeviceInfo {
 
 /// The kernels of one block format (`F`: a loaded function; the kernel's name where only the names are
 /// wanted, see [`kernel_entry_names`]).
+#[derive(Clone)]
 pub(crate) struct FormatKernels<F = CudaFunction> {
     pub(crate) matvec: F,
     pub(crate) moe_matvec: F,
     pub(crate) get_rows: F,
     /// The `exact` policy's matrix-vector product (plain and per routed slot), `exact.cu`.
     pub(crate) matvec_exact: F,
+    /// The single-token (decode) kernels: plain and per-slot products, the fused gate + up projection
+    /// with its SwiGLU, and the fused down projection + weighted sum + residual.
+    pub(crate) matvec1: F,
+    pub(crate) moe_matvec1: F,
+    pub(crate) moe_gate_up1: F,
+    pub(crate) moe_down_combine1: F,
+    /// The router of one token with its softmax and top-k, `moe.cu`.
+    pub(crate) router_topk1: F,
 }
 
 /// Every kernel of the program, looked up once.
+#[derive(Clone)]
 pub(crate) struct Kernels<F = CudaFunction> {
     pub(crate) formats: HashMap<GgmlType, FormatKernels<F>>,
     pub(crate) rmsnorm: F,
     pub(crate) head_norm_rope: F,
+    pub(crate) head_norm_rope_qk: F,
     pub(crate) attention: F,
     pub(crate) softmax_topk: F,
     pub(crate) moe_group: F,
@@ -78,6 +89,7 @@ pub(crate) struct Kernels<F = CudaFunction> {
 }
 
 /// The kernels of `exact.cu` that do not depend on a block format.
+#[derive(Clone)]
 pub(crate) struct ExactKernels<F = CudaFunction> {
     pub(crate) exp: F,
     pub(crate) rmsnorm: F,
@@ -116,6 +128,22 @@ impl CudaDevice {
         let device = Arc::new(Self::open(ordinal)?);
         devices.push(device.clone());
         Ok(device)
+    }
+
+    /// The same device and compiled kernels with a stream of its own: work queued through the fork is
+    /// ordered only with other work of the fork. A forward that captures a graph needs one, since a
+    /// capture records whatever any thread queues on the capturing stream.
+    pub fn fork(&self) -> Result<Arc<CudaDevice>, CudaError> {
+        self.bind()?;
+        let stream = self.ctx.new_stream().map_err(|e| CudaError::driver("creating a stream", e))?;
+        Ok(Arc::new(CudaDevice {
+            stream,
+            kernels: self.kernels.clone(),
+            sync_each_launch: self.sync_each_launch,
+            info: self.info.clone(),
+            _module: self._module.clone(),
+            ctx: self.ctx.clone(),
+        }))
     }
 
     /// Whether the libraries CUDA needs are present, without opening a device: `Err` says what is
@@ -310,6 +338,52 @@ impl CudaDevice {
             .map_err(|e| CudaError::driver("copying on the device", e))
     }
 
+    /// Records the work `enqueue` queues on this device (kernel launches and copies between device
+    /// buffers; nothing that waits for the device or allocates) into a graph instead of running it: replaying
+    /// the graph ([`CudaDevice::replay`]) queues all of it with one call, without the per-launch overhead.
+    /// The graph keeps the buffers and arguments it was captured with: whatever changes from one replay to
+    /// the next must be read by the kernels from device memory. With [`super::SYNC_EACH_LAUNCH_ENV`] set,
+    /// capturing is refused (a launch would wait for the device inside the capture).
+    pub fn capture(&self, enqueue: impl FnOnce() -> Result<(), CudaError>) -> Result<DeviceGraph, CudaError> {
+        let op = "capture";
+        if self.sync_each_launch {
+            return Err(CudaError::invalid(
+                op,
+                format!(
+                    "{SYNC_EACH_LAUNCH_ENV} makes every launch wait, which a graph capture cannot; unset it"
+                ),
+            ));
+        }
+        self.bind()?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| CudaError::driver("starting a graph capture", e))?;
+        let queued = enqueue();
+        // The capture must end whatever happened, or the stream stays in capture mode.
+        let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        queued?;
+        match ended.map_err(|e| CudaError::driver("ending a graph capture", e))? {
+            Some(graph) => Ok(DeviceGraph { graph }),
+            None => Err(CudaError::invalid(op, "the capture recorded no work")),
+        }
+    }
+
+    /// Whether every launch waits for its kernel ([`super::SYNC_EACH_LAUNCH_ENV`]); graphs cannot be
+    /// captured then.
+    pub fn syncs_each_launch(&self) -> bool {
+        self.sync_each_launch
+    }
+
+    /// Queues every operation of `graph` on this device's stream.
+    pub fn replay(&self, graph: &DeviceGraph) -> Result<(), CudaError> {
+        self.bind()?;
+        graph.graph.launch().map_err(|e| CudaError::driver("launching a captured graph", e))?;
+        if self.sync_each_launch {
+            self.synchronize()?;
+        }
+        Ok(())
+    }
+
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize), CudaError> {
         self.bind()?;
@@ -449,6 +523,11 @@ fn look_up_kernels<F, E>(mut load: impl FnMut(&str) -> Result<F, E>) -> Result<K
                 moe_matvec: load(&format!("moe_matvec_{suffix}"))?,
                 get_rows: load(&format!("get_rows_{suffix}"))?,
                 matvec_exact: load(&format!("matvec_exact_{suffix}"))?,
+                matvec1: load(&format!("matvec1_{suffix}"))?,
+                moe_matvec1: load(&format!("moe_matvec1_{suffix}"))?,
+                moe_gate_up1: load(&format!("moe_gate_up1_{suffix}"))?,
+                moe_down_combine1: load(&format!("moe_down_combine1_{suffix}"))?,
+                router_topk1: load(&format!("router_topk1_{suffix}"))?,
             },
         );
     }
@@ -456,6 +535,7 @@ fn look_up_kernels<F, E>(mut load: impl FnMut(&str) -> Result<F, E>) -> Result<K
         formats,
         rmsnorm: load("rmsnorm")?,
         head_norm_rope: load("head_norm_rope")?,
+        head_norm_rope_qk: load("head_norm_rope_qk")?,
         attention: load("attention")?,
         softmax_topk: load("softmax_topk")?,
         moe_group: load("moe_group")?,
@@ -485,6 +565,17 @@ pub fn kernel_entry_names() -> Vec<String> {
         Err(never) => match never {},
     }
 }
+
+/// Work captured by [`CudaDevice::capture`], replayed by [`CudaDevice::replay`]. It refers to the device
+/// buffers it was captured with: replay it only while they live.
+pub struct DeviceGraph {
+    graph: CudaGraph,
+}
+
+// SAFETY: the graph and its executable are driver handles that may be used from any thread once the
+// context is bound (replay binds it); CUDA only forbids using one graph from two threads at once, which
+// `DeviceGraph` rules out by not being `Sync` (replay borrows it, so one thread at a time uses it).
+unsafe impl Send for DeviceGraph {}
 
 mod sealed {
     pub trait Sealed {}

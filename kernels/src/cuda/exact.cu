@@ -61,6 +61,8 @@ __device__ __forceinline__ float exact_tree16(float s) {
 // takes elements l, l + 16, ... in order). Every lane of the half-warp returns the result.
 __device__ __forceinline__ float exact_dot16(const float* a, const float* b, int n) {
     float s = 0.0f;
+    // Unrolled so that the loads of several elements are in flight before the (sequential) additions.
+#pragma unroll 8
     for (int i = threadIdx.x & 15; i < n; i += 16) s = __fadd_rn(s, __fmul_rn(a[i], b[i]));
     return exact_tree16(s);
 }
@@ -69,6 +71,9 @@ __device__ __forceinline__ float exact_dot16(const float* a, const float* b, int
 
 // Weight rows per block of the exact matrix-vector kernels: two threads per row.
 #define EXACT_MV_ROWS 64
+// Chunks a thread dequantises before it adds them (their loads in flight together; the additions stay in
+// chunk order).
+#define EXACT_CHUNK_BATCH 8
 
 // dot(weight row, x) in dot_row's order, by the two threads 2j, 2j + 1 of a warp. Chunk c (weights
 // 8c .. 8c + 8) lands in lanes 8 (c % 2) + i, so thread `half` = c % 2 holds lanes 8 half .. 8 half + 8 as
@@ -82,12 +87,19 @@ __device__ __forceinline__ float exact_row_dot(const u8* __restrict__ wrow, int 
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
     const int n_full = k >> 3;
-    for (int c = half; c < n_full; c += 2) {
-        float v[8];
-        F::chunk(wrow, c, v);
-        const float* xc = x + 8 * c;
+    for (int c0 = half; c0 < n_full; c0 += 2 * EXACT_CHUNK_BATCH) {
+        float v[EXACT_CHUNK_BATCH][8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(v[i], xc[i]));
+        for (int u = 0; u < EXACT_CHUNK_BATCH; ++u) F::chunk(wrow, min(c0 + 2 * u, n_full - 1), v[u]);
+#pragma unroll
+        for (int u = 0; u < EXACT_CHUNK_BATCH; ++u) {
+            const int c = c0 + 2 * u;
+            if (c < n_full) {
+                const float* xc = x + 8 * c;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(v[u][i], xc[i]));
+            }
+        }
     }
     if (F::QK == 1) {
         const int rem = k & 7;
@@ -232,24 +244,34 @@ extern "C" __global__ void __launch_bounds__(128)
         if ((lane & 15) == 0 && p < n_ctx) sc[p] = __fmul_rn(s, scale);
     }
     __syncthreads();
+    __shared__ float stat;
+    // The maximum and the sum in one thread, in increasing p; the exponentials and divisions (independent
+    // of each other) spread over the block.
     if (threadIdx.x == 0) {
         float m = sc[0];
         for (int p = 0; p < n_ctx; ++p) {
             if (sc[p] > m) m = sc[p];
         }
-        float sum = 0.0f;
-        for (int p = 0; p < n_ctx; ++p) {
-            const float e = exact_exp(__fsub_rn(sc[p], m));
-            sc[p] = e;
-            sum = __fadd_rn(sum, e);
-        }
-        for (int p = 0; p < n_ctx; ++p) sc[p] = __fdiv_rn(sc[p], sum);
+        stat = m;
     }
+    __syncthreads();
+    const float m = stat;
+    for (int p = threadIdx.x; p < n_ctx; p += blockDim.x) sc[p] = exact_exp(__fsub_rn(sc[p], m));
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int p = 0; p < n_ctx; ++p) sum = __fadd_rn(sum, sc[p]);
+        stat = sum;
+    }
+    __syncthreads();
+    const float sum = stat;
+    for (int p = threadIdx.x; p < n_ctx; p += blockDim.x) sc[p] = __fdiv_rn(sc[p], sum);
     __syncthreads();
     float* o = out + ((u64)t * n_head + h) * head_dim;
     const float* vh = v_cache + (u64)kvh * head_dim;
     for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
         float acc = 0.0f;
+#pragma unroll 8
         for (int p = 0; p < n_ctx; ++p) acc = __fadd_rn(acc, __fmul_rn(sc[p], vh[(u64)p * kv_stride + e]));
         o[e] = acc;
     }
@@ -257,45 +279,61 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // ---- router, combine -------------------------------------------------------------------------------------
 
-// moe_kernels::cpu::route for token t, in one thread: p = softmax(logits[t]) (as in attention_exact);
-// top-k by the CPU's insertion (a value goes after every kept value >= it, so ties keep the lower index,
-// and NaN is never preferred); weights p[ids[j]], divided by their sum taken in choice order when
-// `renormalise`. Grid n_tok, block 1, dynamic shared memory n_expert floats.
-extern "C" __global__ void __launch_bounds__(1)
+// moe_kernels::cpu::route for token t: p = softmax(logits[t]) (as in attention_exact: the maximum and
+// the sum in one thread in increasing index, the exponentials and divisions spread over the warp); then
+// the top k of the CPU's insertion (a value goes after every kept value >= it, so ties keep the lower
+// index, and NaN is never preferred), which is the first k of the total order "greater value first, equal
+// values by lower index, NaN after every number and NaNs by index": each lane ranks its experts by counting
+// the experts ahead of them in that order, and an expert of rank j < k is choice j. Weights p[ids[j]],
+// divided by their sum taken in choice order when `renormalise`. Grid n_tok, block 32, dynamic shared
+// memory n_expert floats.
+__device__ __forceinline__ bool exact_ahead(float pj, int j, float pi, int i) {
+    const bool nan_i = pi != pi;
+    const bool nan_j = pj != pj;
+    if (nan_i) return nan_j ? j < i : true;
+    return !nan_j && (pj > pi || (pj == pi && j < i));
+}
+
+extern "C" __global__ void __launch_bounds__(32)
     softmax_topk_exact(const float* logits, int n_expert, int k, int renormalise, int* ids, float* weights) {
     extern __shared__ float p[];
+    __shared__ float stat;
     const int t = blockIdx.x;
+    const int lane = threadIdx.x;
     const float* l = logits + (u64)t * n_expert;
-    float m = l[0];
-    for (int i = 0; i < n_expert; ++i) {
-        if (l[i] > m) m = l[i];
+    if (lane == 0) {
+        float m = l[0];
+        for (int i = 0; i < n_expert; ++i) {
+            if (l[i] > m) m = l[i];
+        }
+        stat = m;
     }
-    float sum = 0.0f;
-    for (int i = 0; i < n_expert; ++i) {
-        const float e = exact_exp(__fsub_rn(l[i], m));
-        p[i] = e;
-        sum = __fadd_rn(sum, e);
+    __syncwarp();
+    const float m = stat;
+    for (int i = lane; i < n_expert; i += WARP_SIZE) p[i] = exact_exp(__fsub_rn(l[i], m));
+    __syncwarp();
+    if (lane == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < n_expert; ++i) sum = __fadd_rn(sum, p[i]);
+        stat = sum;
     }
-    for (int i = 0; i < n_expert; ++i) p[i] = __fdiv_rn(p[i], sum);
+    __syncwarp();
+    const float sum = stat;
+    for (int i = lane; i < n_expert; i += WARP_SIZE) p[i] = __fdiv_rn(p[i], sum);
+    __syncwarp();
     int* out = ids + (u64)t * k;
     float* wt = weights + (u64)t * k;
-    int filled = 0;
-    for (int i = 0; i < n_expert; ++i) {
-        const float v = p[i];
-        int at = filled;
-        while (at > 0) {
-            const float prev = p[out[at - 1]];
-            if (v != v || prev >= v) break;
-            --at;
+    for (int i = lane; i < n_expert; i += WARP_SIZE) {
+        const float pi = p[i];
+        int rank = 0;
+        for (int j = 0; j < n_expert && rank < k; ++j) rank += exact_ahead(p[j], j, pi, i);
+        if (rank < k) {
+            out[rank] = i;
+            wt[rank] = pi;
         }
-        if (at == k) continue;
-        const int end = filled < k ? filled : k - 1;
-        for (int j = end; j > at; --j) out[j] = out[j - 1];
-        out[at] = i;
-        filled = min(filled + 1, k);
     }
-    for (int j = 0; j < k; ++j) wt[j] = p[out[j]];
-    if (renormalise) {
+    __syncwarp();
+    if (lane == 0 && renormalise) {
         float s = 0.0f;
         for (int j = 0; j < k; ++j) s = __fadd_rn(s, wt[j]);
         for (int j = 0; j < k; ++j) wt[j] = __fdiv_rn(wt[j], s);

@@ -281,7 +281,7 @@ impl CudaDevice {
         let (e, k_i, r) = (to_i32(op, "n_expert", n_expert)?, to_i32(op, "k", k)?, renormalise as i32);
         let cfg = LaunchConfig {
             grid_dim: (tok, 1, 1),
-            block_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
             shared_mem_bytes: (n_expert * 4) as u32,
         };
         self.launch(op, &self.kernels.exact.softmax_topk, cfg, |b| {

@@ -18,7 +18,8 @@
 //!   operation order of `docs/numerics.md`, the CPU kernels' order, with every operation explicitly
 //!   rounded: their results are the CPU's bits.
 //!
-//! Everything is enqueued on the device's one stream; only downloads wait for it.
+//! Everything is enqueued on the device's stream (one per `CudaDevice`; [`CudaDevice::fork`] gives another);
+//! only downloads wait for it.
 
 mod device;
 mod error;
@@ -26,12 +27,12 @@ mod exact;
 mod ops;
 
 pub use device::{
-    CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceInfo, DeviceMatrix, DeviceScalar, compile_program,
-    compile_source, kernel_entry_names,
+    CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceGraph, DeviceInfo, DeviceMatrix, DeviceScalar,
+    compile_program, compile_source, kernel_entry_names,
 };
 pub use error::CudaError;
 pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
-pub use ops::{AttentionShape, ExpertGroups, Routing};
+pub use ops::{AttentionShape, ExpertGroups, FUSED_MAX_SLOTS, RopePosition, Routing};
 
 /// Environment variable that makes every launch wait for the kernel and check its status, so an
 /// asynchronous fault (an illegal address, say) is reported at the operation that caused it. Any value

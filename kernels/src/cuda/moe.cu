@@ -6,19 +6,18 @@
 // divided by their sum taken in choice order (when `renormalise`). Expert ids stay on the device.
 // Grid n_tok, block 32, dynamic shared memory n_expert floats. A NaN router row yields in-range ids
 // (0, 1, ...) with NaN weights, so no later kernel reads out of bounds and the NaN stays visible.
-extern "C" __global__ void __launch_bounds__(32)
-    softmax_topk(const float* logits, int n_expert, int k, int renormalise, int* ids, float* weights) {
-    extern __shared__ float p[];
-    const int t = blockIdx.x;
-    const int lane = threadIdx.x;
-    const float* l = logits + (u64)t * n_expert;
+// One warp computes one token's choices (`p`: n_expert floats of shared memory); the logits are read
+// through L2 (`__ldcg`), so a block may read those that other blocks of its grid wrote.
+__device__ __forceinline__ void softmax_topk_row(const float* l, int n_expert, int k, int renormalise,
+                                                 int* out_ids, float* out_w, float* p) {
+    const int lane = threadIdx.x & 31;
     float mx = -F32_INF;
 #pragma unroll 4
-    for (int i = lane; i < n_expert; i += WARP_SIZE) mx = fmaxf(mx, l[i]);
+    for (int i = lane; i < n_expert; i += WARP_SIZE) mx = fmaxf(mx, __ldcg(l + i));
     mx = warp_max(mx);
     float sum = 0.0f;
     for (int i = lane; i < n_expert; i += WARP_SIZE) {
-        const float e = expf(l[i] - mx);
+        const float e = expf(__ldcg(l + i) - mx);
         p[i] = e;
         sum += e;
     }
@@ -26,12 +25,10 @@ extern "C" __global__ void __launch_bounds__(32)
     bool poisoned = !(sum > 0.0f) || isinf(sum) || isnan(mx);
     for (int i = lane; i < n_expert; i += WARP_SIZE) {
         p[i] = p[i] / sum;
-        if (isnan(l[i])) poisoned = true;
+        if (isnan(__ldcg(l + i))) poisoned = true;
     }
     poisoned = __any_sync(FULL_MASK, poisoned);
     __syncwarp();
-    int* out_ids = ids + (u64)t * k;
-    float* out_w = weights + (u64)t * k;
     for (int j = 0; j < k; ++j) {
         // -1 marks a chosen expert: every probability is >= 0.
         float best = -1.0f;
@@ -69,6 +66,67 @@ extern "C" __global__ void __launch_bounds__(32)
         for (int j = 0; j < k; ++j) out_w[j] = out_w[j] / s;
     }
 }
+
+extern "C" __global__ void __launch_bounds__(32)
+    softmax_topk(const float* logits, int n_expert, int k, int renormalise, int* ids, float* weights) {
+    extern __shared__ float p[];
+    const u64 t = blockIdx.x;
+    softmax_topk_row(logits + t * n_expert, n_expert, k, renormalise, ids + t * k, weights + t * k, p);
+}
+
+// The router of one token in one launch: logits = W x as matvec1 computes them (each block its rows),
+// then the last block to finish (counted in *counter, which it resets to 0) runs softmax_topk_row on
+// them: the values of matvec then softmax_topk, one launch fewer. Grid ceil(n_expert / (DEC_WARPS *
+// DEC_ROWS)), block 32 * DEC_WARPS, dynamic shared memory n_expert floats.
+template <class F>
+__device__ __forceinline__ void router_topk1_impl(const u8* w, u64 row_bytes, int k_cols, int n_expert,
+                                                  const float* x, float* logits, int k, int renormalise,
+                                                  int* ids, float* weights, int* counter) {
+    extern __shared__ float router_p[];
+    __shared__ int is_last;
+    const int r0 = (blockIdx.x * DEC_WARPS + (threadIdx.x >> 5)) * DEC_ROWS;
+    if (r0 < n_expert) {
+        const u8* rows[DEC_ROWS];
+#pragma unroll
+        for (int r = 0; r < DEC_ROWS; ++r) rows[r] = w + (u64)min(r0 + r, n_expert - 1) * row_bytes;
+        float acc[DEC_ROWS];
+        dot_rows<F, DEC_ROWS, DEC_BATCH>(rows, k_cols, x, acc);
+        if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+            for (int r = 0; r < DEC_ROWS; ++r) {
+                if (r0 + r < n_expert) logits[r0 + r] = acc[r];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (threadIdx.x < 32) softmax_topk_row(logits, n_expert, k, renormalise, ids, weights, router_p);
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+#define MOE_GATE_ROUTER_KERNEL(F, name)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                                             \
+        router_topk1_##name(const u8* __restrict__ w, u64 row_bytes, int k_cols, int n_expert,               \
+                            const float* __restrict__ x, float* logits, int k, int renormalise, int* ids,    \
+                            float* weights, int* counter) {                                                  \
+        router_topk1_impl<F>(w, row_bytes, k_cols, n_expert, x, logits, k, renormalise, ids, weights,        \
+                             counter);                                                                       \
+    }
+
+MOE_GATE_ROUTER_KERNEL(FmtF32, f32)
+MOE_GATE_ROUTER_KERNEL(FmtF16, f16)
+MOE_GATE_ROUTER_KERNEL(FmtBF16, bf16)
+MOE_GATE_ROUTER_KERNEL(FmtQ4_0, q4_0)
+MOE_GATE_ROUTER_KERNEL(FmtQ5_0, q5_0)
+MOE_GATE_ROUTER_KERNEL(FmtQ5_1, q5_1)
+MOE_GATE_ROUTER_KERNEL(FmtQ8_0, q8_0)
+MOE_GATE_ROUTER_KERNEL(FmtQ4_K, q4_k)
+MOE_GATE_ROUTER_KERNEL(FmtQ5_K, q5_k)
+MOE_GATE_ROUTER_KERNEL(FmtQ6_K, q6_k)
 
 // Groups the routed slots by expert: offsets[e] .. offsets[e + 1] delimit, in `sorted`, the slots s (in
 // increasing order) with ids[s] == e. Ids outside [0, n_expert) are left out (their slots get NaN from
@@ -109,8 +167,8 @@ extern "C" __global__ void __launch_bounds__(256)
         const u64 slot = (u64)t * k + j;
         const int e = ids[slot];
         const float v = (e >= 0 && e < n_expert) ? expert_out[slot * hidden + r] : F32_NAN;
-        s += weights[slot] * v;
+        s = combine_term(s, weights[slot], v);
     }
     float* o = x + (u64)t * hidden + r;
-    *o = *o + s;
+    *o = __fadd_rn(*o, s);
 }

@@ -9,6 +9,14 @@ use super::error::CudaError;
 
 /// Weight rows per block of the matrix-vector kernels (`MV_WARPS` in quant.cu).
 const MV_WARPS: u32 = 4;
+/// Warps per block and rows per warp of the single-token kernels (`DEC_WARPS`, `DEC_ROWS`), rows per block
+/// of `moe_down_combine1` (`DC_ROWS`) and the most routed slots per token it takes (`DC_MAX_SLOTS`).
+const DEC_WARPS: u32 = 8;
+const DEC_ROWS: u32 = 2;
+const DC_ROWS: u32 = 4;
+const DC_MAX_SLOTS: usize = 8;
+/// Most routed slots per token [`CudaDevice::moe_down_combine`] takes.
+pub const FUSED_MAX_SLOTS: usize = DC_MAX_SLOTS;
 /// Activation rows one warp multiplies per pass over a weight row (`TOKEN_TILE` in quant.cu).
 const TOKEN_TILE: usize = 8;
 /// Threads per block of `rmsnorm` (`RMS_THREADS` in norm_rope.cu).
@@ -17,7 +25,7 @@ const RMS_THREADS: u32 = 256;
 const ROPE_WARPS: u32 = 4;
 /// Warps per block of `attention` (`ATT_WARPS`) and the largest head it holds in registers
 /// (32 lanes x `ATT_MAX_PER_LANE`).
-const ATT_WARPS: u32 = 4;
+const ATT_WARPS: u32 = 16;
 const ATT_MAX_HEAD_DIM: usize = 32 * 8;
 /// Threads per block of `get_rows` and `moe_combine`.
 const ELEMENTWISE_THREADS: u32 = 128;
@@ -63,6 +71,20 @@ pub enum Routing<'a> {
     PerSlot { ids: DevSlice<'a, i32> },
     /// The slots grouped by expert: each expert's rows are read once per tile of its slots (prefill).
     Grouped(&'a ExpertGroups),
+}
+
+/// Where [`CudaDevice::head_norm_rope_with`] finds the token's position.
+#[derive(Clone, Copy)]
+pub enum RopePosition<'a> {
+    /// Positions `pos0 ..` (known on the host).
+    Host(usize),
+    /// One token at position `pos[0]`, read on the device, below `max_pos`; with `at_position` the head
+    /// vectors are row `pos[0]` of `x` (a KV cache of `max_pos` rows), otherwise row 0.
+    Device { pos: DevSlice<'a, i32>, at_position: bool, max_pos: usize },
+}
+
+fn same_shape(a: &DeviceMatrix, b: &DeviceMatrix) -> bool {
+    (a.ty, a.cols, a.rows, a.experts, a.row_bytes) == (b.ty, b.cols, b.rows, b.experts, b.row_bytes)
 }
 
 /// Converts a size to the kernel's `int`, naming what overflowed.
@@ -118,6 +140,9 @@ impl CudaDevice {
         need(op, "x", x.len, n_tok * w.cols)?;
         need(op, "y", y.len, n_tok * w.rows)?;
         check_x_alignment(op, w, &x)?;
+        if n_tok == 1 {
+            return self.matvec1(op, w, x, y.ptr, accumulate, None);
+        }
         let tiles = grid_yz(op, "token tiles", n_tok.div_ceil(TOKEN_TILE))?;
         let (k, n, t) =
             (to_i32(op, "cols", w.cols)?, to_i32(op, "rows", w.rows)?, to_i32(op, "n_tok", n_tok)?);
@@ -130,6 +155,55 @@ impl CudaDevice {
         let (wp, rb, acc) = (w.data.as_slice().ptr, w.row_bytes as u64, accumulate as i32);
         self.launch(op, f, cfg, |b| {
             b.arg(&wp).arg(&rb).arg(&k).arg(&n).arg(&x.ptr).arg(&t).arg(&y.ptr).arg(&acc);
+        })
+    }
+
+    /// `y[*pos] = W x` for one token, where `y` holds `max_pos` rows of `w.rows` and the row index is read
+    /// from the device (`pos[0]`): the K / V projection of a decode step into its KV cache row, so a
+    /// captured graph replays at any position. A position outside `0..max_pos` writes nothing.
+    pub fn matvec_to_row(
+        &self,
+        w: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        y: DevSliceMut<'_, f32>,
+        max_pos: usize,
+        pos: DevSlice<'_, i32>,
+    ) -> Result<(), CudaError> {
+        let op = "matvec_to_row";
+        if w.experts != 1 {
+            return Err(CudaError::invalid(op, "an expert stack needs moe_matvec"));
+        }
+        need(op, "x", x.len, w.cols)?;
+        need(op, "y", y.len, max_pos * w.rows)?;
+        need(op, "pos", pos.len, 1)?;
+        check_x_alignment(op, w, &x)?;
+        self.matvec1(op, w, x, y.ptr, false, Some((pos, max_pos)))
+    }
+
+    /// Launches the single-token product (`matvec1_*`) after the caller's checks.
+    fn matvec1(
+        &self,
+        op: &'static str,
+        w: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        y_ptr: u64,
+        accumulate: bool,
+        row: Option<(DevSlice<'_, i32>, usize)>,
+    ) -> Result<(), CudaError> {
+        let (k, n) = (to_i32(op, "cols", w.cols)?, to_i32(op, "rows", w.rows)?);
+        let (pos_ptr, max_pos) = match row {
+            Some((p, max)) => (p.ptr, to_i32(op, "positions", max)?),
+            None => (0u64, 1i32),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(DEC_WARPS * DEC_ROWS), 1, 1),
+            block_dim: (32 * DEC_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.kernels.formats[&w.ty].matvec1;
+        let (wp, rb, acc) = (w.data.as_slice().ptr, w.row_bytes as u64, accumulate as i32);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp).arg(&rb).arg(&k).arg(&n).arg(&x.ptr).arg(&y_ptr).arg(&acc).arg(&pos_ptr).arg(&max_pos);
         })
     }
 
@@ -219,6 +293,32 @@ impl CudaDevice {
         pos0: usize,
         inv_freq: DevSlice<'_, f64>,
     ) -> Result<(), CudaError> {
+        self.head_norm_rope_with(
+            x,
+            row_stride,
+            n_tok,
+            n_head,
+            head_dim,
+            norm,
+            RopePosition::Host(pos0),
+            inv_freq,
+        )
+    }
+
+    /// [`CudaDevice::head_norm_rope`] for one token whose position is read from the device
+    /// ([`RopePosition`]), so a captured graph replays at any position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_rope_with(
+        &self,
+        x: DevSliceMut<'_, f32>,
+        row_stride: usize,
+        n_tok: usize,
+        n_head: usize,
+        head_dim: usize,
+        norm: Option<(DevSlice<'_, f32>, f32)>,
+        position: RopePosition<'_>,
+        inv_freq: DevSlice<'_, f64>,
+    ) -> Result<(), CudaError> {
         let op = "head_norm_rope";
         if head_dim == 0
             || !head_dim.is_multiple_of(2)
@@ -231,7 +331,18 @@ impl CudaDevice {
                 format!("n_tok {n_tok}, {n_head} heads of {head_dim} (must be even) in rows of {row_stride}"),
             ));
         }
-        need(op, "x", x.len, (n_tok - 1) * row_stride + n_head * head_dim)?;
+        let (pos0, pos_ptr, at_position, max_pos) = match position {
+            RopePosition::Host(pos0) => (pos0, 0u64, false, pos0 + n_tok),
+            RopePosition::Device { pos, at_position, max_pos } => {
+                need(op, "pos", pos.len, 1)?;
+                if n_tok != 1 {
+                    return Err(CudaError::invalid(op, "a device position is for one token"));
+                }
+                (0, pos.ptr, at_position, max_pos)
+            }
+        };
+        let rows = if at_position { max_pos } else { n_tok };
+        need(op, "x", x.len, (rows.max(1) - 1) * row_stride + n_head * head_dim)?;
         need(op, "inv_freq", inv_freq.len, head_dim / 2)?;
         let (w_ptr, eps) = match norm {
             Some((w, eps)) => {
@@ -251,6 +362,7 @@ impl CudaDevice {
         );
         to_i32(op, "heads", heads)?;
         let pos0_i = p - t;
+        let (max_pos_i, at_i) = (to_i32(op, "positions", max_pos)?, at_position as i32);
         let stride = row_stride as u64;
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
@@ -266,7 +378,71 @@ impl CudaDevice {
                 .arg(&w_ptr)
                 .arg(&eps)
                 .arg(&pos0_i)
-                .arg(&inv_freq.ptr);
+                .arg(&inv_freq.ptr)
+                .arg(&pos_ptr)
+                .arg(&at_i)
+                .arg(&max_pos_i);
+        })
+    }
+
+    /// The per-head RMSNorm + RoPE of one token's queries and keys in one launch, at the position
+    /// `pos[0]` read from the device: `q` holds `n_q_head` heads in place, the keys are row `pos[0]` of
+    /// `k_cache` (`max_pos` rows of `k_row` floats, `n_k_head` heads each). Each head's values are those of
+    /// [`CudaDevice::head_norm_rope`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_rope_qk(
+        &self,
+        q: DevSliceMut<'_, f32>,
+        (n_q_head, q_norm): (usize, DevSlice<'_, f32>),
+        k_cache: DevSliceMut<'_, f32>,
+        (k_row, n_k_head, k_norm): (usize, usize, DevSlice<'_, f32>),
+        head_dim: usize,
+        eps: f32,
+        inv_freq: DevSlice<'_, f64>,
+        (pos, max_pos): (DevSlice<'_, i32>, usize),
+    ) -> Result<(), CudaError> {
+        let op = "head_norm_rope_qk";
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || max_pos == 0 || k_row < n_k_head * head_dim {
+            return Err(CudaError::invalid(
+                op,
+                format!("{n_q_head} + {n_k_head} heads of {head_dim} (must be even), key rows of {k_row}"),
+            ));
+        }
+        need(op, "q", q.len, n_q_head * head_dim)?;
+        need(op, "k_cache", k_cache.len, max_pos * k_row)?;
+        need(op, "q norm weight", q_norm.len, head_dim)?;
+        need(op, "k norm weight", k_norm.len, head_dim)?;
+        need(op, "inv_freq", inv_freq.len, head_dim / 2)?;
+        need(op, "pos", pos.len, 1)?;
+        let heads = n_q_head + n_k_head;
+        let blocks = u32::try_from(heads.div_ceil(ROPE_WARPS as usize))
+            .map_err(|_| CudaError::invalid(op, "too many heads"))?;
+        let (nq, nk, d, mp) = (
+            to_i32(op, "n_q_head", n_q_head)?,
+            to_i32(op, "n_k_head", n_k_head)?,
+            to_i32(op, "head_dim", head_dim)?,
+            to_i32(op, "positions", max_pos)?,
+        );
+        to_i32(op, "heads", heads)?;
+        let stride = k_row as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (32 * ROPE_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(op, &self.kernels.head_norm_rope_qk, cfg, |b| {
+            b.arg(&q.ptr)
+                .arg(&nq)
+                .arg(&q_norm.ptr)
+                .arg(&k_cache.ptr)
+                .arg(&stride)
+                .arg(&nk)
+                .arg(&k_norm.ptr)
+                .arg(&d)
+                .arg(&eps)
+                .arg(&inv_freq.ptr)
+                .arg(&pos.ptr)
+                .arg(&mp);
         })
     }
 
@@ -281,8 +457,36 @@ impl CudaDevice {
         shape: AttentionShape,
         scale: f32,
     ) -> Result<(), CudaError> {
+        self.attention_with(q, k_cache, v_cache, out, shape, scale, None)
+    }
+
+    /// [`CudaDevice::attention`]; with `device_pos` = (`pos`, `max_pos`), one query whose position is read
+    /// from the device (`pos[0]`, `shape.pos0` ignored) over caches of `max_pos` positions, so a captured
+    /// graph replays at any position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with(
+        &self,
+        q: DevSlice<'_, f32>,
+        k_cache: DevSlice<'_, f32>,
+        v_cache: DevSlice<'_, f32>,
+        out: DevSliceMut<'_, f32>,
+        shape: AttentionShape,
+        scale: f32,
+        device_pos: Option<(DevSlice<'_, i32>, usize)>,
+    ) -> Result<(), CudaError> {
         let op = "attention";
-        let AttentionShape { n_tok, n_head, n_kv_head, head_dim, pos0 } = shape;
+        let AttentionShape { n_tok, n_head, n_kv_head, head_dim, mut pos0 } = shape;
+        let (pos_ptr, max_pos) = match device_pos {
+            Some((pos, max_pos)) => {
+                need(op, "pos", pos.len, 1)?;
+                if n_tok != 1 || max_pos == 0 {
+                    return Err(CudaError::invalid(op, "a device position is for one query over a cache"));
+                }
+                pos0 = max_pos - 1;
+                (pos.ptr, max_pos)
+            }
+            None => (0u64, pos0 + n_tok),
+        };
         if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) || head_dim == 0 || head_dim > ATT_MAX_HEAD_DIM
         {
             return Err(CudaError::invalid(
@@ -307,6 +511,7 @@ impl CudaDevice {
             to_i32(op, "position", pos0 + n_tok)?,
         );
         let pos0_i = p - n_tok as i32;
+        let max_pos_i = to_i32(op, "positions", max_pos)?;
         let cfg = LaunchConfig {
             grid_dim: (n_head as u32, tok, 1),
             block_dim: (32 * ATT_WARPS, 1, 1),
@@ -321,7 +526,9 @@ impl CudaDevice {
                 .arg(&kvh)
                 .arg(&d)
                 .arg(&pos0_i)
-                .arg(&scale);
+                .arg(&scale)
+                .arg(&pos_ptr)
+                .arg(&max_pos_i);
         })
     }
 
@@ -358,6 +565,56 @@ impl CudaDevice {
         };
         self.launch(op, &self.kernels.softmax_topk, cfg, |b| {
             b.arg(&logits.ptr).arg(&e).arg(&k_i).arg(&norm).arg(&ids.ptr).arg(&weights.ptr);
+        })
+    }
+
+    /// The router of one token in one launch: `logits = W x` (as [`CudaDevice::matvec`]), then the
+    /// choices of [`CudaDevice::softmax_topk`] on them, made by the last block to finish. `counter` is one
+    /// device int that must hold 0 before the launch (the kernel leaves it at 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_topk(
+        &self,
+        w: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        logits: DevSliceMut<'_, f32>,
+        k: usize,
+        renormalise: bool,
+        ids: DevSliceMut<'_, i32>,
+        weights: DevSliceMut<'_, f32>,
+        counter: DevSliceMut<'_, i32>,
+    ) -> Result<(), CudaError> {
+        let op = "router_topk";
+        let n_expert = w.rows;
+        if w.experts != 1 || k == 0 || k > n_expert || n_expert * 4 > MAX_DYNAMIC_SHARED {
+            return Err(CudaError::invalid(op, format!("top-{k} of {n_expert} experts")));
+        }
+        need(op, "x", x.len, w.cols)?;
+        check_x_alignment(op, w, &x)?;
+        need(op, "logits", logits.len, n_expert)?;
+        need(op, "ids", ids.len, k)?;
+        need(op, "weights", weights.len, k)?;
+        need(op, "counter", counter.len, 1)?;
+        let (cols, e, k_i, norm) =
+            (to_i32(op, "cols", w.cols)?, to_i32(op, "n_expert", n_expert)?, k as i32, renormalise as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_expert as u32).div_ceil(DEC_WARPS * DEC_ROWS), 1, 1),
+            block_dim: (32 * DEC_WARPS, 1, 1),
+            shared_mem_bytes: (n_expert * 4) as u32,
+        };
+        let f = &self.kernels.formats[&w.ty].router_topk1;
+        let (wp, rb) = (w.data.as_slice().ptr, w.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp)
+                .arg(&rb)
+                .arg(&cols)
+                .arg(&e)
+                .arg(&x.ptr)
+                .arg(&logits.ptr)
+                .arg(&k_i)
+                .arg(&norm)
+                .arg(&ids.ptr)
+                .arg(&weights.ptr)
+                .arg(&counter.ptr);
         })
     }
 
@@ -453,13 +710,35 @@ impl CudaDevice {
             to_i32(op, "in_div", in_div)?,
         );
         to_i32(op, "n_slots", n_slots)?;
+        let (wp, eb, rb) = (w.data.as_slice().ptr, (w.row_bytes * w.rows) as u64, w.row_bytes as u64);
+        if let Routing::PerSlot { .. } = routing {
+            // One input row per block row: the single-token kernel (same arithmetic, fewer registers).
+            let cfg = LaunchConfig {
+                grid_dim: ((w.rows as u32).div_ceil(DEC_WARPS * DEC_ROWS), grid_y, 1),
+                block_dim: (32 * DEC_WARPS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = &self.kernels.formats[&w.ty].moe_matvec1;
+            return self.launch(op, f, cfg, |b| {
+                b.arg(&wp)
+                    .arg(&eb)
+                    .arg(&rb)
+                    .arg(&k)
+                    .arg(&n)
+                    .arg(&e)
+                    .arg(&x.ptr)
+                    .arg(&div)
+                    .arg(&ids_ptr)
+                    .arg(&y.ptr)
+                    .arg(&gate_ptr);
+            });
+        }
         let cfg = LaunchConfig {
             grid_dim: ((w.rows as u32).div_ceil(MV_WARPS), grid_y, 1),
             block_dim: (32 * MV_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
         let f = &self.kernels.formats[&w.ty].moe_matvec;
-        let (wp, eb, rb) = (w.data.as_slice().ptr, (w.row_bytes * w.rows) as u64, w.row_bytes as u64);
         self.launch(op, f, cfg, |b| {
             b.arg(&wp)
                 .arg(&eb)
@@ -474,6 +753,115 @@ impl CudaDevice {
                 .arg(&sorted_ptr)
                 .arg(&y.ptr)
                 .arg(&gate_ptr);
+        })
+    }
+
+    /// The gate and up projections of `n_slots` routed slots in one pass: `act[s] = silu(G[e] x) * (U[e] x)`
+    /// for `e = ids[s]`, `x` = row `s / in_div` of `x` (the values [`CudaDevice::moe_matvec`] gives for the
+    /// gate and then the up projection with that gate). `gate` and `up` must share shape and format.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gate_up(
+        &self,
+        gate: &DeviceMatrix,
+        up: &DeviceMatrix,
+        x: DevSlice<'_, f32>,
+        in_div: usize,
+        ids: DevSlice<'_, i32>,
+        n_slots: usize,
+        act: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_gate_up";
+        if !same_shape(gate, up) {
+            return Err(CudaError::invalid(op, "gate and up projections of different shapes or formats"));
+        }
+        if in_div == 0 || n_slots == 0 {
+            return Err(CudaError::invalid(op, format!("{n_slots} slots, in_div {in_div}")));
+        }
+        need(op, "x", x.len, ((n_slots - 1) / in_div + 1) * gate.cols)?;
+        check_x_alignment(op, gate, &x)?;
+        need(op, "ids", ids.len, n_slots)?;
+        need(op, "act", act.len, n_slots * gate.rows)?;
+        let grid_y = grid_yz(op, "slots", n_slots)?;
+        let (k, n, e, div) = (
+            to_i32(op, "cols", gate.cols)?,
+            to_i32(op, "rows", gate.rows)?,
+            to_i32(op, "experts", gate.experts)?,
+            to_i32(op, "in_div", in_div)?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: ((gate.rows as u32).div_ceil(DEC_WARPS), grid_y, 1),
+            block_dim: (32 * DEC_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.kernels.formats[&gate.ty].moe_gate_up1;
+        let (gp, upp) = (gate.data.as_slice().ptr, up.data.as_slice().ptr);
+        let (eb, rb) = ((gate.row_bytes * gate.rows) as u64, gate.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&gp)
+                .arg(&upp)
+                .arg(&eb)
+                .arg(&rb)
+                .arg(&k)
+                .arg(&n)
+                .arg(&e)
+                .arg(&x.ptr)
+                .arg(&div)
+                .arg(&ids.ptr)
+                .arg(&act.ptr);
+        })
+    }
+
+    /// The down projection of each of `n_tok` tokens' `k` routed slots and their weighted sum into the
+    /// residual in one pass: `x[t] += sum_j weights[t, j] * (D[ids[t k + j]] act[t k + j])`, the values
+    /// [`CudaDevice::moe_matvec`] then [`CudaDevice::moe_combine`] give. At most 8 slots per token.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_down_combine(
+        &self,
+        down: &DeviceMatrix,
+        act: DevSlice<'_, f32>,
+        ids: DevSlice<'_, i32>,
+        weights: DevSlice<'_, f32>,
+        n_tok: usize,
+        k: usize,
+        x: DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_down_combine";
+        if k == 0 || k > DC_MAX_SLOTS {
+            return Err(CudaError::invalid(op, format!("{k} slots per token (1..={DC_MAX_SLOTS})")));
+        }
+        let slots = n_tok * k;
+        need(op, "act", act.len, slots * down.cols)?;
+        check_x_alignment(op, down, &act)?;
+        need(op, "ids", ids.len, slots)?;
+        need(op, "weights", weights.len, slots)?;
+        need(op, "x", x.len, n_tok * down.rows)?;
+        let tok = grid_yz(op, "n_tok", n_tok)?;
+        let (cols, n, e, k_i) = (
+            to_i32(op, "cols", down.cols)?,
+            to_i32(op, "rows", down.rows)?,
+            to_i32(op, "experts", down.experts)?,
+            to_i32(op, "k", k)?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: ((down.rows as u32).div_ceil(DC_ROWS), tok, 1),
+            block_dim: (32 * k as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.kernels.formats[&down.ty].moe_down_combine1;
+        let (wp, eb, rb) =
+            (down.data.as_slice().ptr, (down.row_bytes * down.rows) as u64, down.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&wp)
+                .arg(&eb)
+                .arg(&rb)
+                .arg(&cols)
+                .arg(&n)
+                .arg(&e)
+                .arg(&act.ptr)
+                .arg(&ids.ptr)
+                .arg(&weights.ptr)
+                .arg(&k_i)
+                .arg(&x.ptr);
         })
     }
 

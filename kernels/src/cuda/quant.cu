@@ -280,33 +280,34 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ p, float* xv) 
 #define CHUNK_BATCH 4
 
 // acc[j] = dot(weight row, xs[j]) for j < nt, in the canonical order: lane l accumulates chunks
-// l, l + 32, ... (each chunk's 8 products in order) into one partial sum per token, then warp_sum. A float
-// row whose length is not a multiple of 8 ends with a partial chunk, taken by the lane whose turn it is.
-// Chunks are dequantised CHUNK_BATCH at a time (a chunk past the row end re-reads the last chunk and is not
-// added); the additions stay in chunk order.
-template <class F>
-__device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, const float* const* xs, int nt,
-                                         float* acc) {
+// l, l + 32, ... (each chunk's 8 products in order, each one fused multiply-add into the running sum) into
+// one partial sum per token, then warp_sum. A float row whose length is not a multiple of 8 ends with a
+// partial chunk, taken by the lane whose turn it is. Chunks are dequantised BATCH at a time (a chunk past
+// the row end re-reads the last chunk and is not added); the additions stay in chunk order, so neither
+// BATCH nor TILE changes a token's result.
+template <class F, int TILE, int BATCH>
+__device__ __forceinline__ void dot_tile_t(const u8* __restrict__ wrow, int k, const float* const* xs, int nt,
+                                           float* acc) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int j = 0; j < TOKEN_TILE; ++j) acc[j] = 0.0f;
+    for (int j = 0; j < TILE; ++j) acc[j] = 0.0f;
     const int n_full = k >> 3;
-    for (int c0 = lane; c0 < n_full; c0 += WARP_SIZE * CHUNK_BATCH) {
-        float v[CHUNK_BATCH][8];
+    for (int c0 = lane; c0 < n_full; c0 += WARP_SIZE * BATCH) {
+        float v[BATCH][8];
 #pragma unroll
-        for (int u = 0; u < CHUNK_BATCH; ++u) F::chunk(wrow, min(c0 + WARP_SIZE * u, n_full - 1), v[u]);
+        for (int u = 0; u < BATCH; ++u) F::chunk(wrow, min(c0 + WARP_SIZE * u, n_full - 1), v[u]);
 #pragma unroll
-        for (int u = 0; u < CHUNK_BATCH; ++u) {
+        for (int u = 0; u < BATCH; ++u) {
             const int c = c0 + WARP_SIZE * u;
             if (c < n_full) {
 #pragma unroll
-                for (int j = 0; j < TOKEN_TILE; ++j) {
+                for (int j = 0; j < TILE; ++j) {
                     if (j < nt) {
                         float xv[8];
                         load_x8<F>(xs[j] + 8 * c, xv);
                         float s = acc[j];
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) s += v[u][i] * xv[i];
+                        for (int i = 0; i < 8; ++i) s = __fmaf_rn(v[u][i], xv[i], s);
                         acc[j] = s;
                     }
                 }
@@ -319,12 +320,68 @@ __device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, con
             for (int i = 0; i < rem; ++i) {
                 const int e = 8 * n_full + i;
                 const float w = F::elem(wrow, e);
-                for (int j = 0; j < nt; ++j) acc[j] += w * xs[j][e];
+#pragma unroll
+                for (int j = 0; j < TILE; ++j) {
+                    if (j < nt) acc[j] = __fmaf_rn(w, xs[j][e], acc[j]);
+                }
             }
         }
     }
 #pragma unroll
-    for (int j = 0; j < TOKEN_TILE; ++j) acc[j] = warp_sum(acc[j]);
+    for (int j = 0; j < TILE; ++j) acc[j] = warp_sum(acc[j]);
+}
+
+template <class F>
+__device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, const float* const* xs, int nt,
+                                         float* acc) {
+    dot_tile_t<F, TOKEN_TILE, CHUNK_BATCH>(wrow, k, xs, nt, acc);
+}
+
+// acc[r] = dot(rows[r], x) for r < R: R weight rows against one activation row, each in exactly
+// dot_tile_t's order (so each result is the bits dot_tile_t gives for that row and token), with the R rows'
+// BATCH chunks all loaded before any is multiplied: the single-token (decode) kernels' dot product, which
+// keeps R * BATCH chunks of weights in flight per lane.
+template <class F, int R, int BATCH>
+__device__ __forceinline__ void dot_rows(const u8* const* rows, int k, const float* __restrict__ x, float* acc) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    const int n_full = k >> 3;
+    for (int c0 = lane; c0 < n_full; c0 += WARP_SIZE * BATCH) {
+        float v[R][BATCH][8];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) F::chunk(rows[r], min(c0 + WARP_SIZE * u, n_full - 1), v[r][u]);
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            const int c = c0 + WARP_SIZE * u;
+            if (c < n_full) {
+                float xv[8];
+                load_x8<F>(x + 8 * c, xv);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float s = acc[r];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) s = __fmaf_rn(v[r][u][i], xv[i], s);
+                    acc[r] = s;
+                }
+            }
+        }
+    }
+    if (F::QK == 1) {
+        const int rem = k & 7;
+        if (rem != 0 && lane == (n_full & 31)) {
+            for (int i = 0; i < rem; ++i) {
+                const int e = 8 * n_full + i;
+#pragma unroll
+                for (int r = 0; r < R; ++r) acc[r] = __fmaf_rn(F::elem(rows[r], e), x[e], acc[r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
 }
 
 // y[t, r] (+)= dot(W row r, x[t]) for r < n, t < n_tok. W: n rows of row_bytes; x: [n_tok, k]; y: [n_tok, n].
@@ -394,10 +451,139 @@ __device__ __forceinline__ void moe_matvec_impl(const u8* w, u64 expert_bytes, u
             for (int j = 0; j < nt; ++j) {
                 const u64 o = (u64)slots[j] * n + row;
                 float val = acc[j];
-                if (gate != 0) val = silu(gate[o]) * val;
+                if (gate != 0) val = swiglu(gate[o], val);
                 y[o] = valid ? val : F32_NAN;
             }
         }
+    }
+}
+
+// ---- single-token (decode) kernels -----------------------------------------------------------------------
+// Each warp takes DEC_ROWS weight rows against one activation row with dot_rows, so every result is the
+// bits the tiled kernels above give for the same row and token (decode after a prefill reproduces the
+// prefill's values), with far fewer registers than a tile of 8 tokens needs and all of a row's chunks in
+// flight at once.
+
+// Warps per block and rows per warp of the single-token kernels.
+#define DEC_WARPS 8
+#define DEC_ROWS 2
+#define DEC_BATCH 4
+
+// y[r] (+)= dot(W row r, x) for r < n: one token. With `pos` != 0 the output is row *pos of y (rows of n:
+// the KV cache row of the position a device counter holds, so a captured graph replays at any position);
+// a position outside [0, max_pos) writes nothing. Grid ceil(n / (DEC_WARPS * DEC_ROWS)), block
+// 32 * DEC_WARPS.
+template <class F>
+__device__ __forceinline__ void matvec1_impl(const u8* w, u64 row_bytes, int k, int n, const float* x, float* y,
+                                             int accumulate, const int* pos, int max_pos) {
+    const int r0 = (blockIdx.x * DEC_WARPS + (threadIdx.x >> 5)) * DEC_ROWS;
+    if (r0 >= n) return;
+    const int p = pos != 0 ? *pos : 0;
+    if (p < 0 || p >= max_pos) return;
+    const u8* rows[DEC_ROWS];
+#pragma unroll
+    for (int r = 0; r < DEC_ROWS; ++r) rows[r] = w + (u64)min(r0 + r, n - 1) * row_bytes;
+    float acc[DEC_ROWS];
+    dot_rows<F, DEC_ROWS, DEC_BATCH>(rows, k, x, acc);
+    if ((threadIdx.x & 31) == 0) {
+        float* yb = y + (u64)p * n;
+#pragma unroll
+        for (int r = 0; r < DEC_ROWS; ++r) {
+            if (r0 + r < n) {
+                float* o = yb + r0 + r;
+                *o = accumulate ? *o + acc[r] : acc[r];
+            }
+        }
+    }
+}
+
+// Per routed slot s (grid y): y[s] = W[ids[s]] x[s / in_div], or with `gate` silu(gate[s]) * that (as
+// moe_matvec's per-slot schedule computes it). Grid (ceil(n / (DEC_WARPS * DEC_ROWS)), n_slots).
+template <class F>
+__device__ __forceinline__ void moe_matvec1_impl(const u8* w, u64 expert_bytes, u64 row_bytes, int k, int n,
+                                                 int n_expert, const float* x, int in_div, const int* ids,
+                                                 float* y, const float* gate) {
+    const int r0 = (blockIdx.x * DEC_WARPS + (threadIdx.x >> 5)) * DEC_ROWS;
+    if (r0 >= n) return;
+    const int s = blockIdx.y;
+    const int e = ids[s];
+    const bool valid = e >= 0 && e < n_expert;
+    const u8* base = w + (valid ? (u64)e * expert_bytes : 0);
+    const u8* rows[DEC_ROWS];
+#pragma unroll
+    for (int r = 0; r < DEC_ROWS; ++r) rows[r] = base + (u64)min(r0 + r, n - 1) * row_bytes;
+    float acc[DEC_ROWS];
+    dot_rows<F, DEC_ROWS, DEC_BATCH>(rows, k, x + (u64)(s / in_div) * k, acc);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int r = 0; r < DEC_ROWS; ++r) {
+            if (r0 + r < n) {
+                const u64 o = (u64)s * n + r0 + r;
+                float val = acc[r];
+                if (gate != 0) val = swiglu(gate[o], val);
+                y[o] = valid ? val : F32_NAN;
+            }
+        }
+    }
+}
+
+// The gate and up projections of routed slot s together (grid y): act[s, r] = silu(G[e] x . ) * (U[e] x)
+// for e = ids[s], x = x[s / in_div]: the values moe_matvec gives for the gate and then the up projection
+// with that gate, in one pass (both rows' loads in flight together). Grid (ceil(n / DEC_WARPS), n_slots).
+template <class F>
+__device__ __forceinline__ void moe_gate_up1_impl(const u8* wg, const u8* wu, u64 expert_bytes, u64 row_bytes,
+                                                  int k, int n, int n_expert, const float* x, int in_div,
+                                                  const int* ids, float* act) {
+    const int row = blockIdx.x * DEC_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const int s = blockIdx.y;
+    const int e = ids[s];
+    const bool valid = e >= 0 && e < n_expert;
+    const u64 off = (valid ? (u64)e * expert_bytes : 0) + (u64)row * row_bytes;
+    const u8* rows[2] = {wg + off, wu + off};
+    float acc[2];
+    dot_rows<F, 2, DEC_BATCH>(rows, k, x + (u64)(s / in_div) * k, acc);
+    if ((threadIdx.x & 31) == 0) act[(u64)s * n + row] = valid ? swiglu(acc[0], acc[1]) : F32_NAN;
+}
+
+// Rows per block of moe_down_combine1.
+#define DC_ROWS 4
+// Most routed slots per token moe_down_combine1 takes (one warp each).
+#define DC_MAX_SLOTS 8
+
+// The down projection of token t's k_used routed slots and their weighted sum into the residual (grid y =
+// t): warp j computes rows r0 .. r0 + DC_ROWS of expert ids[t k_used + j] against act[t k_used + j] (as
+// moe_matvec does), then one thread per row adds the slots in choice order from zero and adds the sum to
+// x, as moe_combine does: x[t, r] = x[t, r] + (((0 + w_0 o_0) + w_1 o_1) + ...). Grid (ceil(n / DC_ROWS),
+// n_tok), block 32 * k_used (k_used <= DC_MAX_SLOTS).
+template <class F>
+__device__ __forceinline__ void moe_down_combine1_impl(const u8* w, u64 expert_bytes, u64 row_bytes, int k,
+                                                       int n, int n_expert, const float* act, const int* ids,
+                                                       const float* weights, int k_used, float* x) {
+    __shared__ float part[DC_ROWS][DC_MAX_SLOTS];
+    const int j = threadIdx.x >> 5;
+    const int t = blockIdx.y;
+    const int r0 = blockIdx.x * DC_ROWS;
+    const u64 s = (u64)t * k_used + j;
+    const int e = ids[s];
+    const bool valid = e >= 0 && e < n_expert;
+    const u8* base = w + (valid ? (u64)e * expert_bytes : 0);
+    const u8* rows[DC_ROWS];
+#pragma unroll
+    for (int r = 0; r < DC_ROWS; ++r) rows[r] = base + (u64)min(r0 + r, n - 1) * row_bytes;
+    float acc[DC_ROWS];
+    dot_rows<F, DC_ROWS, 2>(rows, k, act + s * k, acc);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int r = 0; r < DC_ROWS; ++r) part[r][j] = valid ? acc[r] : F32_NAN;
+    }
+    __syncthreads();
+    const int r = threadIdx.x;
+    if (r < DC_ROWS && r0 + r < n) {
+        float sum = 0.0f;
+        for (int jj = 0; jj < k_used; ++jj) sum = combine_term(sum, weights[(u64)t * k_used + jj], part[r][jj]);
+        float* o = x + (u64)t * n + r0 + r;
+        *o = __fadd_rn(*o, sum);
     }
 }
 
@@ -440,6 +626,29 @@ __device__ __forceinline__ void get_rows_impl(const u8* w, u64 row_bytes, int k,
                           float* __restrict__ y, const float* __restrict__ gate) {                                                     \
         moe_matvec_impl<F>(w, expert_bytes, row_bytes, k, n, n_expert, x, in_div, ids, offsets, sorted, y,   \
                            gate);                                                                            \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                                             \
+        matvec1_##name(const u8* __restrict__ w, u64 row_bytes, int k, int n, const float* __restrict__ x,   \
+                       float* __restrict__ y, int accumulate, const int* __restrict__ pos, int max_pos) {   \
+        matvec1_impl<F>(w, row_bytes, k, n, x, y, accumulate, pos, max_pos);                                 \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                                             \
+        moe_matvec1_##name(const u8* __restrict__ w, u64 expert_bytes, u64 row_bytes, int k, int n,          \
+                           int n_expert, const float* __restrict__ x, int in_div, const int* __restrict__ ids, \
+                           float* __restrict__ y, const float* __restrict__ gate) {                          \
+        moe_matvec1_impl<F>(w, expert_bytes, row_bytes, k, n, n_expert, x, in_div, ids, y, gate);            \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                                             \
+        moe_gate_up1_##name(const u8* __restrict__ wg, const u8* __restrict__ wu, u64 expert_bytes,          \
+                            u64 row_bytes, int k, int n, int n_expert, const float* __restrict__ x,          \
+                            int in_div, const int* __restrict__ ids, float* __restrict__ act) {              \
+        moe_gate_up1_impl<F>(wg, wu, expert_bytes, row_bytes, k, n, n_expert, x, in_div, ids, act);          \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * DC_MAX_SLOTS)                                          \
+        moe_down_combine1_##name(const u8* __restrict__ w, u64 expert_bytes, u64 row_bytes, int k, int n,    \
+                                 int n_expert, const float* __restrict__ act, const int* __restrict__ ids,   \
+                                 const float* __restrict__ weights, int k_used, float* x) {                  \
+        moe_down_combine1_impl<F>(w, expert_bytes, row_bytes, k, n, n_expert, act, ids, weights, k_used, x); \
     }                                                                                                        \
     extern "C" __global__ void get_rows_##name(const u8* w, u64 row_bytes, int k, int n_rows,                \
                                                const int* tokens, float* out) {                              \
