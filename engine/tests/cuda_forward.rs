@@ -101,11 +101,11 @@ mod cases {
     pub fn all() -> Vec<Trial> {
         let have_device = match CudaDevice::get(0) {
             Ok(d) => {
-                println!("CUDA forward tests on {}", d.info());
+                eprintln!("CUDA forward tests on {}", d.info());
                 true
             }
             Err(e) => {
-                println!("CUDA forward tests: no usable CUDA here, the device cases are ignored: {e}");
+                eprintln!("CUDA forward tests: no usable CUDA here, the device cases are ignored: {e}");
                 false
             }
         };
