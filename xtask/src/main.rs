@@ -93,9 +93,18 @@ fn ci(args: &[String]) -> Result<()> {
         // cargo-moe-gate builds with CUDA by default (so the steps above check the CUDA code); this one
         // checks the build without it.
         let mut clippy = cargo();
+        // Not --workspace: moe-gate-tests depends on cargo-moe-gate with its default features, which
+        // would turn CUDA back on for every package.
         clippy.args([
             "clippy",
-            "--workspace",
+            "-p",
+            "cargo-moe-gate",
+            "-p",
+            "moe-engine",
+            "-p",
+            "moe-kernels",
+            "-p",
+            "moe-contracts",
             "--all-targets",
             "--no-default-features",
             "--",
