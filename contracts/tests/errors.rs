@@ -163,7 +163,7 @@ const CASES: &[(&str, &str, &str, &str, &str)] = &[
         "count: 3, min_len: 1, max_len: 4, seed: 1",
         "count: 3, min_len: 1, max_len: 4",
         "test.yaml:9:10",
-        "has neither `tokens` nor all of",
+        "has neither `tokens`, `text` nor all of",
     ),
     (
         "max_len < min_len",

@@ -183,9 +183,9 @@ mod cases {
             }));
         }
         if let Err(reason) = device() {
-            println!("CUDA kernel tests: no usable CUDA here, the device cases are ignored: {reason}");
+            eprintln!("CUDA kernel tests: no usable CUDA here, the device cases are ignored: {reason}");
         } else if let Ok(d) = device() {
-            println!("CUDA kernel tests on {}", d.info());
+            eprintln!("CUDA kernel tests on {}", d.info());
         }
         t
     }

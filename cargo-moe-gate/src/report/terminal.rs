@@ -359,7 +359,7 @@ mod tests {
         let layer_line = text.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap();
         assert!(layer_line.contains("0.950000000 ✗"), "{layer_line}");
         let argmax_line = text.lines().find(|l| l.trim_start().starts_with("p_a ")).unwrap();
-        assert_eq!(argmax_line.matches("17 (3.2500, 5.00e-1)").count(), 2, "{argmax_line}");
+        assert_eq!(argmax_line.matches("17 \"2\" (3.2500, 5.00e-1)").count(), 2, "{argmax_line}");
         assert!(argmax_line.ends_with("yes"), "{argmax_line}");
         assert!(text.contains("first divergent layer: 1"), "{text}");
         assert!(text.contains("- note: isolated layer unavailable: the backend has no run_layer"), "{text}");
