@@ -22,7 +22,7 @@ use crate::model::{CudaStatus, ModelChoice, choose_model, probe_cuda, resolve_mo
 use crate::record::{self, top_logits};
 use crate::report::{
     ArgmaxRow, ContractInfo, CudaInfo, Diagnosis, GateReport, ModelInfo, PartitionInfo, RunToken,
-    SCHEMA_VERSION, Timings, TrialStatus, terminal,
+    SCHEMA_VERSION, Timings, TrialStatus, incomplete, terminal,
 };
 use crate::trials;
 
@@ -56,6 +56,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
 
     let contract = resolve_for_model(contract, choice.source, &choice.spec);
+    incomplete::watch(args, &contract, &choice, weights.config.n_layer);
     let mut prompts = contract.expand_prompts();
     let mut plans = contract.plan(weights.config.n_layer);
     let partition = args.partition.map(|part| {
@@ -79,6 +80,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
 
     let jobs = trials::jobs(&contract, &plans, &selection, &prompts);
+    crate::resources::check(&jobs, &weights.config)?;
     let mut ready = HashMap::new();
     if let Some(probe) = cuda.probe.take()
         && let Some(job) = jobs.iter().find(|j| j.backend == BackendKind::Cuda && j.policy == probe.policy())
@@ -97,6 +99,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         .collect();
     let judged = Judged { contract: &contract, plans: &plans, statuses: &statuses, outcomes: &outcomes };
     let summaries = judged.summaries();
+    incomplete::judged(&judged, &summaries);
     let evaluation_s = evaluation_started.elapsed().as_secs_f64();
 
     let diagnosis_started = Instant::now();
@@ -123,7 +126,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         diagnosis_s,
         total_s: started.elapsed().as_secs_f64(),
     };
-    let report = ReportInputs {
+    let mut report = ReportInputs {
         judged,
         choice: &choice,
         n_layer: weights.config.n_layer,
@@ -134,6 +137,8 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
     .build(&summaries, diagnoses, timings);
 
+    incomplete::finished();
+    let empty = report.refuse_if_empty(args.allow_empty);
     let summary = terminal::render(&report);
     if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
         eprint!("{summary}");
@@ -146,6 +151,9 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
     if let Some(file) = &args.junit {
         report.write_junit(file)?;
+    }
+    if let Some(reason) = empty {
+        return Err(GateError::nothing_judged(reason, args.libtest.filter.as_deref()));
     }
     Ok(report.verdict.exit_code)
 }

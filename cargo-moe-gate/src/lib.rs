@@ -26,6 +26,7 @@ pub mod model;
 pub mod partition;
 pub mod record;
 pub mod report;
+pub mod resources;
 pub mod trials;
 
 use std::ffi::OsString;
@@ -73,6 +74,7 @@ where
         Ok(code) => code,
         Err(e) => {
             report_error(&e);
+            report::incomplete::abandon(&e.to_string(), EXIT_UNJUDGED);
             EXIT_UNJUDGED
         }
     }

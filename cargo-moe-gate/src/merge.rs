@@ -47,6 +47,12 @@ pub enum MergeError {
          cargo-moe-gate version that wrote the shards"
     )]
     Schema { path: PathBuf, found: u32 },
+    /// A report is of a run that did not finish.
+    #[error(
+        "{path} is the report of a run that did not finish ({why}); rerun that shard and merge its new \
+         report.json"
+    )]
+    Incomplete { path: PathBuf, why: String },
     /// A report is of an unpartitioned run.
     #[error(
         "{path} is not a shard: its run had no --partition; merge the reports of `--partition 1/N` .. `N/N` \
@@ -141,7 +147,8 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
     let shards = args.reports.iter().map(|p| read_shard(p)).collect::<Result<Vec<_>, _>>()?;
     let shards = check_shards(shards)?;
     let contract = load_contract(args.contract.as_deref(), &shards[0])?;
-    let report = merge(&contract, &shards)?;
+    let mut report = merge(&contract, &shards)?;
+    let empty = report.refuse_if_empty(args.allow_empty);
     crate::commands::print_all(&terminal::render(&report));
     if let Some(dir) = &args.report_dir {
         report.write_dir(dir)?;
@@ -150,6 +157,9 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
     if let Some(file) = &args.junit {
         report.write_junit(file)?;
     }
+    if let Some(reason) = empty {
+        return Err(GateError::nothing_judged(format!("the shards: {reason}"), None));
+    }
     Ok(report.verdict.exit_code)
 }
 
@@ -157,7 +167,12 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
 pub fn read_shard(path: &Path) -> Result<Shard, MergeError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| MergeError::Read { path: path.to_path_buf(), source })?;
-    let schema = serde_json::from_str::<serde_json::Value>(&text)
+    parse_shard(&text, path)
+}
+
+/// Parses the text of one shard's report.json; `path` is the file errors name.
+pub fn parse_shard(text: &str, path: &Path) -> Result<Shard, MergeError> {
+    let schema = serde_json::from_str::<serde_json::Value>(text)
         .map_err(|e| MergeError::Parse { path: path.to_path_buf(), reason: e.to_string() })?
         .get("schema_version")
         .and_then(serde_json::Value::as_u64);
@@ -173,8 +188,11 @@ pub fn read_shard(path: &Path) -> Result<Shard, MergeError> {
             return Err(MergeError::Parse { path: path.to_path_buf(), reason: "no schema_version".into() });
         }
     }
-    let report = GateReport::from_json(&text)
+    let report = GateReport::from_json(text)
         .map_err(|e| MergeError::Parse { path: path.to_path_buf(), reason: e.to_string() })?;
+    if let Some(why) = &report.verdict.incomplete {
+        return Err(MergeError::Incomplete { path: path.to_path_buf(), why: why.clone() });
+    }
     Ok(Shard { path: path.to_path_buf(), report })
 }
 

@@ -107,7 +107,7 @@ pub fn greedy_decode(
     for i in 0..steps {
         let top5 = top_logits(&logits, GREEDY_TOP);
         let token = top5.first().map_or(0, |&(t, _)| t);
-        out.push(GreedyStep { token, top5 });
+        out.push(GreedyStep::new(token, top5, &logits));
         if i + 1 < steps {
             logits = backend.step(token)?;
         }
