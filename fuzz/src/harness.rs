@@ -10,8 +10,11 @@ use moe_engine::gguf::GgufFile;
 use moe_engine::trace::Trace;
 use moe_engine::weights::{ModelWeights, WeightTensor};
 
+/// A target: its name and what it does with one input.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The targets, as named under `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: [(&str, fn(&[u8])); 4] =
+pub const TARGETS: [Target; 4] =
     [("gguf", gguf), ("contract", contract), ("trace", trace), ("report", report)];
 
 /// The contract `report` merges shards of (its seed reports are runs of it).
