@@ -50,6 +50,10 @@ pub struct GateArgs {
     /// Write a JUnit XML report to this file.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
+    /// Exit 0 even when no trial of a blocking criterion is judged (a filter that selects nothing, every
+    /// trial ignored). Without it such a run exits 2: it checked nothing.
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Judge only shard K of N: the trials of every N-th prompt of the contract (as resolved for the
     /// model), starting with the K-th. Join the shards' report.json files with `cargo moe-gate merge`.
     #[arg(long, value_name = "K/N")]
@@ -167,6 +171,10 @@ pub struct MergeArgs {
     /// readable here. It must have the shards' id and version.
     #[arg(long, value_name = "NAME|PATH")]
     pub contract: Option<String>,
+    /// Exit 0 even when the shards judged no trial of a blocking criterion. Without it such a merge
+    /// exits 2: it checked nothing.
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 /// Arguments of `cargo moe-gate bench`.
@@ -194,6 +202,40 @@ pub struct BenchArgs {
     /// Also write the numbers as JSON (`schema: 1`) to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+/// The subcommands, for "did you mean" hints.
+pub const SUBCOMMANDS: [&str; 7] = ["trace", "synth", "validate", "list", "quantize", "merge", "bench"];
+
+/// The subcommand `word` is probably a typo of (within two edits, and not itself one), for a gate run
+/// whose name filter is `word`: `cargo moe-gate valdate` runs the gate with the filter "valdate".
+pub fn subcommand_typo(word: &str) -> Option<&'static str> {
+    let word = word.to_ascii_lowercase();
+    if SUBCOMMANDS.contains(&word.as_str()) || word.contains("::") {
+        return None;
+    }
+    SUBCOMMANDS
+        .into_iter()
+        .map(|s| (edit_distance(&word, s), s))
+        .filter(|&(d, _)| d <= 2)
+        .min()
+        .map(|(_, s)| s)
+}
+
+/// Levenshtein distance between two short words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substituted = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// Drops the `moe-gate` that cargo inserts as `argv[1]` when it runs an installed `cargo-moe-gate`
@@ -340,6 +382,27 @@ mod tests {
     fn gate_flags_conflict_with_subcommands() {
         let args = ["g", "trace", "--contract", "c"].iter().map(OsString::from).collect::<Vec<_>>();
         assert!(Cli::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn a_word_near_a_subcommand_is_taken_for_a_typo() {
+        assert_eq!(subcommand_typo("valdate"), Some("validate"));
+        assert_eq!(subcommand_typo("MERG"), Some("merge"));
+        assert_eq!(subcommand_typo("lsit"), Some("list"));
+        assert_eq!(subcommand_typo("validate"), None, "a subcommand itself is not a typo");
+        assert_eq!(subcommand_typo("AC-GPU-MOE-007"), None, "a criterion filter");
+        assert_eq!(subcommand_typo("layer02"), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn allow_empty_is_a_gate_and_a_merge_flag() {
+        assert!(parse(&["g", "--allow-empty", "x"]).gate.allow_empty);
+        assert!(!parse(&["g", "x"]).gate.allow_empty);
+        match parse(&["g", "merge", "r.json", "--allow-empty"]).command {
+            Some(Command::Merge(m)) => assert!(m.allow_empty),
+            other => panic!("expected merge, got {other:?}"),
+        }
     }
 
     #[test]

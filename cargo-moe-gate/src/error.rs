@@ -55,6 +55,18 @@ pub enum GateError {
     #[error("{what}: {source}")]
     Engine { what: String, source: moe_engine::error::EngineError },
 
+    /// The run would need more memory than the machine has.
+    #[error(
+        "refused before running: {detail}; split the run into at least {shards} shards with --partition \
+         K/N (merged by `cargo moe-gate merge`), or run fewer or shorter prompts"
+    )]
+    Resources { detail: String, shards: u128 },
+    /// The run judged no trial of a blocking criterion, and `--allow-empty` was not given.
+    #[error(
+        "{reason}{hint}; fix the name filter or the contract, or pass --allow-empty if this is deliberate"
+    )]
+    NothingJudged { reason: String, hint: String },
+
     // --- merging shards ---
     /// The shards' reports cannot be merged.
     #[error("{0}")]
@@ -70,6 +82,19 @@ impl GateError {
     /// Wraps an engine error with what was being done.
     pub fn engine(what: impl Into<String>, source: moe_engine::error::EngineError) -> Self {
         Self::Engine { what: what.into(), source }
+    }
+
+    /// A run that judged nothing: `reason`, and a "did you mean" when the name filter looks like a
+    /// mistyped subcommand.
+    pub fn nothing_judged(reason: String, filter: Option<&str>) -> Self {
+        let hint = match filter.and_then(crate::cli::subcommand_typo) {
+            Some(sub) => format!(
+                "; the name filter `{}` looks like a mistyped subcommand: did you mean `cargo moe-gate {sub}`?",
+                filter.unwrap_or_default()
+            ),
+            None => String::new(),
+        };
+        Self::NothingJudged { reason, hint }
     }
 
     /// A write failure of `path`.

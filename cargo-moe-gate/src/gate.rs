@@ -22,7 +22,7 @@ use crate::model::{CudaStatus, ModelChoice, choose_model, probe_cuda, resolve_mo
 use crate::record::{self, top_logits};
 use crate::report::{
     ArgmaxRow, ContractInfo, CudaInfo, Diagnosis, GateReport, ModelInfo, PartitionInfo, RunToken,
-    SCHEMA_VERSION, Timings, TrialStatus, terminal,
+    SCHEMA_VERSION, Timings, TrialStatus, incomplete, terminal,
 };
 use crate::ties::{TieReport, TieWork};
 use crate::trials;
@@ -58,6 +58,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
 
     let contract = resolve_for_model(contract, choice.source, &choice.spec);
     let (contract, tokenizer) = crate::text::tokenize_prompts(contract, &weights, &choice.spec)?;
+    incomplete::watch(args, &contract, &choice, weights.config.n_layer);
     let mut prompts = contract.expand_prompts();
     let mut plans = contract.plan(weights.config.n_layer);
     let partition = args.partition.map(|part| {
@@ -81,6 +82,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
 
     let jobs = trials::jobs(&contract, &plans, &selection, &prompts);
+    crate::resources::check(&jobs, &weights.config)?;
     let mut ready = HashMap::new();
     if let Some(probe) = cuda.probe.take()
         && let Some(job) = jobs.iter().find(|j| j.backend == BackendKind::Cuda && j.policy == probe.policy())
@@ -123,6 +125,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     let ties_s = ties_recording_s + certify_started.elapsed().as_secs_f64();
     let judged = Judged { contract: &contract, plans: &plans, statuses: &statuses, outcomes: &outcomes };
     let summaries = judged.summaries();
+    incomplete::judged(&judged, &summaries);
     let evaluation_s = evaluation_started.elapsed().as_secs_f64() - (ties_s - ties_recording_s);
 
     let diagnosis_started = Instant::now();
@@ -160,8 +163,10 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         partition,
     }
     .build(&summaries, diagnoses, tie_reports, timings);
-    let report = crate::text::annotate(report, tokenizer.as_deref(), &contract, &recording.recorded);
+    let mut report = crate::text::annotate(report, tokenizer.as_deref(), &contract, &recording.recorded);
 
+    incomplete::finished();
+    let empty = report.refuse_if_empty(args.allow_empty);
     let summary = terminal::render(&report);
     if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
         eprint!("{summary}");
@@ -174,6 +179,9 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     }
     if let Some(file) = &args.junit {
         report.write_junit(file)?;
+    }
+    if let Some(reason) = empty {
+        return Err(GateError::nothing_judged(reason, args.libtest.filter.as_deref()));
     }
     Ok(report.verdict.exit_code)
 }

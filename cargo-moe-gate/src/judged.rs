@@ -183,8 +183,22 @@ impl Judged<'_> {
             line
         };
         let exit_code = if blocking_failed.is_empty() { 0 } else { EXIT_FAILED };
-        Verdict { exit_code, blocking_failed, advisory_failed, ignored, line }
+        let lenient = self.contract.known_divergences.iter().filter(|k| !k.strict).map(describe).collect();
+        Verdict { exit_code, blocking_failed, advisory_failed, ignored, line, lenient, incomplete: None }
     }
+}
+
+/// A known divergence in one line: criterion, scope, status and note.
+fn describe(k: &moe_contracts::KnownDivergence) -> String {
+    let mut scope = Vec::new();
+    if let Some(p) = &k.prompt {
+        scope.push(format!("prompt {p}"));
+    }
+    if let Some(l) = &k.layers {
+        scope.push(l.to_string());
+    }
+    let scope = if scope.is_empty() { "every trial".to_string() } else { scope.join(", ") };
+    format!("{} ({scope}): {}: {}", k.criterion, k.status, k.note)
 }
 
 /// Which way a criterion's metric gets worse: bounded below (cosine) means lower is worse; everything

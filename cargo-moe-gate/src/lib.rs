@@ -27,6 +27,7 @@ pub mod model;
 pub mod partition;
 pub mod record;
 pub mod report;
+pub mod resources;
 pub mod text;
 pub mod ties;
 pub mod trials;
@@ -76,6 +77,7 @@ where
         Ok(code) => code,
         Err(e) => {
             report_error(&e);
+            report::incomplete::abandon(&e.to_string(), EXIT_UNJUDGED);
             EXIT_UNJUDGED
         }
     }

@@ -47,6 +47,23 @@ pub enum MergeError {
          cargo-moe-gate version that wrote the shards"
     )]
     Schema { path: PathBuf, found: u32 },
+    /// A report is of a run that did not finish.
+    #[error(
+        "{path} is the report of a run that did not finish ({why}); rerun that shard and merge its new \
+         report.json"
+    )]
+    Incomplete { path: PathBuf, why: String },
+    /// A report's partition is not K/N with 1 <= K <= N.
+    #[error(
+        "{path} claims partition {index}/{count}, which no run writes (1 <= K <= N); pass the report.json a shard wrote"
+    )]
+    BadPartition { path: PathBuf, index: usize, count: usize },
+    /// A report claims more layers than it holds trials for.
+    #[error(
+        "{path} claims a model of {n_layer} layers but holds {trials} trials, too few for a per-layer \
+         criterion over that depth; pass the report.json a shard wrote"
+    )]
+    BadLayerCount { path: PathBuf, n_layer: usize, trials: usize },
     /// A report is of an unpartitioned run.
     #[error(
         "{path} is not a shard: its run had no --partition; merge the reports of `--partition 1/N` .. `N/N` \
@@ -141,7 +158,8 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
     let shards = args.reports.iter().map(|p| read_shard(p)).collect::<Result<Vec<_>, _>>()?;
     let shards = check_shards(shards)?;
     let contract = load_contract(args.contract.as_deref(), &shards[0])?;
-    let report = merge(&contract, &shards)?;
+    let mut report = merge(&contract, &shards)?;
+    let empty = report.refuse_if_empty(args.allow_empty);
     crate::commands::print_all(&terminal::render(&report));
     if let Some(dir) = &args.report_dir {
         report.write_dir(dir)?;
@@ -150,6 +168,9 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
     if let Some(file) = &args.junit {
         report.write_junit(file)?;
     }
+    if let Some(reason) = empty {
+        return Err(GateError::nothing_judged(format!("the shards: {reason}"), None));
+    }
     Ok(report.verdict.exit_code)
 }
 
@@ -157,7 +178,12 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
 pub fn read_shard(path: &Path) -> Result<Shard, MergeError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| MergeError::Read { path: path.to_path_buf(), source })?;
-    let schema = serde_json::from_str::<serde_json::Value>(&text)
+    parse_shard(&text, path)
+}
+
+/// Parses the text of one shard's report.json; `path` is the file errors name.
+pub fn parse_shard(text: &str, path: &Path) -> Result<Shard, MergeError> {
+    let schema = serde_json::from_str::<serde_json::Value>(text)
         .map_err(|e| MergeError::Parse { path: path.to_path_buf(), reason: e.to_string() })?
         .get("schema_version")
         .and_then(serde_json::Value::as_u64);
@@ -173,16 +199,23 @@ pub fn read_shard(path: &Path) -> Result<Shard, MergeError> {
             return Err(MergeError::Parse { path: path.to_path_buf(), reason: "no schema_version".into() });
         }
     }
-    let report = GateReport::from_json(&text)
+    let report = GateReport::from_json(text)
         .map_err(|e| MergeError::Parse { path: path.to_path_buf(), reason: e.to_string() })?;
+    if let Some(why) = &report.verdict.incomplete {
+        return Err(MergeError::Incomplete { path: path.to_path_buf(), why: why.clone() });
+    }
     Ok(Shard { path: path.to_path_buf(), report })
 }
 
 /// Checks that the shards are the partitions 1..N of one run and returns them ordered by partition.
 pub fn check_shards(mut shards: Vec<Shard>) -> Result<Vec<Shard>, MergeError> {
     for s in &shards {
-        if s.report.partition.is_none() {
+        let Some(p) = &s.report.partition else {
             return Err(MergeError::NotAShard { path: s.path.clone() });
+        };
+        // Issue 13 fuzzing: `count: 0` divided by zero, `index: 0` underflowed in the prompt dealing.
+        if p.index == 0 || p.index > p.count {
+            return Err(MergeError::BadPartition { path: s.path.clone(), index: p.index, count: p.count });
         }
     }
     let first = shards.first().expect("clap requires at least one report").clone();
@@ -288,7 +321,14 @@ pub fn merge(contract: &Contract, shards: &[Shard]) -> Result<GateReport, MergeE
     let prompts = contract.expand_prompts();
     check_prompts(&prompts, shards, &first.model.spec)?;
 
-    let plans = contract.plan(first.model.n_layer);
+    // Issue 13 fuzzing: a huge `n_layer` made the plan allocate a trial per claimed layer. A shard of a
+    // per-layer criterion holds a trial per layer for each of its prompts, so no real report claims more
+    // layers than its trials.
+    let (n_layer, trials) = (first.model.n_layer, shards.iter().map(|s| s.report.trials.len()).sum());
+    if contract.criteria.iter().any(|c| c.is_per(moe_contracts::Per::Layer)) && n_layer > trials {
+        return Err(MergeError::BadLayerCount { path: shards[0].path.clone(), n_layer, trials });
+    }
+    let plans = contract.plan(n_layer);
     let (statuses, outcomes) = recorded_outcomes(&plans, &prompts, shards)?;
     let judged = Judged { contract: &contract, plans: &plans, statuses: &statuses, outcomes: &outcomes };
     let summaries = judged.summaries();
@@ -754,5 +794,25 @@ amendments:
         std::fs::write(&junk, "{\"schema_version\": 7}").unwrap();
         let e = read_shard(&junk).unwrap_err().to_string();
         assert!(e.contains("has report schema 7, this cargo-moe-gate reads schema 1"), "{e}");
+    }
+
+    #[test]
+    fn hostile_partitions_and_layer_counts_are_refused() {
+        // Issue 13 fuzzing (target `report`): these panicked (division by zero, underflow) or allocated
+        // a trial per claimed layer before they were checked.
+        let (_dir, good) = shards(2, &[1, 2], false);
+        for (index, count) in [(1, 0), (0, 2), (3, 2)] {
+            let mut bad = good.clone();
+            let p = bad[0].report.partition.as_mut().unwrap();
+            (p.index, p.count) = (index, count);
+            let e = check_shards(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("claims partition {index}/{count}")), "{e}");
+        }
+        let mut huge = check_shards(good).unwrap();
+        for s in &mut huge {
+            s.report.model.n_layer = 1 << 50;
+        }
+        let e = merge(&contract(), &huge).unwrap_err().to_string();
+        assert!(e.contains("claims a model of 1125899906842624 layers"), "{e}");
     }
 }

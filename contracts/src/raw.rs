@@ -140,7 +140,7 @@ pub(crate) struct RawDivergence {
 #[derive(Debug)]
 pub(crate) enum RawScope {
     All,
-    Some(RawWhere),
+    Some(Box<RawWhere>),
 }
 
 impl<'de> Deserialize<'de> for RawScope {
@@ -165,7 +165,8 @@ impl<'de> Deserialize<'de> for RawScope {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawScope, A::Error> {
-                RawWhere::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawScope::Some)
+                RawWhere::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|w| RawScope::Some(Box::new(w)))
             }
         }
 

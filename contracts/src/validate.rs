@@ -73,9 +73,10 @@ fn is_set_name(name: &str, sets: &[PromptSet]) -> bool {
 /// What a broad known divergence masks, for its note.
 fn broad_scope(d: &RawDivergence) -> String {
     match d.at.as_ref().map(|w| &w.value) {
-        Some(RawScope::Some(RawWhere { prompt: Some(p), .. })) => {
-            format!("every prompt of set `{}`", p.value)
-        }
+        Some(RawScope::Some(w)) => match &w.prompt {
+            Some(p) => format!("every prompt of set `{}`", p.value),
+            None => format!("every trial of `{}`", d.criterion.value),
+        },
         _ => format!("every trial of `{}`", d.criterion.value),
     }
 }
@@ -722,7 +723,7 @@ impl Validator<'_> {
             );
         };
         let narrowed = match d.at.as_ref().map(|w| &w.value) {
-            Some(RawScope::Some(w)) => Some(w),
+            Some(RawScope::Some(w)) => Some(&**w),
             _ => None,
         };
         let prompt = narrowed.and_then(|w| w.prompt.as_ref());

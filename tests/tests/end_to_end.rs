@@ -97,7 +97,7 @@ fn failing_contract_exits_101_names_the_trial_and_diagnoses() {
 #[test]
 fn known_divergences_are_expected_failures_and_strict_ones_must_keep_failing() {
     let dir = tempfile::tempdir().unwrap();
-    let known = "  - {criterion: EXACT, status: benign, note: f32 cannot match f64 bit for bit}";
+    let known = "  - {criterion: EXACT, where: all, status: benign, note: f32 cannot match f64 bit for bit, reason: no prompt can}";
     let path = write_contract(dir.path(), "e2e-known-v1", CPU_REF_RUNS, IMPOSSIBLE_CRITERION, known);
     let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.all());

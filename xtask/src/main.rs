@@ -6,6 +6,8 @@
 //!   and the gate on the default model.
 //! - `cargo xtask bench`: the criterion benches (short), and the default gate's wall time, written to the
 //!   "Gate" section of docs/benchmarks.md.
+//! - `cargo xtask fuzz`: the cargo-fuzz targets of fuzz/ (nightly), each for a given time, from the
+//!   committed corpus; docs/reliability.md records what they ran and found.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -24,13 +26,18 @@ commands:
                          (--no-default-features)
   bench [--gate-only] [--runs N]
                          criterion benches (short), then the default gate's wall time (N runs, default 5),
-                         written to docs/benchmarks.md (section \"Gate\")";
+                         written to docs/benchmarks.md (section \"Gate\")
+  fuzz [--seconds N] [TARGET...]
+                         runs the fuzz targets (all: gguf contract trace report) for N seconds each
+                         (default 60) with the nightly toolchain and cargo-fuzz, from fuzz/corpus/TARGET;
+                         new inputs go to fuzz/work/TARGET, crashes to fuzz/artifacts/TARGET";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -237,6 +244,52 @@ fn kernel_compile_step() -> Result<()> {
         "kernel compile: every kernel of both policies for compute_90 with NVRTC, the exact PTX without FMA",
         test,
     )
+}
+
+/// The fuzz targets of fuzz/fuzz_targets/.
+const FUZZ_TARGETS: [&str; 4] = ["gguf", "contract", "trace", "report"];
+
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut seconds = 60u64;
+    let mut targets: Vec<&str> = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let value = rest.next().context("--seconds needs a number")?;
+                seconds = value.parse().with_context(|| format!("--seconds {value}: not a whole number"))?;
+            }
+            t if FUZZ_TARGETS.contains(&t) => targets.push(t),
+            other => bail!(
+                "unknown fuzz target or argument `{other}`; targets: {}\n{USAGE}",
+                FUZZ_TARGETS.join(", ")
+            ),
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    let probe = Command::new("cargo").args(["+nightly", "fuzz", "--version"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        bail!(
+            "`cargo +nightly fuzz` is not available: install the nightly toolchain (`rustup toolchain install \
+             nightly`) and cargo-fuzz (`cargo install cargo-fuzz`)"
+        );
+    }
+    let fuzz_dir = root().join("fuzz");
+    for target in targets {
+        let work = fuzz_dir.join("work").join(target);
+        std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+        let mut run = Command::new("cargo");
+        run.current_dir(&fuzz_dir).args(["+nightly", "fuzz", "run", "-a", target]);
+        run.arg(&work).arg(fuzz_dir.join("corpus").join(target));
+        run.args(["--", &format!("-max_total_time={seconds}")]);
+        // Limits that turn an allocation blow-up or a hang into a reported crash.
+        run.args(["-rss_limit_mb=2048", "-malloc_limit_mb=1024", "-timeout=10", "-max_len=65536"]);
+        run.arg("-print_final_stats=1");
+        step(&format!("fuzz {target} for {seconds} s"), run)?;
+    }
+    Ok(())
 }
 
 fn has_nextest() -> bool {

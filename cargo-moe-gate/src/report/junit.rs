@@ -21,6 +21,16 @@ pub fn render(report: &GateReport) -> String {
         report.trials.len(),
         report.timings.total_s
     );
+    if let Some(why) = &report.verdict.incomplete {
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"{0}::incomplete\" tests=\"1\" failures=\"0\" errors=\"1\" skipped=\"0\">\n    \
+             <testcase name=\"{0}::incomplete\" classname=\"{0}\" time=\"0\">\n      \
+             <error message=\"{1}\">{1}</error>\n    </testcase>\n  </testsuite>",
+            esc(&report.contract.id),
+            esc(why)
+        );
+    }
     for criterion in &report.criteria {
         let trials: Vec<&TrialReport> =
             report.trials.iter().filter(|t| t.criterion == criterion.id).collect();

@@ -2,6 +2,7 @@
 //! the terminal summary ([`terminal`]), `report.json` (this module, schema [`SCHEMA_VERSION`]), `report.md`
 //! ([`markdown`]), `layers.svg` ([`svg`]) and JUnit XML ([`junit`]).
 
+pub mod incomplete;
 pub mod junit;
 pub mod markdown;
 pub mod svg;
@@ -442,6 +443,14 @@ pub struct Verdict {
     pub ignored: usize,
     /// One line for humans.
     pub line: String,
+    /// The known divergences that are not strict, described: a trial they mask could start passing, or
+    /// fail for another reason, and the verdict would not change. Shown above the verdict line.
+    #[serde(default)]
+    pub lenient: Vec<String>,
+    /// Why the run ended before judging everything (a signal, a device fault), when it did: the report
+    /// then holds what was judged so far and is not a verdict (`merge` refuses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 impl GateReport {
@@ -465,6 +474,39 @@ impl GateReport {
         write_file(&dir.join("junit.xml"), &junit::render(self))
     }
 
+    /// Why the run judged nothing that could fail the build, when it judged nothing: no trial of a
+    /// blocking criterion was evaluated (every one filtered out by a name filter, ignored for lack of
+    /// CUDA, or the contract selects none). Such a run proves nothing, so the gate refuses to pass it
+    /// unless `--allow-empty` says it is deliberate.
+    pub fn nothing_judged(&self) -> Option<String> {
+        let blocking: Vec<&str> =
+            self.criteria.iter().filter(|c| c.blocking).map(|c| c.id.as_str()).collect();
+        let evaluated = |t: &&TrialReport| {
+            blocking.contains(&t.criterion.as_str())
+                && !matches!(t.status, TrialStatus::Ignored(_) | TrialStatus::FilteredOut)
+        };
+        if self.trials.iter().any(|t| evaluated(&t)) {
+            return None;
+        }
+        let count = |f: fn(&TrialStatus) -> bool| self.trials.iter().filter(|t| f(&t.status)).count();
+        let filtered = count(|s| *s == TrialStatus::FilteredOut);
+        let ignored = count(|s| matches!(s, TrialStatus::Ignored(_)));
+        Some(format!(
+            "no trial of a blocking criterion was judged ({} planned: {filtered} filtered out by the name \
+             filters, {ignored} ignored), so nothing was checked",
+            self.trials.len()
+        ))
+    }
+
+    /// Unless `allow_empty`, turns the verdict of a run that judged nothing ([`Self::nothing_judged`])
+    /// into "not judged" (exit 2), and returns why.
+    pub fn refuse_if_empty(&mut self, allow_empty: bool) -> Option<String> {
+        let reason = self.nothing_judged().filter(|_| !allow_empty)?;
+        self.verdict.exit_code = crate::EXIT_UNJUDGED;
+        self.verdict.line = format!("NOT JUDGED: {reason}; it proves nothing (--allow-empty passes it)");
+        Some(reason)
+    }
+
     /// Writes the JUnit XML report to `path`.
     pub fn write_junit(&self, path: &Path) -> Result<(), GateError> {
         write_file(path, &junit::render(self))
@@ -482,8 +524,10 @@ fn finite_or_nan_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String,
     Ok(map.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
 }
 
+/// Writes one report file atomically (a temporary file renamed into place), so an interrupted run never
+/// leaves a half report.json that `merge` would read as whole.
 fn write_file(path: &Path, contents: &str) -> Result<(), GateError> {
-    std::fs::write(path, contents).map_err(|e| GateError::write(path, e))
+    moe_engine::trace::write_atomically(path, contents.as_bytes()).map_err(|e| GateError::write(path, e))
 }
 
 /// Formats a metric value for humans: cosines with enough digits to see how far from 1 they are,
@@ -717,6 +761,8 @@ pub(crate) mod sample {
                 advisory_failed: vec![],
                 ignored: 1,
                 line: "FAILED: blocking gate HID does not hold".into(),
+                lenient: vec![],
+                incomplete: None,
             },
         }
     }

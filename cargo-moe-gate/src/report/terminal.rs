@@ -21,7 +21,30 @@ pub fn render(report: &GateReport) -> String {
     out.push_str(&greedy_section(report));
     out.push_str(&diagnoses_section(report));
     out.push_str(&timings_line(report));
+    out.push_str(&lenient_section(report));
+    if let Some(why) = &report.verdict.incomplete {
+        out.push_str(&format!("\nINCOMPLETE: {why}\n"));
+    }
     out.push_str(&format!("\ngate: {}\n", report.verdict.line));
+    out
+}
+
+/// The non-strict known divergences, right above the verdict: each masks trials whose passing (a fix,
+/// or a change that moves the failure elsewhere) the gate would not notice.
+fn lenient_section(report: &GateReport) -> String {
+    let lenient = &report.verdict.lenient;
+    if lenient.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n!! {} non-strict known divergence{} (the gate does not notice when these trials start passing; \
+         make them `strict: true` once confirmed):\n",
+        lenient.len(),
+        if lenient.len() == 1 { "" } else { "s" }
+    );
+    for entry in lenient {
+        out.push_str(&format!("!!   {entry}\n"));
+    }
     out
 }
 
