@@ -276,7 +276,17 @@ impl CudaForward {
                 Some(ExactRope::new(&device, cfg).map_err(|e| engine_error("uploading the RoPE tables", e))?)
             }
         };
-        Ok(CudaForward { device, weights, policy, model, cache, work, n_cached: 0, exact_rope, decode_graph: None })
+        Ok(CudaForward {
+            device,
+            weights,
+            policy,
+            model,
+            cache,
+            work,
+            n_cached: 0,
+            exact_rope,
+            decode_graph: None,
+        })
     }
 
     fn cfg(&self) -> &ModelConfig {
@@ -343,8 +353,9 @@ impl CudaForward {
         d.copy_to_device(&[token as i32], self.work.tokens.as_mut()).map_err(|e| engine_error(&step(), e))?;
         d.copy_to_device(&[pos_i], self.work.pos.as_mut()).map_err(|e| engine_error(&step(), e))?;
         if self.decode_graph.is_none() {
-            let graph =
-                d.capture(|| self.enqueue_decode()).map_err(|e| engine_error("capturing the decode step", e))?;
+            let graph = d
+                .capture(|| self.enqueue_decode())
+                .map_err(|e| engine_error("capturing the decode step", e))?;
             self.decode_graph = Some(graph);
         }
         if let Some(graph) = &self.decode_graph {
@@ -495,7 +506,8 @@ fn new_cache(device: &CudaDevice, cfg: &ModelConfig, positions: usize) -> Result
 /// gate and up projections of one shape and format, at most [`FUSED_MAX_SLOTS`] experts per token.
 fn fused_experts(lw: &DeviceLayer, k: usize) -> bool {
     let (g, u) = (&lw.gate_exps, &lw.up_exps);
-    k <= FUSED_MAX_SLOTS && (g.ty(), g.cols(), g.rows(), g.experts()) == (u.ty(), u.cols(), u.rows(), u.experts())
+    k <= FUSED_MAX_SLOTS
+        && (g.ty(), g.cols(), g.rows(), g.experts()) == (u.ty(), u.cols(), u.rows(), u.experts())
 }
 
 /// Decoder layer `l` of a model on a device.

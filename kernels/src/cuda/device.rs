@@ -348,7 +348,9 @@ impl CudaDevice {
         if self.sync_each_launch {
             return Err(CudaError::invalid(
                 op,
-                format!("{SYNC_EACH_LAUNCH_ENV} makes every launch wait, which a graph capture cannot; unset it"),
+                format!(
+                    "{SYNC_EACH_LAUNCH_ENV} makes every launch wait, which a graph capture cannot; unset it"
+                ),
             ));
         }
         self.bind()?;

@@ -293,7 +293,16 @@ impl CudaDevice {
         pos0: usize,
         inv_freq: DevSlice<'_, f64>,
     ) -> Result<(), CudaError> {
-        self.head_norm_rope_with(x, row_stride, n_tok, n_head, head_dim, norm, RopePosition::Host(pos0), inv_freq)
+        self.head_norm_rope_with(
+            x,
+            row_stride,
+            n_tok,
+            n_head,
+            head_dim,
+            norm,
+            RopePosition::Host(pos0),
+            inv_freq,
+        )
     }
 
     /// [`CudaDevice::head_norm_rope`] for one token whose position is read from the device
@@ -839,7 +848,8 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         let f = &self.kernels.formats[&down.ty].moe_down_combine1;
-        let (wp, eb, rb) = (down.data.as_slice().ptr, (down.row_bytes * down.rows) as u64, down.row_bytes as u64);
+        let (wp, eb, rb) =
+            (down.data.as_slice().ptr, (down.row_bytes * down.rows) as u64, down.row_bytes as u64);
         self.launch(op, f, cfg, |b| {
             b.arg(&wp)
                 .arg(&eb)
