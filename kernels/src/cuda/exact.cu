@@ -59,11 +59,23 @@ __device__ __forceinline__ float exact_tree16(float s) {
 
 // dot(a, b) over n elements by the 16 lanes of the calling thread's half-warp (lane l = threadIdx.x % 16
 // takes elements l, l + 16, ... in order). Every lane of the half-warp returns the result.
+#define EXACT_DOT_BATCH 16
 __device__ __forceinline__ float exact_dot16(const float* a, const float* b, int n) {
     float s = 0.0f;
-    // Unrolled so that the loads of several elements are in flight before the (sequential) additions.
-#pragma unroll 8
-    for (int i = threadIdx.x & 15; i < n; i += 16) s = __fadd_rn(s, __fmul_rn(a[i], b[i]));
+    // EXACT_DOT_BATCH elements' loads are issued before their (sequential) additions.
+    for (int i0 = threadIdx.x & 15; i0 < n; i0 += 16 * EXACT_DOT_BATCH) {
+        float av[EXACT_DOT_BATCH], bv[EXACT_DOT_BATCH];
+#pragma unroll
+        for (int u = 0; u < EXACT_DOT_BATCH; ++u) {
+            const int i = i0 + 16 * u;
+            av[u] = i < n ? a[i] : 0.0f;
+            bv[u] = i < n ? b[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < EXACT_DOT_BATCH; ++u) {
+            if (i0 + 16 * u < n) s = __fadd_rn(s, __fmul_rn(av[u], bv[u]));
+        }
+    }
     return exact_tree16(s);
 }
 
@@ -89,15 +101,19 @@ __device__ __forceinline__ float exact_row_dot(const u8* __restrict__ wrow, int 
     const int n_full = k >> 3;
     for (int c0 = half; c0 < n_full; c0 += 2 * EXACT_CHUNK_BATCH) {
         float v[EXACT_CHUNK_BATCH][8];
-#pragma unroll
-        for (int u = 0; u < EXACT_CHUNK_BATCH; ++u) F::chunk(wrow, min(c0 + 2 * u, n_full - 1), v[u]);
+        float xv[EXACT_CHUNK_BATCH][8];
 #pragma unroll
         for (int u = 0; u < EXACT_CHUNK_BATCH; ++u) {
-            const int c = c0 + 2 * u;
-            if (c < n_full) {
-                const float* xc = x + 8 * c;
+            const int c = min(c0 + 2 * u, n_full - 1);
+            F::chunk(wrow, c, v[u]);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(v[u][i], xc[i]));
+            for (int i = 0; i < 8; ++i) xv[u][i] = x[8 * c + i];
+        }
+#pragma unroll
+        for (int u = 0; u < EXACT_CHUNK_BATCH; ++u) {
+            if (c0 + 2 * u < n_full) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(v[u][i], xv[u][i]));
             }
         }
     }
@@ -301,16 +317,19 @@ extern "C" __global__ void __launch_bounds__(32)
     const int t = blockIdx.x;
     const int lane = threadIdx.x;
     const float* l = logits + (u64)t * n_expert;
+    // The logits into shared memory first (all loads in flight together), then the scan in one thread.
+    for (int i = lane; i < n_expert; i += WARP_SIZE) p[i] = l[i];
+    __syncwarp();
     if (lane == 0) {
-        float m = l[0];
+        float m = p[0];
         for (int i = 0; i < n_expert; ++i) {
-            if (l[i] > m) m = l[i];
+            if (p[i] > m) m = p[i];
         }
         stat = m;
     }
     __syncwarp();
     const float m = stat;
-    for (int i = lane; i < n_expert; i += WARP_SIZE) p[i] = exact_exp(__fsub_rn(l[i], m));
+    for (int i = lane; i < n_expert; i += WARP_SIZE) p[i] = exact_exp(__fsub_rn(p[i], m));
     __syncwarp();
     if (lane == 0) {
         float sum = 0.0f;
