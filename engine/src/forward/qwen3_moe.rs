@@ -360,13 +360,14 @@ impl<N: Numerics> Model<N> {
 
         let group = cfg.n_head / cfg.n_kv_head;
         let scale = N::F::from_f64(1.0 / (hd as f64).sqrt());
-        let kv: Vec<(&[N::F], &[N::F])> = caches.iter().map(|c| (&c.keys[..], &c.values[..])).collect();
+        let kv: Vec<&LayerCache<N::F>> = caches.iter().map(|c| &**c).collect();
         let mut out = vec![N::F::ZERO; batch.rows() * q_dim];
         out.par_chunks_mut(hd).zip(q.par_chunks(hd)).enumerate().for_each_init(
             Vec::new,
             |scores, (i, (o, qh))| {
                 let (t, head) = (i / cfg.n_head, i % cfg.n_head);
-                let (keys, values) = kv[batch.seq[t]];
+                let cache = kv[batch.seq[t]];
+                let (keys, values) = (&cache.keys[..], &cache.values[..]);
                 let view = KvView { keys, values, row_width: kv_dim, offset: (head / group) * hd };
                 causal_attention_head(qh, view, batch.pos[t] + 1, scale, scores, o);
             },

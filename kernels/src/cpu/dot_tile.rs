@@ -42,7 +42,10 @@ pub fn dot_tile(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    assert!(rows.len() % n == 0 && xs.len() % n == 0, "dot_tile: rows and xs must be whole rows of n values");
+    assert!(
+        rows.len().is_multiple_of(n) && xs.len().is_multiple_of(n),
+        "dot_tile: rows and xs must be whole rows of n values"
+    );
     assert_eq!(out.len(), rows.len() / n * (xs.len() / n), "dot_tile: out must hold rows x tokens values");
     #[cfg(target_arch = "x86_64")]
     {
