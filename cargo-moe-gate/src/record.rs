@@ -328,6 +328,51 @@ impl Progress {
 mod tests {
     use super::*;
 
+    fn prompt(id: &str, len: usize) -> Prompt {
+        Prompt { id: id.to_string(), tokens: (0..len).map(|i| (i * 7919 + 785) as u32 % 151_936).collect() }
+    }
+
+    #[test]
+    fn batched_greedy_decoding_is_each_prompts_own() {
+        // synth:tiny on cpu: three prompts decoded together choose, step by step, the tokens and top-5
+        // logits (bit for bit, as GreedyStep's f32 equality compares them) of each decoded alone.
+        let weights = moe_engine::spec::load_model("synth:tiny").expect("synth:tiny");
+        let mut f = create_backend(BackendKind::Cpu, weights, Policy::Fast).expect("cpu backend");
+        let prompts = [prompt("a", 1), prompt("b", 9), prompt("c", 4)];
+        let steps = 5;
+        let alone: Vec<Vec<GreedyStep>> = prompts
+            .iter()
+            .map(|p| {
+                let first = f.forward(&p.tokens, None).expect("forward");
+                greedy_decode(&mut *f, first, steps).expect("greedy")
+            })
+            .collect();
+        let seqs: Vec<&[u32]> = prompts.iter().map(|p| &p.tokens[..]).collect();
+        let firsts = f.forward_many(&seqs, None).expect("forward_many");
+        let together = greedy_decode_many(&mut *f, firsts, steps).expect("greedy_many");
+        assert_eq!(together, alone);
+    }
+
+    #[test]
+    fn batches_group_prompts_by_steps_within_the_token_bound() {
+        let prompts: Vec<(Prompt, usize)> = (0..40)
+            .map(|i| (prompt(&format!("p{i}"), 1 + i * 37 % 200), if i % 3 == 0 { 32 } else { 0 }))
+            .collect();
+        for max_sequences in [1, 5, usize::MAX] {
+            let batches = batches(&prompts, max_sequences);
+            let mut seen: Vec<&str> = batches.iter().flatten().map(|(p, _)| p.id.as_str()).collect();
+            seen.sort_unstable();
+            let mut want: Vec<&str> = prompts.iter().map(|(p, _)| p.id.as_str()).collect();
+            want.sort_unstable();
+            assert_eq!(seen, want, "every prompt exactly once");
+            for b in &batches {
+                assert!(b.len() <= max_sequences && b.iter().all(|(_, s)| *s == b[0].1), "{max_sequences}");
+                let tokens: usize = b.iter().map(|(p, _)| p.tokens.len()).sum();
+                assert!(b.len() == 1 || tokens <= BATCH_TOKENS, "{tokens} tokens in {} prompts", b.len());
+            }
+        }
+    }
+
     #[test]
     fn top_logits_orders_by_value_then_lower_id() {
         let logits = [0.5, 2.0, f32::NAN, 2.0, -1.0, 3.0, 0.5];
