@@ -84,15 +84,20 @@ pub fn trace_prompt(
     backend: &mut dyn Forward,
     prompt: &Prompt,
 ) -> Result<(Trace, Vec<f32>), GateError> {
-    let precision = match backend.kind() {
-        BackendKind::Reference => Precision::F64,
-        BackendKind::Cpu | BackendKind::Cuda => Precision::F32,
-    };
-    let mut trace = Trace::new(model_spec, backend.kind().as_str(), backend.policy().as_str(), precision);
+    let mut trace = new_trace(model_spec, backend);
     let last = backend.forward(&prompt.tokens, Some(&mut trace)).map_err(|e| {
         GateError::engine(format!("the {} forward of prompt `{}`", backend.kind(), prompt.id), e)
     })?;
     Ok((trace, last))
+}
+
+/// An empty trace of `backend`'s kind, policy and precision for the model `model_spec`.
+fn new_trace(model_spec: &str, backend: &dyn Forward) -> Trace {
+    let precision = match backend.kind() {
+        BackendKind::Reference => Precision::F64,
+        BackendKind::Cpu | BackendKind::Cuda => Precision::F32,
+    };
+    Trace::new(model_spec, backend.kind().as_str(), backend.policy().as_str(), precision)
 }
 
 /// Decodes `steps` greedy tokens after a prefill whose last logits are `first`: token i is the argmax
@@ -105,14 +110,49 @@ pub fn greedy_decode(
     let mut out = Vec::with_capacity(steps);
     let mut logits = first;
     for i in 0..steps {
-        let top5 = top_logits(&logits, GREEDY_TOP);
-        let token = top5.first().map_or(0, |&(t, _)| t);
-        out.push(GreedyStep::new(token, top5, &logits));
+        let step = greedy_step(&logits);
+        let token = step.token;
+        out.push(step);
         if i + 1 < steps {
             logits = backend.step(token)?;
         }
     }
     Ok(out)
+}
+
+/// Decodes `steps` greedy tokens after each of the prefills whose last logits are `firsts` (the
+/// sequences of the backend's last `forward_many`), all sequences stepping together: token i of a
+/// sequence is the argmax of its logits after token i-1 was appended, as [`greedy_decode`] decodes one.
+pub fn greedy_decode_many(
+    backend: &mut dyn Forward,
+    firsts: Vec<Vec<f32>>,
+    steps: usize,
+) -> Result<Vec<Vec<GreedyStep>>, moe_engine::error::EngineError> {
+    let mut out: Vec<Vec<GreedyStep>> = firsts.iter().map(|_| Vec::with_capacity(steps)).collect();
+    let mut logits = firsts;
+    for i in 0..steps {
+        let tokens: Vec<u32> = logits
+            .iter()
+            .zip(&mut out)
+            .map(|(logits, out)| {
+                let step = greedy_step(logits);
+                let token = step.token;
+                out.push(step);
+                token
+            })
+            .collect();
+        if i + 1 < steps {
+            logits = backend.step_many(&tokens)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The greedy choice after `logits` and its top [`GREEDY_TOP`] alternatives.
+fn greedy_step(logits: &[f32]) -> GreedyStep {
+    let top5 = top_logits(logits, GREEDY_TOP);
+    let token = top5.first().map_or(0, |&(t, _)| t);
+    GreedyStep::new(token, top5, logits)
 }
 
 /// The `n` largest logits, largest first, equal values by lower token id; NaNs are never chosen.
@@ -161,25 +201,91 @@ fn run_job(
     };
     let mut traces = Vec::with_capacity(job.prompts.len());
     let mut greedy = Vec::new();
-    for (prompt, steps) in &job.prompts {
-        bar.set_message(prompt.id.clone());
-        let (trace, last) =
-            trace_prompt(model_spec, backend.as_mut(), prompt).map_err(|e| with_run(e, &job.run))?;
-        if *steps > 0 {
-            let decoded = greedy_decode(backend.as_mut(), last, *steps).map_err(|e| {
+    for batch in batches(&job.prompts, backend.max_sequences()) {
+        bar.set_message(batch[0].0.id.clone());
+        let (batch_traces, lasts) =
+            trace_batch(model_spec, backend.as_mut(), &batch).map_err(|e| with_run(e, &job.run))?;
+        let steps = batch[0].1;
+        if steps > 0 {
+            let decoded = greedy_decode_many(backend.as_mut(), lasts, steps).map_err(|e| {
                 GateError::engine(
-                    format!("run `{}`: greedy decoding after prompt `{}`", job.run, prompt.id),
+                    format!("run `{}`: greedy decoding after prompts {}", job.run, prompt_ids(&batch)),
                     e,
                 )
             })?;
-            greedy.push((prompt.id.clone(), decoded));
+            greedy.extend(batch.iter().map(|(p, _)| p.id.clone()).zip(decoded));
         }
-        traces.push((prompt.id.clone(), trace));
-        bar.inc(1);
+        traces.extend(batch.iter().map(|(p, _)| p.id.clone()).zip(batch_traces));
+        bar.inc(batch.len() as u64);
     }
     timing.seconds = start.elapsed().as_secs_f64();
     bar.finish_with_message(format!("{:.2} s", timing.seconds));
     Ok(RunOutput { traces, greedy, timing, backend })
+}
+
+/// Most prompt tokens one `forward_many` carries. Batching amortises decoding each weight row over the
+/// batch's tokens (at the production shape, 1024 tokens give each of the 128 experts about 64 tokens
+/// per layer, so decoding is a few percent of the products), while the batch's transient buffers stay
+/// bounded: the f32 logits of every position (0.6 MB a token at a 151 936-token vocabulary) and the
+/// traces being built (f64, about 2 MB a token at the production shape).
+pub const BATCH_TOKENS: usize = 1024;
+
+/// The prompts of a run in batches for `forward_many`: prompts with the same number of greedy steps
+/// together (they decode together), at most `max_sequences` prompts and, where a group has more than
+/// [`BATCH_TOKENS`] tokens, split into the fewest batches of at most that many tokens (a longer prompt
+/// goes alone), of about equal size.
+fn batches(prompts: &[(Prompt, usize)], max_sequences: usize) -> Vec<Vec<(&Prompt, usize)>> {
+    let mut groups: BTreeMap<usize, Vec<(&Prompt, usize)>> = BTreeMap::new();
+    for (p, steps) in prompts {
+        groups.entry(*steps).or_default().push((p, *steps));
+    }
+    let mut out = Vec::new();
+    for group in groups.into_values() {
+        let tokens: usize = group.iter().map(|(p, _)| p.tokens.len()).sum();
+        let target = tokens.div_ceil(tokens.div_ceil(BATCH_TOKENS).max(1));
+        let mut batch: Vec<(&Prompt, usize)> = Vec::new();
+        let mut batch_tokens = 0;
+        for item in group {
+            let len = item.0.tokens.len();
+            if !batch.is_empty()
+                && (batch.len() == max_sequences.max(1)
+                    || batch_tokens + len > BATCH_TOKENS
+                    || batch_tokens >= target)
+            {
+                out.push(std::mem::take(&mut batch));
+                batch_tokens = 0;
+            }
+            batch_tokens += len;
+            batch.push(item);
+        }
+        if !batch.is_empty() {
+            out.push(batch);
+        }
+    }
+    out
+}
+
+/// Forwards the prompts of `batch` together with a trace each (the traces' `model` is the spec).
+fn trace_batch(
+    model_spec: &str,
+    backend: &mut dyn Forward,
+    batch: &[(&Prompt, usize)],
+) -> Result<(Vec<Trace>, Vec<Vec<f32>>), GateError> {
+    if let [(prompt, _)] = batch {
+        let (trace, last) = trace_prompt(model_spec, backend, prompt)?;
+        return Ok((vec![trace], vec![last]));
+    }
+    let mut traces: Vec<Trace> = batch.iter().map(|_| new_trace(model_spec, backend)).collect();
+    let seqs: Vec<&[u32]> = batch.iter().map(|(p, _)| &p.tokens[..]).collect();
+    let lasts = backend.forward_many(&seqs, Some(&mut traces)).map_err(|e| {
+        GateError::engine(format!("the {} forward of prompts {}", backend.kind(), prompt_ids(batch)), e)
+    })?;
+    Ok((traces, lasts))
+}
+
+/// The ids of a batch's prompts, for messages: `a`, `b`, ...
+fn prompt_ids(batch: &[(&Prompt, usize)]) -> String {
+    batch.iter().map(|(p, _)| format!("`{}`", p.id)).collect::<Vec<_>>().join(", ")
 }
 
 fn with_run(e: GateError, run: &str) -> GateError {
@@ -221,6 +327,51 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prompt(id: &str, len: usize) -> Prompt {
+        Prompt { id: id.to_string(), tokens: (0..len).map(|i| (i * 7919 + 785) as u32 % 151_936).collect() }
+    }
+
+    #[test]
+    fn batched_greedy_decoding_is_each_prompts_own() {
+        // synth:tiny on cpu: three prompts decoded together choose, step by step, the tokens and top-5
+        // logits (bit for bit, as GreedyStep's f32 equality compares them) of each decoded alone.
+        let weights = moe_engine::spec::load_model("synth:tiny").expect("synth:tiny");
+        let mut f = create_backend(BackendKind::Cpu, weights, Policy::Fast).expect("cpu backend");
+        let prompts = [prompt("a", 1), prompt("b", 9), prompt("c", 4)];
+        let steps = 5;
+        let alone: Vec<Vec<GreedyStep>> = prompts
+            .iter()
+            .map(|p| {
+                let first = f.forward(&p.tokens, None).expect("forward");
+                greedy_decode(&mut *f, first, steps).expect("greedy")
+            })
+            .collect();
+        let seqs: Vec<&[u32]> = prompts.iter().map(|p| &p.tokens[..]).collect();
+        let firsts = f.forward_many(&seqs, None).expect("forward_many");
+        let together = greedy_decode_many(&mut *f, firsts, steps).expect("greedy_many");
+        assert_eq!(together, alone);
+    }
+
+    #[test]
+    fn batches_group_prompts_by_steps_within_the_token_bound() {
+        let prompts: Vec<(Prompt, usize)> = (0..40)
+            .map(|i| (prompt(&format!("p{i}"), 1 + i * 37 % 200), if i % 3 == 0 { 32 } else { 0 }))
+            .collect();
+        for max_sequences in [1, 5, usize::MAX] {
+            let batches = batches(&prompts, max_sequences);
+            let mut seen: Vec<&str> = batches.iter().flatten().map(|(p, _)| p.id.as_str()).collect();
+            seen.sort_unstable();
+            let mut want: Vec<&str> = prompts.iter().map(|(p, _)| p.id.as_str()).collect();
+            want.sort_unstable();
+            assert_eq!(seen, want, "every prompt exactly once");
+            for b in &batches {
+                assert!(b.len() <= max_sequences && b.iter().all(|(_, s)| *s == b[0].1), "{max_sequences}");
+                let tokens: usize = b.iter().map(|(p, _)| p.tokens.len()).sum();
+                assert!(b.len() == 1 || tokens <= BATCH_TOKENS, "{tokens} tokens in {} prompts", b.len());
+            }
+        }
+    }
 
     #[test]
     fn top_logits_orders_by_value_then_lower_id() {

@@ -117,6 +117,47 @@ pub trait Forward: Send {
     /// the whole sequence gives at that position).
     fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError>;
 
+    /// Clears the KV cache and runs each of `seqs` from position 0, as [`Forward::forward`] runs one
+    /// sequence, keeping one KV cache per sequence for [`Forward::step_many`]. Returns each sequence's
+    /// last-position logits; with `traces` (one per sequence, in order) fills them as `forward` does.
+    ///
+    /// Every value is the one `forward` gives for that sequence alone. A backend that batches overrides
+    /// this (`cpu`: all sequences' tokens through every weight row together). The default runs `forward`
+    /// on each sequence in turn, so afterwards its cache holds the last sequence only, and
+    /// [`Forward::max_sequences`] is 1.
+    fn forward_many(
+        &mut self,
+        seqs: &[&[u32]],
+        mut traces: Option<&mut [Trace]>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        if let Some(traces) = &traces
+            && traces.len() != seqs.len()
+        {
+            return Err(EngineError::TraceCount { traces: traces.len(), sequences: seqs.len() });
+        }
+        let mut last = Vec::with_capacity(seqs.len());
+        for (s, tokens) in seqs.iter().enumerate() {
+            last.push(self.forward(tokens, traces.as_deref_mut().map(|t| &mut t[s]))?);
+        }
+        Ok(last)
+    }
+
+    /// Appends `tokens[s]` to sequence `s` of the last [`Forward::forward_many`] (or the one sequence of
+    /// the last `forward`), for every held sequence, and returns each one's logits: the values
+    /// [`Forward::step`] gives for that sequence alone. The default holds one sequence and steps it.
+    fn step_many(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        match tokens {
+            [token] => Ok(vec![self.step(*token)?]),
+            _ => Err(EngineError::SequenceCount { tokens: tokens.len(), held: 1 }),
+        }
+    }
+
+    /// How many sequences one [`Forward::forward_many`] may hold for [`Forward::step_many`] to decode them
+    /// together: 1 for a backend that keeps one KV cache (the default).
+    fn max_sequences(&self) -> usize {
+        1
+    }
+
     /// Diagnosis: runs decoder layer `layer` alone on the residual stream `input` (`[T, hidden]`, positions
     /// `0..T`, causal attention among them, the KV cache neither read nor changed), returning the layer's
     /// taps as a forward records them: the output residual `[T, hidden]` and the router's logits, experts

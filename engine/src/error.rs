@@ -27,6 +27,17 @@ pub enum EngineError {
          {context_length}; start a new forward with a shorter prompt"
     )]
     ContextFull { context_length: usize, cached: usize, requested: usize },
+    /// `step_many` was given a token count other than the number of sequences the forward holds.
+    #[error(
+        "step_many got {tokens} tokens but the forward holds {held} sequences: pass one token per \
+         sequence of the last forward_many, in order (a backend whose max_sequences() is 1 holds one)"
+    )]
+    SequenceCount { tokens: usize, held: usize },
+    /// `forward_many` was given a trace count other than its sequence count.
+    #[error(
+        "forward_many got {traces} traces for {sequences} sequences: pass one trace per sequence, or none"
+    )]
+    TraceCount { traces: usize, sequences: usize },
     /// `run_layer` was asked for a layer the model does not have.
     #[error("layer {layer} does not exist: the model has {n_layer} layers (0..{n_layer})")]
     LayerOutOfRange { layer: usize, n_layer: usize },

@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use moe_kernels::cpu::dot_each;
+use moe_kernels::cpu::dot_tile;
 use moe_kernels::quant::{dequantize_row, dot_row};
 
-use super::numerics::{Mat, Numerics, matmul_by_rows};
+use super::numerics::{Mat, Numerics, matmul_by_row_tiles, matmul_by_rows};
 use super::qwen3_moe::Qwen3Moe;
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::error::EngineError;
@@ -33,25 +33,29 @@ impl Numerics for CpuNumerics {
     type F = f32;
     const PRECISION: Precision = Precision::F32;
 
-    /// One token: `dot_row` straight from the blocks. Several tokens (prefill): each row is decoded once
-    /// into a per-thread scratch row (the f32 values `dot_row` decodes block by block) and multiplied
-    /// with every token by `moe_kernels::cpu::dot_each` (`cpu::dot` per token, four tokens per pass),
-    /// whose lane order is `dot_row`'s, so a prefill gives the same bits as decoding its tokens one at a
-    /// time.
+    /// One token: `dot_row` straight from the blocks. Several tokens (a prefill, or a batch of
+    /// sequences): tiles of [`TILE_ROWS`] rows are decoded into a per-thread scratch (the f32 values
+    /// `dot_row` decodes block by block) and multiplied with every token by `moe_kernels::cpu::dot_tile`
+    /// (cache-blocked, `cpu::dot`'s order for each product), whose lane order is `dot_row`'s, so a batch
+    /// gives the same bits as decoding its tokens one at a time.
     fn matmul(&self, w: Mat<'_>, x: &[f32], out: &mut [f32]) {
         let n_tok = x.len() / w.cols;
         if n_tok == 1 {
             matmul_by_rows(w.rows, 1, out, || (), |_, r, o| o[0] = dot_row(w.ty, w.row(r), x));
             return;
         }
-        matmul_by_rows(
+        matmul_by_row_tiles(
             w.rows,
             n_tok,
+            TILE_ROWS,
             out,
-            || vec![0f32; w.cols],
-            |decoded, r, o| {
-                dequantize_row(w.ty, w.row(r), decoded);
-                dot_each(decoded, x, o);
+            || vec![0f32; TILE_ROWS * w.cols],
+            |decoded, r0, o| {
+                let decoded = &mut decoded[..o.len() / n_tok * w.cols];
+                for (r, row) in decoded.chunks_exact_mut(w.cols).enumerate() {
+                    dequantize_row(w.ty, w.row(r0 + r), row);
+                }
+                dot_tile(decoded, x, w.cols, o);
             },
         );
     }
@@ -60,3 +64,8 @@ impl Numerics for CpuNumerics {
         dequantize_row(w.ty, w.row(r), out);
     }
 }
+
+/// Weight rows decoded together for a batched product: 16 rows of the production shape's longest rows
+/// (2048 values) are 128 KiB of f32, which stay in L2 while every token of the batch passes them, and a
+/// 2048-row projection still splits into 128 rayon tasks.
+const TILE_ROWS: usize = 16;

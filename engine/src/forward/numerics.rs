@@ -78,12 +78,47 @@ pub(crate) fn matmul_by_rows<F: Real, S: Send>(
         .enumerate()
         .with_min_len(MIN_ROWS_PER_TASK)
         .for_each_init(&init, |s, (r, o)| row_dots(s, r, o));
-    for (r, col) in by_row.chunks_exact(n_tok).enumerate() {
-        for (t, &v) in col.iter().enumerate() {
-            out[t * rows + r] = v;
-        }
-    }
+    transpose(&by_row, rows, n_tok, out);
 }
+
+/// Runs `tile_dots(r0, out_tile)` for every tile of `tile_rows` consecutive weight rows `r0..r0 +
+/// out_tile.len() / n_tok` in parallel, where `out_tile[r * n_tok + t]` receives row `r0 + r`'s product
+/// with token `t`, and lays the results out `[n_tok][rows]`. The `cpu` backend's batched `matmul`.
+pub(crate) fn matmul_by_row_tiles<F: Real, S: Send>(
+    rows: usize,
+    n_tok: usize,
+    tile_rows: usize,
+    out: &mut [F],
+    init: impl Fn() -> S + Send + Sync,
+    tile_dots: impl Fn(&mut S, usize, &mut [F]) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    assert_eq!(out.len(), rows * n_tok, "matmul: output length");
+    let mut by_row = vec![F::ZERO; rows * n_tok];
+    by_row
+        .par_chunks_mut(tile_rows * n_tok)
+        .enumerate()
+        .for_each_init(&init, |s, (i, o)| tile_dots(s, i * tile_rows, o));
+    transpose(&by_row, rows, n_tok, out);
+}
+
+/// `out[t][r] = by_row[r][t]` (`by_row` is `[rows][n_tok]`), tokens in parallel blocks.
+fn transpose<F: Real>(by_row: &[F], rows: usize, n_tok: usize, out: &mut [F]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(TRANSPOSE_TOKENS * rows).enumerate().for_each(|(b, o)| {
+        let t0 = b * TRANSPOSE_TOKENS;
+        let tokens = o.len() / rows;
+        for (r, col) in by_row.chunks_exact(n_tok).enumerate() {
+            for (t, &v) in col[t0..t0 + tokens].iter().enumerate() {
+                o[t * rows + r] = v;
+            }
+        }
+    });
+}
+
+/// Tokens per task of [`transpose`]: each task reads 16 consecutive values (one cache line of f32) of
+/// every weight row's results.
+const TRANSPOSE_TOKENS: usize = 16;
 
 /// Fewest weight rows one rayon task takes: below this, scheduling costs more than a row of a small
 /// model's dot products (a 256-wide row is ~100 ns).

@@ -11,10 +11,15 @@
 //! Every f32 operation here is in the canonical order of `docs/numerics.md` (the `exact` policy), which
 //! the CUDA backend reproduces bit for bit under `exact`.
 //!
-//! A prefill processes all T tokens of a layer together, so every weight row is read once per layer, and
-//! tokens are grouped by the expert they chose. The arithmetic that touches quantised weights comes from
-//! the backend's [`Numerics`]; everything else is `moe_kernels::cpu`.
+//! One call processes a **batch**: the new tokens of one or more sequences, each sequence with its own KV
+//! cache, stacked as the rows of one residual stream. Every weight row is read once per layer for the
+//! whole batch, and tokens are grouped by the expert they chose across all sequences; attention reads
+//! each row's own sequence. No value depends on the batch a token came in (every operation is per row,
+//! or per (row, weight row) in one fixed order), so a prompt forwarded with others gives the bits it
+//! gives alone. The arithmetic that touches quantised weights comes from the backend's [`Numerics`];
+//! everything else is `moe_kernels::cpu`.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use moe_kernels::cpu::{KvView, Real, RopeTable, causal_attention_head, rms_norm, route, swiglu};
@@ -28,13 +33,13 @@ use crate::error::EngineError;
 use crate::trace::{LayerTrace, Matrix, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
 
-/// A Qwen3-MoE forward with its KV cache, on the numerics `N`.
+/// A Qwen3-MoE forward with the KV caches of its sequences, on the numerics `N`.
 pub(crate) struct Qwen3Moe<N: Numerics> {
     model: Model<N>,
     rope: RopeTable<N::F>,
-    cache: Vec<LayerCache<N::F>>,
-    /// Positions held in every layer's cache.
-    n_cached: usize,
+    /// The sequences whose caches are held: one after `forward` (and at creation), one per sequence
+    /// after `forward_many`.
+    seqs: Vec<Sequence<N::F>>,
 }
 
 /// What does not change between forwards: weights, norm vectors, the backend's arithmetic.
@@ -56,6 +61,18 @@ struct LayerNorms<F> {
     ffn: Vec<F>,
 }
 
+/// One sequence's KV cache: a [`LayerCache`] per layer, and how many positions each holds.
+struct Sequence<F> {
+    layers: Vec<LayerCache<F>>,
+    n_cached: usize,
+}
+
+impl<F> Sequence<F> {
+    fn new(n_layer: usize) -> Self {
+        Self { layers: (0..n_layer).map(|_| LayerCache::new()).collect(), n_cached: 0 }
+    }
+}
+
 /// One layer's cached keys and values (after norm and RoPE), `[position][kv_dim]`.
 struct LayerCache<F> {
     keys: Vec<F>,
@@ -65,6 +82,34 @@ struct LayerCache<F> {
 impl<F> LayerCache<F> {
     fn new() -> Self {
         Self { keys: Vec::new(), values: Vec::new() }
+    }
+}
+
+/// Where the rows of a batch come from: sequence `s` owns rows `spans[s]`, and row `r` sits at position
+/// `pos[r]` of its sequence.
+struct Batch {
+    spans: Vec<Range<usize>>,
+    /// `[row]`: the index of the row's sequence in `spans`.
+    seq: Vec<usize>,
+    /// `[row]`: the row's position in its sequence.
+    pos: Vec<usize>,
+}
+
+impl Batch {
+    /// Sequences of `lens[s]` new tokens each, the first at position `starts[s]`.
+    fn new(lens: impl IntoIterator<Item = usize>, starts: impl IntoIterator<Item = usize>) -> Self {
+        let mut batch = Batch { spans: Vec::new(), seq: Vec::new(), pos: Vec::new() };
+        for (s, (len, start)) in lens.into_iter().zip(starts).enumerate() {
+            let first = batch.pos.len();
+            batch.spans.push(first..first + len);
+            batch.seq.extend(std::iter::repeat_n(s, len));
+            batch.pos.extend(start..start + len);
+        }
+        batch
+    }
+
+    fn rows(&self) -> usize {
+        self.pos.len()
     }
 }
 
@@ -101,42 +146,74 @@ impl<N: Numerics> Qwen3Moe<N> {
         let cfg = &weights.config;
         let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta);
         let eps = N::F::from_f64(cfg.rms_eps);
-        let cache = (0..cfg.n_layer).map(|_| LayerCache::new()).collect();
+        let seqs = vec![Sequence::new(cfg.n_layer)];
         let model = Model { kind, policy, weights, numerics, norms, output_norm, eps };
-        Self { model, rope, cache, n_cached: 0 }
+        Self { model, rope, seqs }
     }
 
-    /// Runs `tokens` at positions `n_cached..`, appending them to the cache.
-    fn run(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
-        let start = self.n_cached;
-        check_tokens(self.model.config(), tokens, start)?;
-        let cfg = self.model.config();
-        let (n_tok, hidden) = (tokens.len(), cfg.hidden);
-        self.rope.ensure(start + n_tok);
+    /// Drops every cache and holds `n` empty sequences.
+    fn reset(&mut self, n: usize) {
+        let n_layer = self.model.config().n_layer;
+        self.seqs = (0..n).map(|_| Sequence::new(n_layer)).collect();
+    }
 
-        let mut x = self.model.embed(tokens);
-        let mut layer_traces = Vec::new();
-        for (l, cache) in self.cache.iter_mut().enumerate() {
-            let routing = self.model.decoder_layer(l, &mut x, start, &self.rope, cache);
-            if trace.is_some() {
-                layer_traces.push(self.model.layer_trace(&x, routing));
+    /// Runs `new[s]` after the cached positions of sequence `s`, for every held sequence, as one batch,
+    /// appending them to the caches. Returns each sequence's last-position logits; with `traces` (one
+    /// per sequence), records every position's taps and logits in them.
+    fn run(&mut self, new: &[&[u32]], traces: Option<&mut [Trace]>) -> Result<Vec<Vec<f32>>, EngineError> {
+        debug_assert_eq!(new.len(), self.seqs.len(), "one token list per held sequence");
+        for (tokens, seq) in new.iter().zip(&self.seqs) {
+            check_tokens(self.model.config(), tokens, seq.n_cached)?;
+        }
+        let batch = Batch::new(new.iter().map(|t| t.len()), self.seqs.iter().map(|s| s.n_cached));
+        let n_pos = batch.pos.iter().max().map_or(0, |&p| p + 1);
+        self.rope.ensure(n_pos);
+
+        let mut x = self.model.embed(&new.concat());
+        let n_layer = self.model.config().n_layer;
+        let mut layer_traces: Vec<Vec<LayerTrace>> = match traces {
+            Some(_) => new.iter().map(|_| Vec::with_capacity(n_layer)).collect(),
+            None => Vec::new(),
+        };
+        for l in 0..n_layer {
+            let mut caches: Vec<&mut LayerCache<N::F>> =
+                self.seqs.iter_mut().map(|s| &mut s.layers[l]).collect();
+            let routing = self.model.decoder_layer(l, &mut x, &batch, &self.rope, &mut caches);
+            for (span, layers) in batch.spans.iter().zip(&mut layer_traces) {
+                layers.push(self.model.layer_trace(&x, &routing, span.clone()));
             }
         }
-        self.n_cached = start + n_tok;
+        for (seq, span) in self.seqs.iter_mut().zip(&batch.spans) {
+            seq.n_cached += span.len();
+        }
 
-        let vocab = self.model.config().vocab;
-        match trace {
-            Some(trace) => {
+        let (hidden, vocab) = (self.model.config().hidden, self.model.config().vocab);
+        match traces {
+            Some(traces) => {
                 let logits = self.model.lm_head(&x);
-                trace.backend = self.model.kind.to_string();
-                trace.policy = self.model.policy.to_string();
-                trace.precision = N::PRECISION;
-                trace.tokens = tokens.to_vec();
-                trace.layers = layer_traces;
-                trace.logits = to_matrix(n_tok, vocab, &logits);
-                Ok(to_f32(&logits[(n_tok - 1) * vocab..]))
+                let mut last = Vec::with_capacity(new.len());
+                for ((trace, span), layers) in traces.iter_mut().zip(&batch.spans).zip(layer_traces) {
+                    trace.backend = self.model.kind.to_string();
+                    trace.policy = self.model.policy.to_string();
+                    trace.precision = N::PRECISION;
+                    trace.tokens = new[batch.seq[span.start]].to_vec();
+                    trace.layers = layers;
+                    trace.logits =
+                        to_matrix(span.len(), vocab, &logits[span.start * vocab..span.end * vocab]);
+                    last.push(to_f32(&logits[(span.end - 1) * vocab..span.end * vocab]));
+                }
+                Ok(last)
             }
-            None => Ok(to_f32(&self.model.lm_head(&x[(n_tok - 1) * hidden..]))),
+            None => {
+                let last_rows: Vec<N::F> = batch
+                    .spans
+                    .iter()
+                    .flat_map(|s| &x[(s.end - 1) * hidden..s.end * hidden])
+                    .copied()
+                    .collect();
+                let logits = self.model.lm_head(&last_rows);
+                Ok(logits.chunks_exact(vocab).map(to_f32).collect())
+            }
         }
     }
 }
@@ -156,16 +233,43 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
 
     fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError> {
         check_tokens(self.model.config(), tokens, 0)?;
-        for c in &mut self.cache {
-            c.keys.clear();
-            c.values.clear();
-        }
-        self.n_cached = 0;
-        self.run(tokens, trace)
+        self.reset(1);
+        let last = self.run(&[tokens], trace.map(std::slice::from_mut))?;
+        Ok(last.into_iter().next().expect("one sequence"))
     }
 
     fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
-        self.run(&[token], None)
+        let last = self.step_many(&[token])?;
+        Ok(last.into_iter().next().expect("one sequence"))
+    }
+
+    fn forward_many(
+        &mut self,
+        seqs: &[&[u32]],
+        traces: Option<&mut [Trace]>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        if let Some(traces) = &traces
+            && traces.len() != seqs.len()
+        {
+            return Err(EngineError::TraceCount { traces: traces.len(), sequences: seqs.len() });
+        }
+        for tokens in seqs {
+            check_tokens(self.model.config(), tokens, 0)?;
+        }
+        self.reset(seqs.len());
+        self.run(seqs, traces)
+    }
+
+    fn step_many(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        if tokens.len() != self.seqs.len() {
+            return Err(EngineError::SequenceCount { tokens: tokens.len(), held: self.seqs.len() });
+        }
+        let new: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        self.run(&new, None)
+    }
+
+    fn max_sequences(&self) -> usize {
+        usize::MAX
     }
 
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
@@ -187,8 +291,9 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         self.rope.ensure(input.rows);
         let mut x: Vec<N::F> = input.data.iter().map(|&v| N::F::from_f64(v)).collect();
         let mut scratch = LayerCache::new();
-        let routing = self.model.decoder_layer(layer, &mut x, 0, &self.rope, &mut scratch);
-        Ok(self.model.layer_trace(&x, routing))
+        let batch = Batch::new([input.rows], [0]);
+        let routing = self.model.decoder_layer(layer, &mut x, &batch, &self.rope, &mut [&mut scratch]);
+        Ok(self.model.layer_trace(&x, &routing, 0..input.rows))
     }
 }
 
@@ -202,25 +307,26 @@ impl<N: Numerics> Model<N> {
         let hidden = self.config().hidden;
         let table = Mat::of(&self.weights.token_embd);
         let mut x = vec![N::F::ZERO; tokens.len() * hidden];
-        for (row, &t) in x.chunks_exact_mut(hidden).zip(tokens) {
+        x.par_chunks_exact_mut(hidden).zip(tokens).for_each(|(row, &t)| {
             self.numerics.dequantize_row(table, t as usize, row);
-        }
+        });
         x
     }
 
-    /// Decoder layer `l` on the residual stream `x` (`[T][hidden]`, positions `start..start+T`), in place;
-    /// appends the T positions' keys and values to `cache`. Returns the router's decisions.
+    /// Decoder layer `l` on the residual stream `x` (the rows of `batch`), in place; appends each
+    /// sequence's new keys and values to its cache (`caches[s]` for `batch.spans[s]`). Returns the
+    /// router's decisions.
     fn decoder_layer(
         &self,
         l: usize,
         x: &mut [N::F],
-        start: usize,
+        batch: &Batch,
         rope: &RopeTable<N::F>,
-        cache: &mut LayerCache<N::F>,
+        caches: &mut [&mut LayerCache<N::F>],
     ) -> Routing<N::F> {
         let (w, norms) = (&self.weights.layers[l], &self.norms[l]);
         let h = self.rms_norm_rows(x, &norms.attn);
-        let attn = self.attention(w, norms, &h, start, rope, cache);
+        let attn = self.attention(w, norms, &h, batch, rope, caches);
         add_in_place(x, &attn);
 
         let h = self.rms_norm_rows(x, &norms.ffn);
@@ -230,59 +336,66 @@ impl<N: Numerics> Model<N> {
         routing
     }
 
-    /// Self-attention of the T normalised rows `h` at positions `start..`, through the cache.
+    /// Self-attention of the normalised rows `h` of `batch`, each row over its own sequence's cache.
     fn attention(
         &self,
         w: &LayerWeights,
         norms: &LayerNorms<N::F>,
         h: &[N::F],
-        start: usize,
+        batch: &Batch,
         rope: &RopeTable<N::F>,
-        cache: &mut LayerCache<N::F>,
+        caches: &mut [&mut LayerCache<N::F>],
     ) -> Vec<N::F> {
         let cfg = self.config();
         let (hd, q_dim, kv_dim) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
-        let n_tok = h.len() / cfg.hidden;
         let mut q = self.matmul(&w.attn_q, h);
         let mut k = self.matmul(&w.attn_k, h);
         let v = self.matmul(&w.attn_v, h);
-        self.norm_and_rotate_heads(&mut q, cfg.n_head, &norms.q, start, rope);
-        self.norm_and_rotate_heads(&mut k, cfg.n_kv_head, &norms.k, start, rope);
-        cache.keys.extend_from_slice(&k);
-        cache.values.extend_from_slice(&v);
+        self.norm_and_rotate_heads(&mut q, cfg.n_head, &norms.q, &batch.pos, rope);
+        self.norm_and_rotate_heads(&mut k, cfg.n_kv_head, &norms.k, &batch.pos, rope);
+        for (cache, span) in caches.iter_mut().zip(&batch.spans) {
+            cache.keys.extend_from_slice(&k[span.start * kv_dim..span.end * kv_dim]);
+            cache.values.extend_from_slice(&v[span.start * kv_dim..span.end * kv_dim]);
+        }
 
         let group = cfg.n_head / cfg.n_kv_head;
         let scale = N::F::from_f64(1.0 / (hd as f64).sqrt());
-        let (keys, values) = (&cache.keys[..], &cache.values[..]);
-        let mut out = vec![N::F::ZERO; n_tok * q_dim];
+        let kv: Vec<&LayerCache<N::F>> = caches.iter().map(|c| &**c).collect();
+        let mut out = vec![N::F::ZERO; batch.rows() * q_dim];
         out.par_chunks_mut(hd).zip(q.par_chunks(hd)).enumerate().for_each_init(
             Vec::new,
             |scores, (i, (o, qh))| {
                 let (t, head) = (i / cfg.n_head, i % cfg.n_head);
-                let kv = KvView { keys, values, row_width: kv_dim, offset: (head / group) * hd };
-                causal_attention_head(qh, kv, start + t + 1, scale, scores, o);
+                let cache = kv[batch.seq[t]];
+                let (keys, values) = (&cache.keys[..], &cache.values[..]);
+                let view = KvView { keys, values, row_width: kv_dim, offset: (head / group) * hd };
+                causal_attention_head(qh, view, batch.pos[t] + 1, scale, scores, o);
             },
         );
         self.matmul(&w.attn_output, &out)
     }
 
     /// Per-head RMSNorm (weights `norm`, one head long) then RoPE of every head of the rows of `x`
-    /// (`n_heads` heads per row, row `t` at position `start + t`).
+    /// (`n_heads` heads per row, row `t` at position `pos[t]`).
     fn norm_and_rotate_heads(
         &self,
         x: &mut [N::F],
         n_heads: usize,
         norm: &[N::F],
-        start: usize,
+        pos: &[usize],
         rope: &RopeTable<N::F>,
     ) {
         let hd = self.config().head_dim;
-        let mut normed = vec![N::F::ZERO; hd];
-        for (i, head) in x.chunks_exact_mut(hd).enumerate() {
-            rms_norm(head, norm, self.eps, &mut normed);
-            head.copy_from_slice(&normed);
-            rope.apply(head, start + i / n_heads);
-        }
+        x.par_chunks_exact_mut(n_heads * hd).zip(pos).for_each_init(
+            || vec![N::F::ZERO; hd],
+            |normed, (row, &p)| {
+                for head in row.chunks_exact_mut(hd) {
+                    rms_norm(head, norm, self.eps, normed);
+                    head.copy_from_slice(normed);
+                    rope.apply(head, p);
+                }
+            },
+        );
     }
 
     /// The router's logits and decisions for the T normalised rows `h`.
@@ -293,12 +406,14 @@ impl<N: Numerics> Model<N> {
         let n_tok = logits.len() / n_expert;
         let mut experts = vec![0u32; n_tok * k];
         let mut weights = vec![N::F::ZERO; n_tok * k];
-        let mut probs = vec![N::F::ZERO; n_expert];
-        for ((row, e), wt) in
-            logits.chunks_exact(n_expert).zip(experts.chunks_exact_mut(k)).zip(weights.chunks_exact_mut(k))
-        {
-            route(row, cfg.norm_topk_prob, &mut probs, e, wt);
-        }
+        logits
+            .par_chunks_exact(n_expert)
+            .zip(experts.par_chunks_exact_mut(k))
+            .zip(weights.par_chunks_exact_mut(k))
+            .for_each_init(
+                || vec![N::F::ZERO; n_expert],
+                |probs, ((row, e), wt)| route(row, cfg.norm_topk_prob, probs, e, wt),
+            );
         Routing { logits, experts, weights }
     }
 
@@ -336,15 +451,16 @@ impl<N: Numerics> Model<N> {
             }
         }
         let mut moe = vec![N::F::ZERO; h.len()];
-        for ((m, ys), ws) in
-            moe.chunks_exact_mut(hidden).zip(slot_out.chunks_exact(k)).zip(routing.weights.chunks_exact(k))
-        {
-            for (y, &weight) in ys.iter().zip(ws) {
-                for (m, &v) in m.iter_mut().zip(y.iter()) {
-                    *m += v * weight;
+        moe.par_chunks_exact_mut(hidden)
+            .zip(slot_out.par_chunks_exact(k))
+            .zip(routing.weights.par_chunks_exact(k))
+            .for_each(|((m, ys), ws)| {
+                for (y, &weight) in ys.iter().zip(ws) {
+                    for (m, &v) in m.iter_mut().zip(y.iter()) {
+                        *m += v * weight;
+                    }
                 }
-            }
-        }
+            });
         moe
     }
 
@@ -376,9 +492,9 @@ impl<N: Numerics> Model<N> {
     /// RMSNorm of every `hidden`-wide row of `x` with weights `norm`.
     fn rms_norm_rows(&self, x: &[N::F], norm: &[N::F]) -> Vec<N::F> {
         let mut out = vec![N::F::ZERO; x.len()];
-        for (o, row) in out.chunks_exact_mut(norm.len()).zip(x.chunks_exact(norm.len())) {
-            rms_norm(row, norm, self.eps, o);
-        }
+        out.par_chunks_exact_mut(norm.len())
+            .zip(x.par_chunks_exact(norm.len()))
+            .for_each(|(o, row)| rms_norm(row, norm, self.eps, o));
         out
     }
 
@@ -390,27 +506,46 @@ impl<N: Numerics> Model<N> {
         out
     }
 
-    /// The taps of one layer: the residual stream `x` after it, and its router's decisions.
-    fn layer_trace(&self, x: &[N::F], routing: Routing<N::F>) -> LayerTrace {
+    /// The taps of one layer for the batch rows `rows` (one sequence): the residual stream `x` after the
+    /// layer, and its router's decisions.
+    fn layer_trace(&self, x: &[N::F], routing: &Routing<N::F>, rows: Range<usize>) -> LayerTrace {
         let cfg = self.config();
-        let n_tok = x.len() / cfg.hidden;
+        let (hidden, n_expert, k) = (cfg.hidden, cfg.n_expert, cfg.n_expert_used);
+        let n_tok = rows.len();
         LayerTrace {
-            hidden: to_matrix(n_tok, cfg.hidden, x),
-            router_logits: to_matrix(n_tok, cfg.n_expert, &routing.logits),
-            router_experts: routing.experts,
-            router_weights: to_matrix(n_tok, cfg.n_expert_used, &routing.weights),
+            hidden: to_matrix(n_tok, hidden, &x[rows.start * hidden..rows.end * hidden]),
+            router_logits: to_matrix(
+                n_tok,
+                n_expert,
+                &routing.logits[rows.start * n_expert..rows.end * n_expert],
+            ),
+            router_experts: routing.experts[rows.start * k..rows.end * k].to_vec(),
+            router_weights: to_matrix(n_tok, k, &routing.weights[rows.start * k..rows.end * k]),
         }
     }
 }
 
+/// `x += d`, element by element (one rounding each: docs/numerics.md item 10).
 fn add_in_place<F: Real>(x: &mut [F], d: &[F]) {
-    for (a, &b) in x.iter_mut().zip(d) {
-        *a += b;
-    }
+    x.par_chunks_mut(ELEMENTS_PER_TASK).zip(d.par_chunks(ELEMENTS_PER_TASK)).for_each(|(x, d)| {
+        for (a, &b) in x.iter_mut().zip(d) {
+            *a += b;
+        }
+    });
 }
 
+/// Elements an element-wise rayon task takes at least: below this a task costs more to schedule than
+/// to run.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
 fn to_matrix<F: Real>(rows: usize, cols: usize, v: &[F]) -> Matrix {
-    Matrix::from_f64(rows, cols, v.iter().map(|x| x.to_f64()).collect())
+    let mut data = vec![0.0f64; v.len()];
+    data.par_chunks_mut(ELEMENTS_PER_TASK).zip(v.par_chunks(ELEMENTS_PER_TASK)).for_each(|(d, v)| {
+        for (d, x) in d.iter_mut().zip(v) {
+            *d = x.to_f64();
+        }
+    });
+    Matrix::from_f64(rows, cols, data)
 }
 
 fn to_f32<F: Real>(v: &[F]) -> Vec<f32> {

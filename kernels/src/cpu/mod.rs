@@ -13,6 +13,7 @@
 mod activation;
 mod attention;
 mod dot_each;
+mod dot_tile;
 mod exp;
 mod norm;
 mod real;
@@ -23,6 +24,7 @@ mod softmax;
 pub use activation::{silu, swiglu};
 pub use attention::{KvView, causal_attention_head};
 pub use dot_each::dot_each;
+pub use dot_tile::dot_tile;
 pub use exp::exp_f32;
 pub use norm::rms_norm;
 pub use real::{Real, dot};

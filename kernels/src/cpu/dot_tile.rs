@@ -1,0 +1,190 @@
+//! A tile of f32 rows dotted with many activation rows (a batch's weight-row products, once a few rows
+//! are decoded), each product in [`dot`]'s operation order: bit for bit `dot(rows[r], xs[t])` for every
+//! row `r` and token `t`.
+//!
+//! [`dot_each`](super::dot_each) streams every token's whole activation row past one weight row; with
+//! hundreds of tokens those rows no longer fit in the core's caches, and every weight row reads them again
+//! from memory. Here the products are cache-blocked the way a matrix product is: the tokens go in blocks
+//! of [`TOKEN_BLOCK`], the row length in blocks of [`K_BLOCK`] values, and within one (token block,
+//! column block) four tokens advance together through the column block of every row of the tile, so the
+//! four tokens' slices (4 KiB) stay in L1 while the tile's rows pass. Each product's sixteen lane sums
+//! are kept in memory between column blocks and resumed where they stopped, so every lane still receives
+//! its products in increasing index, and the lanes are reduced by `dot`'s halving tree at the end: the
+//! order, and with it every bit, is `dot`'s. Rust never fuses a multiply and an add, so the portable and
+//! the AVX2 / AVX-512 builds of the loop give the same bits; the widest one the CPU has runs.
+
+use super::real::LANES;
+
+/// Tokens whose products advance together through one row: 4 x 16 lanes are 8 AVX2 registers (4
+/// AVX-512 ones), leaving room for the row and the products.
+const TOKENS_PER_PASS: usize = 4;
+
+/// Values of a row per column block: four tokens' slices are 4 KiB, a quarter of the smallest L1 data
+/// cache of the machines this runs on, so they stay there while a tile's rows pass. A multiple of
+/// [`LANES`], so every block starts at lane 0.
+const K_BLOCK: usize = 256;
+
+/// Tokens per token block: the lane sums of a 16-row tile's products with them are 64 KiB, held in L2
+/// between column blocks.
+const TOKEN_BLOCK: usize = 64;
+
+/// Sixteen partial sums of one product.
+type Lanes = [f32; LANES];
+
+/// `out[r * n_tok + t] = dot(&rows[r * n..(r + 1) * n], &xs[t * n..(t + 1) * n])` for every row `r` of
+/// `rows` and every token row `t` of `xs` (`n_tok = xs.len() / n`).
+///
+/// # Panics
+/// If `rows` and `xs` are not whole rows of `n` values, or `out` does not hold one value per (row,
+/// token).
+pub fn dot_tile(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    assert!(
+        rows.len().is_multiple_of(n) && xs.len().is_multiple_of(n),
+        "dot_tile: rows and xs must be whole rows of n values"
+    );
+    assert_eq!(out.len(), rows.len() / n * (xs.len() / n), "dot_tile: out must hold rows x tokens values");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above), the only requirement of the callee.
+            return unsafe { dot_tile_avx512(rows, xs, n, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of the callee.
+            return unsafe { dot_tile_avx2(rows, xs, n, out) };
+        }
+    }
+    dot_tile_portable(rows, xs, n, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dot_tile_avx512(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
+    dot_tile_portable(rows, xs, n, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_tile_avx2(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
+    dot_tile_portable(rows, xs, n, out);
+}
+
+#[inline(always)]
+fn dot_tile_portable(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
+    let (n_rows, n_tok) = (rows.len() / n, xs.len() / n);
+    let mut lanes = vec![[0.0f32; LANES]; n_rows * TOKEN_BLOCK.min(n_tok)];
+    for t0 in (0..n_tok).step_by(TOKEN_BLOCK) {
+        let tb = TOKEN_BLOCK.min(n_tok - t0);
+        let lanes = &mut lanes[..n_rows * tb];
+        lanes.fill([0.0; LANES]);
+        for k0 in (0..n).step_by(K_BLOCK) {
+            let k = k0..(k0 + K_BLOCK).min(n);
+            let x = |t: usize| &xs[(t0 + t) * n..][k.clone()];
+            let full = tb / TOKENS_PER_PASS * TOKENS_PER_PASS;
+            for t in (0..full).step_by(TOKENS_PER_PASS) {
+                let xq: [&[f32]; TOKENS_PER_PASS] = std::array::from_fn(|i| x(t + i));
+                for (r, row_lanes) in lanes.chunks_exact_mut(tb).enumerate() {
+                    let w = &rows[r * n..][k.clone()];
+                    let quad: &mut [Lanes; TOKENS_PER_PASS] =
+                        (&mut row_lanes[t..t + TOKENS_PER_PASS]).try_into().expect("four tokens");
+                    add_products(w, xq, quad);
+                }
+            }
+            for t in full..tb {
+                for (r, row_lanes) in lanes.chunks_exact_mut(tb).enumerate() {
+                    let w = &rows[r * n..][k.clone()];
+                    add_products::<1>(
+                        w,
+                        [x(t)],
+                        std::slice::from_mut(&mut row_lanes[t]).try_into().expect("one"),
+                    );
+                }
+            }
+        }
+        for (r, row_lanes) in lanes.chunks_exact(tb).enumerate() {
+            for (t, l) in row_lanes.iter().enumerate() {
+                out[r * n_tok + t0 + t] = halving_sum(*l);
+            }
+        }
+    }
+}
+
+/// Adds `w[i] * x[j][i]` to lane `i % 16` of `lanes[j]`, in increasing `i`, for the `J` tokens `x`
+/// (`w` starts at a multiple of [`LANES`] of its row, so its index `i` has the row index's lane).
+#[inline(always)]
+fn add_products<const J: usize>(w: &[f32], x: [&[f32]; J], lanes: &mut [Lanes; J]) {
+    let (w_chunks, w_rest) = w.as_chunks::<LANES>();
+    let x_chunks: [&[[f32; LANES]]; J] = x.map(|x| x.as_chunks::<LANES>().0);
+    let mut acc = *lanes;
+    for (c, w) in w_chunks.iter().enumerate() {
+        for (acc, x) in acc.iter_mut().zip(&x_chunks) {
+            let x = &x[c];
+            for l in 0..LANES {
+                acc[l] += w[l] * x[l];
+            }
+        }
+    }
+    let tail = w_chunks.len() * LANES;
+    for (acc, x) in acc.iter_mut().zip(&x) {
+        for (l, (&w, &v)) in w_rest.iter().zip(&x[tail..]).enumerate() {
+            acc[l] += w * v;
+        }
+    }
+    *lanes = acc;
+}
+
+/// `dot`'s reduction: `lane[l] += lane[l + h]` for `l < h`, `h = 8, 4, 2, 1`; then `lane[0]`.
+#[inline(always)]
+fn halving_sum(mut lanes: Lanes) -> f32 {
+    let mut half = LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            lanes[l] += lanes[l + half];
+        }
+        half /= 2;
+    }
+    lanes[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::real::dot;
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn every_product_is_dot_bit_for_bit() {
+        // Values over six binades, so a different order or a fused multiply-add changes low bits. Row
+        // lengths below, at and across the column block (256) with and without a remainder of the 16
+        // lanes; token counts covering passes of 4 with every remainder and more than one token block
+        // (64); tiles of 1 to 3 rows.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut value = || rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..3));
+        for n in [1usize, 17, 256, 300, 513] {
+            for n_rows in 1..4 {
+                let rows: Vec<f32> = (0..n * n_rows).map(|_| value()).collect();
+                for n_tok in [1usize, 3, 4, 7, 64, 70, 133] {
+                    let xs: Vec<f32> = (0..n * n_tok).map(|_| value()).collect();
+                    let mut out = vec![f32::NAN; n_rows * n_tok];
+                    dot_tile(&rows, &xs, n, &mut out);
+                    for r in 0..n_rows {
+                        for t in 0..n_tok {
+                            let want = dot(&rows[r * n..(r + 1) * n], &xs[t * n..(t + 1) * n]);
+                            let got = out[r * n_tok + t];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "n {n}, {n_rows} rows, {n_tok} tokens: ({r}, {t})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
