@@ -1,4 +1,4 @@
-//! `cargo moe-gate bench`: the product's own speed measurement (DESIGN §9: benchmarks, not timed tests).
+//! `cargo moe-gate bench`: the product's own speed measurement (docs/gate.md: benchmarks, not timed tests).
 //! It loads a model, creates one backend, and runs [`moe_engine::bench::run`]: prefill tokens/s per
 //! prompt length, batch-1 decode tokens/s, and decode against the bandwidth roofline. The table goes to
 //! stdout, progress to stderr, and `--json FILE` keeps the same numbers for docs/benchmarks.md and CI
@@ -20,7 +20,7 @@ use crate::model::resolve_model;
 
 /// The model `bench` runs without `--model`: small enough for any machine.
 pub const DEFAULT_MODEL: &str = "synth:tiny";
-/// The production shape (DESIGN §3), the model the CUDA numbers of docs/benchmarks.md are measured on.
+/// The production shape (docs/synthetic-models.md), the model the CUDA numbers of docs/benchmarks.md are measured on.
 pub const PRODUCTION_MODEL: &str = "synth:qwen3-coder-30b-a3b:q4_k_m";
 
 /// A comma-separated list of token counts, each at least 1 (`--prefill 1,64,512`).

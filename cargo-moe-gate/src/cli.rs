@@ -1,6 +1,6 @@
-//! The command line of DESIGN §4: the gate itself (our flags and libtest's in one line) and the
-//! subcommands `trace`, `synth`, `validate`, `list`, `quantize`, `merge` (DESIGN §9's sharding) and
-//! `bench` (DESIGN §9's speed measurement).
+//! The command line of docs/architecture.md: the gate itself (our flags and libtest's in one line) and the
+//! subcommands `trace`, `synth`, `validate`, `list`, `quantize`, `merge` (docs/gate.md's sharding) and
+//! `bench` (docs/gate.md's speed measurement).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -66,7 +66,7 @@ pub struct GateArgs {
 /// Subcommands next to the gate run.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Runs one forward and writes its trace (DESIGN §5) as safetensors.
+    /// Runs one forward and writes its trace (docs/architecture.md) as safetensors.
     Trace(TraceArgs),
     /// Writes a synthetic model (`synth:PRESET[:QUANT][@SEED]`) as a GGUF v3 file.
     Synth(SynthArgs),

@@ -1,5 +1,5 @@
-//! The subcommands next to the gate run (DESIGN §4): `trace`, `synth`, `validate`, `list`, `quantize`,
-//! `merge` (DESIGN §9, in [`crate::merge`]), `bench` (DESIGN §9, in [`crate::bench`]) and `tokenize`
+//! The subcommands next to the gate run (docs/architecture.md): `trace`, `synth`, `validate`, `list`, `quantize`,
+//! `merge` (docs/gate.md, in [`crate::merge`]), `bench` (docs/gate.md, in [`crate::bench`]) and `tokenize`
 //! (in [`crate::text`]).
 //! Each returns the process exit code (0, 101 for a merge whose blocking gate fails, or 2 through a
 //! [`GateError`]).
@@ -29,7 +29,7 @@ pub fn run(command: Command) -> Result<u8, GateError> {
     }
 }
 
-/// `trace`: one forward with a trace, written as safetensors (DESIGN §5).
+/// `trace`: one forward with a trace, written as safetensors (docs/architecture.md).
 fn trace(args: &TraceArgs) -> Result<u8, GateError> {
     let backend: BackendKind =
         args.backend.parse().map_err(|e| GateError::Usage(format!("--backend: {e}")))?;

@@ -1,4 +1,4 @@
-//! The diagnosis of a failure (DESIGN §1, §8): where the divergence starts, whether that layer is wrong on
+//! The diagnosis of a failure (docs/architecture.md, docs/gate.md): where the divergence starts, whether that layer is wrong on
 //! its own (the layer run alone on the reference's input, compared to the reference's output), whether
 //! the reference router itself is near a tie there, and which run is closer to the reference.
 //!

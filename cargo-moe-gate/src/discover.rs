@@ -1,4 +1,4 @@
-//! Finding the workspace and its contracts (DESIGN §4): `cargo metadata` gives the workspace root and
+//! Finding the workspace and its contracts (docs/architecture.md): `cargo metadata` gives the workspace root and
 //! `[workspace.metadata.moe-gate]` (`contracts-dir`, `default-contract`); `--contract NAME` is
 //! `contracts-dir/NAME.yaml`, and a path works anywhere, even outside a workspace.
 

@@ -1,4 +1,4 @@
-//! Why a run could not be judged. Every variant is exit code 2 (DESIGN §4) and says what is wrong and what
+//! Why a run could not be judged. Every variant is exit code 2 (docs/architecture.md) and says what is wrong and what
 //! to do about it.
 
 use std::path::PathBuf;

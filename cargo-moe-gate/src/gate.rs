@@ -1,4 +1,4 @@
-//! The gate run (DESIGN §1, §4, §7-§9): load the contract, pick the model, record every needed
+//! The gate run (docs/architecture.md, docs/contracts.md, docs/gate.md): load the contract, pick the model, record every needed
 //! (run, prompt) forward once, evaluate every trial from the recorded traces, diagnose the failures,
 //! hand the outcomes to libtest-mimic, then print the summary and write the reports. Under
 //! `--partition K/N` only the trials of the partition's prompts exist for the run ([`crate::partition`]).

@@ -1,4 +1,4 @@
-//! Judging a gate run from its trials (DESIGN §7, §8): each criterion's count and whether its `gate:`
+//! Judging a gate run from its trials (docs/contracts.md, docs/gate.md): each criterion's count and whether its `gate:`
 //! holds (through [`moe_contracts::summarize`]), the per-trial and per-layer report entries, and the
 //! verdict. The gate computes them from the outcomes it evaluated; `merge` from the outcomes the shards'
 //! reports hold, so a merged report's verdict is computed exactly as one run over every prompt would be.

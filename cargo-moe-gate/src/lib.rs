@@ -1,7 +1,7 @@
-//! cargo-moe-gate: the `cargo moe-gate` subcommand (DESIGN §4). It judges a parity contract
-//! (`contracts/*.yaml`, DESIGN §7) on a model: every (run, prompt) forward is recorded once with a trace,
+//! cargo-moe-gate: the `cargo moe-gate` subcommand (docs/architecture.md). It judges a parity contract
+//! (`contracts/*.yaml`, docs/contracts.md) on a model: every (run, prompt) forward is recorded once with a trace,
 //! every trial is evaluated from the traces and reported through libtest-mimic, failures are diagnosed,
-//! and the reports of DESIGN §8 are written.
+//! and the reports of docs/gate.md are written.
 //!
 //! - [`cli`]: the command line; [`discover`]: workspace and contracts; [`model`]: model choice and CUDA.
 //! - [`record`]: the forwards; [`trials`]: selection, outcomes and libtest trials; [`diagnose`].

@@ -1,4 +1,4 @@
-//! `cargo moe-gate merge REPORT.json...` (DESIGN §9): joins the `report.json` files of the shards of one
+//! `cargo moe-gate merge REPORT.json...` (docs/gate.md): joins the `report.json` files of the shards of one
 //! `--partition K/N` run into the report the unpartitioned run would have written, and exits like the
 //! gate (0, or 101 when a blocking gate fails).
 //!

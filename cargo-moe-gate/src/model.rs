@@ -1,4 +1,4 @@
-//! Which model the gate runs, and whether CUDA is usable (DESIGN §7): `--model` wins; otherwise the
+//! Which model the gate runs, and whether CUDA is usable (docs/contracts.md): `--model` wins; otherwise the
 //! contract's `model` (the model of record) where a CUDA backend can be created, its `smoke_model`
 //! elsewhere. The choice and its reason are printed and kept in the report.
 

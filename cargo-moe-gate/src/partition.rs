@@ -1,4 +1,4 @@
-//! Sharding a gate run across CI jobs (DESIGN §9): `--partition K/N` keeps the trials of every N-th prompt
+//! Sharding a gate run across CI jobs (docs/gate.md): `--partition K/N` keeps the trials of every N-th prompt
 //! of the contract as resolved for the model in use (after `only_on` filtering, in contract order),
 //! starting with the K-th: prompt `i` (from 0) belongs to partition `(i mod N) + 1`. Dealing prompts out
 //! by index keeps every shard's share within one prompt of the others, and each (run, prompt) forward

@@ -1,4 +1,4 @@
-//! Running the forwards (DESIGN §9): every needed (run, prompt) exactly once with a trace, plus the greedy
+//! Running the forwards (docs/gate.md): every needed (run, prompt) exactly once with a trace, plus the greedy
 //! decode steps a criterion asks for. Runs go in parallel (one thread each, one backend each); each run's
 //! prompts go in order on its backend. Progress bars go to stderr and are hidden when it is not a TTY.
 

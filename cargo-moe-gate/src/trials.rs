@@ -1,4 +1,4 @@
-//! From the contract's plan to libtest trials (DESIGN §7): which trials the libtest arguments select,
+//! From the contract's plan to libtest trials (docs/contracts.md): which trials the libtest arguments select,
 //! which need CUDA that is absent (listed as ignored, decided before libtest sees them, so nextest shows
 //! them skipped), which (run, prompt) forwards the selected trials need, and each trial's fate once its
 //! outcome is evaluated from the recorded traces. Known divergences are expected failures; a strict one

@@ -1,5 +1,5 @@
 //! Errors of loading a contract: every one names the file, the line and column where it can, what is
-//! wrong and what to do (DESIGN §4: "Errors name the file, the field or offset, and what to do").
+//! wrong and what to do (docs/architecture.md: "Errors name the file, the field or offset, and what to do").
 //!
 //! Schema errors (a field that does not parse, an unknown field, a duplicate key) carry the location
 //! serde-saphyr reports; semantic errors (an unknown run, a threshold that does not suit the metric)

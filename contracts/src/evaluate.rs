@@ -1,4 +1,4 @@
-//! Judging one trial from the recorded traces (DESIGN §7, issue 4 item 3).
+//! Judging one trial from the recorded traces (docs/contracts.md, issue 4 item 3).
 //!
 //! What a trial reads: the criterion's tap of the candidate and baseline runs on the trial's prompt, at
 //! the trial's layer (every layer when the tap is per layer and `per` lacks `layer`), over every
@@ -243,7 +243,7 @@ fn float_tap(trace: &Trace, tap: Tap, layer: Option<usize>) -> Option<&Matrix> {
     }
 }
 
-/// The tensor name of DESIGN §5 for `tap` at `layer`.
+/// The tensor name of docs/architecture.md for `tap` at `layer`.
 fn tensor_name(tap: Tap, layer: Option<usize>) -> String {
     match layer {
         Some(l) => format!("{tap}.{l}"),

@@ -1,6 +1,6 @@
 //! moe-contracts: parity contracts (schema, validation) and the metrics they are judged by.
 //!
-//! A contract (DESIGN §7; the schema field by field in docs/contracts.md) is a YAML file in `contracts/`
+//! A contract (docs/contracts.md; the schema field by field in docs/contracts.md) is a YAML file in `contracts/`
 //! that says which runs (a backend and a policy) to compare, on which prompts, by which criteria, and
 //! which divergences are known. This crate:
 //! - parses it with serde-saphyr, rejecting unknown fields, and validates it ([`load`], [`parse`]);

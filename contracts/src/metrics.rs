@@ -1,4 +1,4 @@
-//! The metrics a criterion judges by (DESIGN §7, issue 4 item 3): pure functions over the values of two
+//! The metrics a criterion judges by (docs/contracts.md, issue 4 item 3): pure functions over the values of two
 //! traces, computed in f64 whatever the backends computed in.
 //!
 //! - cosine: `a·b / (|a| |b|)`, of the flattened values;
@@ -7,7 +7,7 @@
 //! - max_abs: `max |c - b|`;
 //! - kld: `KL(P || Q) = Σ p (ln p - ln q)`, P and Q the softmax of the baseline's and the candidate's
 //!   logits, through a log-softmax so large logits do not overflow;
-//! - argmax: the top token, equal values resolved to the lower index (DESIGN §6's top-k rule);
+//! - argmax: the top token, equal values resolved to the lower index (docs/numerics.md's top-k rule);
 //! - topk_set: the same experts chosen, in any order; a swap counts as a tie only when the reference's
 //!   router probabilities of the swapped experts differ by less than the tie margin;
 //! - bitwise: equality of the f32 bit patterns;

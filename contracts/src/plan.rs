@@ -1,4 +1,4 @@
-//! Trial planning (DESIGN §7): every criterion times its prompts times, where `per` says so, each layer
+//! Trial planning (docs/contracts.md): every criterion times its prompts times, where `per` says so, each layer
 //! and each position, named `CONTRACT::CRITERION::PROMPT[::layerNN][::posNN]` so that libtest filters
 //! select them naturally; and what the gate must record to judge them (which forwards, how many greedy
 //! steps), so that each (run, prompt) forward runs exactly once.

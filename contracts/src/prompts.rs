@@ -1,4 +1,4 @@
-//! Prompt sets and their expansion (DESIGN §7, issue 4 item 3: "seeded generated sets (count, length
+//! Prompt sets and their expansion (docs/contracts.md, issue 4 item 3: "seeded generated sets (count, length
 //! range, seed)").
 //!
 //! A generated set must give the same tokens on every platform, thread count and dependency version,

@@ -1,4 +1,4 @@
-//! The contract as written: serde types that mirror the YAML (DESIGN §7) with unknown fields rejected
+//! The contract as written: serde types that mirror the YAML (docs/contracts.md) with unknown fields rejected
 //! and every value that a semantic check may point at wrapped in `Spanned`, so the error can name its
 //! line and column. `validate` turns this into the typed [`crate::Contract`].
 

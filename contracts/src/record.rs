@@ -1,4 +1,4 @@
-//! What the gate records once per (run, prompt) and hands to evaluation (DESIGN §9: "run each (run,
+//! What the gate records once per (run, prompt) and hands to evaluation (docs/gate.md: "run each (run,
 //! prompt) once, evaluate every trial from the recorded traces"), and what one trial's evaluation says.
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! The typed contract (DESIGN §7): what a contract file says once it has been parsed and validated.
+//! The typed contract (docs/contracts.md): what a contract file says once it has been parsed and validated.
 //!
 //! Every word that matters is a typed field: statuses, taps, metrics and amendment kinds are enums, the
 //! version is semver, thresholds are numbers checked against the metric. docs/contracts.md describes the
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use moe_engine::backend::{BackendKind, Policy};
 
-/// The vocabulary size of every Qwen3 model and every synthetic preset (DESIGN §3): the default range
+/// The vocabulary size of every Qwen3 model and every synthetic preset (docs/synthetic-models.md): the default range
 /// of generated prompt tokens and the bound on explicit ones.
 pub const QWEN3_VOCAB: u32 = 151_936;
 
@@ -288,7 +288,7 @@ impl Default for Ties {
     }
 }
 
-/// What a criterion compares (the trace tensors of DESIGN §5).
+/// What a criterion compares (the trace tensors of docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tap {

@@ -1,4 +1,4 @@
-//! Semantic validation (DESIGN §7, issue 4 item 2): turns the contract as written into the typed
+//! Semantic validation (docs/contracts.md, issue 4 item 2): turns the contract as written into the typed
 //! [`Contract`], checking what the schema alone cannot: semver versions and an amendment history that
 //! ends at `version`, unique ids, references that exist, thresholds that suit the metric, taps that
 //! suit the metric and `per`, and generated prompt sets that make sense. The first problem found is

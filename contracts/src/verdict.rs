@@ -1,4 +1,4 @@
-//! Gate verdicts (DESIGN §7): how many of a criterion's trials passed, whether its `gate:` holds, and
+//! Gate verdicts (docs/contracts.md): how many of a criterion's trials passed, whether its `gate:` holds, and
 //! which known divergences behaved unexpectedly.
 //!
 //! Rules:

@@ -1,4 +1,4 @@
-//! The contracts in `contracts/` load, say what DESIGN §7 and issue 4 ask of them, and plan the trials
+//! The contracts in `contracts/` load, say what docs/contracts.md and issue 4 ask of them, and plan the trials
 //! the gate runs.
 
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! The backends a forward runs on (DESIGN §6), the numerics policies, and the [`Forward`] interface every
+//! The backends a forward runs on (docs/numerics.md), the numerics policies, and the [`Forward`] interface every
 //! backend implements.
 
 use std::fmt;
@@ -53,7 +53,7 @@ impl FromStr for BackendKind {
     }
 }
 
-/// How a backend orders its arithmetic (DESIGN §6).
+/// How a backend orders its arithmetic (docs/numerics.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Policy {
     /// Each backend's fastest way (the default).

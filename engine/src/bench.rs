@@ -1,4 +1,4 @@
-//! The speed of a forward, measured the way DESIGN §9 asks ("benchmarks, not timed tests"): prefill and
+//! The speed of a forward, measured the way docs/gate.md asks ("benchmarks, not timed tests"): prefill and
 //! batch-1 decode tokens/s of one backend on one model, and how far decode is from the bandwidth bound.
 //!
 //! - Prefill: for each prompt length `n`, one warm-up `forward` of the `n`-token prompt, then `repeats`
@@ -638,7 +638,7 @@ mod tests {
     #[test]
     fn decode_bytes_of_tiny_f32_match_a_count_from_the_config() {
         let w = load_model("synth:tiny:f32").unwrap();
-        // Preset::Tiny (DESIGN §3): 4 layers, hidden 256, 4 q heads / 2 kv heads of 64, 16 experts top-4,
+        // Preset::Tiny (docs/synthetic-models.md): 4 layers, hidden 256, 4 q heads / 2 kv heads of 64, 16 experts top-4,
         // expert FFN 256, vocab 151936.
         let (layers, hidden, q, kv, experts_used, ffn, n_expert, vocab) =
             (4u64, 256u64, 4 * 64u64, 2 * 64u64, 4u64, 256u64, 16u64, 151_936u64);

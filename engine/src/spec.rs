@@ -1,4 +1,4 @@
-//! Model specs (DESIGN §3): the one place a model name given to any command becomes weights.
+//! Model specs (docs/synthetic-models.md): the one place a model name given to any command becomes weights.
 //!
 //! A spec is a path to a `.gguf` file, or `synth:PRESET[:QUANT][@SEED]` for a synthetic model built in
 //! memory ([`crate::synth`]). QUANT defaults to `q4_k_m` (the format of the model of record), SEED to 0.

@@ -1,4 +1,4 @@
-//! Traces: what a forward computed at every tap, and the safetensors file format of DESIGN §5.
+//! Traces: what a forward computed at every tap, and the safetensors file format of docs/architecture.md.
 //!
 //! Values are held as f64 in memory whatever the backend computed in (an f32 converts to f64 exactly);
 //! [`Trace::precision`] says which width the file stores, so a `reference` trace keeps its f64 values.
@@ -133,7 +133,7 @@ impl Trace {
         self.logits.data.iter().position(|v| !v.is_finite()).map(|i| ("logits".to_string(), i))
     }
 
-    /// Writes the trace as safetensors (DESIGN §5).
+    /// Writes the trace as safetensors (docs/architecture.md).
     pub fn write_safetensors(&self, path: &Path) -> Result<(), TraceError> {
         let t = self.tokens.len();
         let k = self.top_k();

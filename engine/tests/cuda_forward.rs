@@ -52,12 +52,12 @@ mod cases {
     /// Synthetic models checked against the `cpu` backend: `tiny` (16 experts top-4, K-quant rows of 256)
     /// and `small` (heads of 128, query width unlike the hidden size), both in the Q4_K_M mix.
     const SYNTH_SPECS: [&str; 2] = ["synth:tiny", "synth:small"];
-    /// The model of record (DESIGN §3), benchmarked with `--bench`.
+    /// The model of record (docs/synthetic-models.md), benchmarked with `--bench`.
     const PRODUCTION_SPEC: &str = "synth:qwen3-coder-30b-a3b:q4_k_m";
     /// Environment variable that cuts the production benchmark down to what a kernel profiler should see:
     /// `decode` (two steps after the warm-up) or `prefill` (one 64-token forward after the warm-up).
     const PROFILE_ENV: &str = "MOE_GATE_BENCH_PROFILE";
-    /// The contract's canonical prompts (DESIGN §7).
+    /// The contract's canonical prompts (docs/contracts.md).
     const CANONICAL_PROMPTS: [&[u32]; 4] =
         [&[785, 9217, 308], &[785], &[785, 374, 264, 6716], &[750, 220, 17, 220, 488, 220, 17, 30]];
     /// Smallest hidden-state cosine between `cuda` and `cpu` accepted on the synthetic models: issue 5's

@@ -1,4 +1,4 @@
-//! The `cpu` backend under the `exact` policy (DESIGN §6, `docs/numerics.md`): the canonical operation
+//! The `cpu` backend under the `exact` policy (docs/numerics.md, `docs/numerics.md`): the canonical operation
 //! order is the CPU's f32 forward itself, so an `exact` trace equals the `fast` one bit for bit, is labelled
 //! `exact`, and is as close to the float64 fixtures as `fast` (rel <= 1e-5, `forward_cpu.rs`).
 //! `cuda_forward.rs` checks the CUDA backend's `exact` traces against these bit for bit.

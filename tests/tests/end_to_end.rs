@@ -1,6 +1,6 @@
 //! End-to-end tests of `cargo moe-gate`: the binary on the fixture model (tests/fixtures/public-tiny,
 //! HF transformers' float64 outputs are its ground truth elsewhere) with contracts written per test.
-//! Exit codes are DESIGN §4's: 0 every blocking gate holds, 101 a blocking gate failed, 2 not judged.
+//! Exit codes are docs/architecture.md's: 0 every blocking gate holds, 101 a blocking gate failed, 2 not judged.
 
 mod common;
 
@@ -301,7 +301,7 @@ fn trace_writes_the_design_format_and_rejects_bad_requests() {
     let trace = Trace::read_safetensors(&out_path).unwrap();
     assert_eq!(trace.tokens, vec![17, 42, 99]);
     assert_eq!(trace.backend, "reference");
-    assert_eq!(trace.precision, Precision::F64, "the reference keeps f64 (DESIGN §5)");
+    assert_eq!(trace.precision, Precision::F64, "the reference keeps f64 (docs/architecture.md)");
     assert_eq!(trace.layers.len(), 2);
     assert_eq!((trace.logits.rows, trace.logits.cols), (3, 256));
     assert_eq!((trace.layers[1].hidden.rows, trace.layers[1].hidden.cols), (3, 64));

@@ -1,4 +1,4 @@
-//! Reports of a gate run (DESIGN §8): one [`GateReport`] value holds everything, and each writer renders it:
+//! Reports of a gate run (docs/gate.md): one [`GateReport`] value holds everything, and each writer renders it:
 //! the terminal summary ([`terminal`]), `report.json` (this module, schema [`SCHEMA_VERSION`]), `report.md`
 //! ([`markdown`]), `layers.svg` ([`svg`]) and JUnit XML ([`junit`]).
 
@@ -71,7 +71,7 @@ pub struct ContractInfo {
     pub path: String,
 }
 
-/// The shard of a partitioned run (`--partition K/N`, DESIGN §9).
+/// The shard of a partitioned run (`--partition K/N`, docs/gate.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionInfo {
     /// K, from 1.

@@ -1,4 +1,4 @@
-//! The terminal summary printed after libtest's lines (DESIGN §8): per criterion N/M and the gate's
+//! The terminal summary printed after libtest's lines (docs/gate.md): per criterion N/M and the gate's
 //! verdict, the per-layer worst values, the next-token table, and a diagnosis for every failure.
 
 use super::table::Table;

@@ -1,4 +1,4 @@
-//! The `cpu` backend (DESIGN §6): f32 activations, rayon across weight rows (and experts and attention
+//! The `cpu` backend (docs/numerics.md): f32 activations, rayon across weight rows (and experts and attention
 //! heads in the shared forward), and each weight row multiplied straight from its quantised blocks in
 //! `moe_kernels::quant::dot_row`'s operation order: no dequantised copy of the weights (at most one row
 //! per thread), no quantisation of activations.

@@ -1,4 +1,4 @@
-//! The `cuda` backend (DESIGN §2 and §6, issue 5): the whole Qwen3-MoE forward on one CUDA device.
+//! The `cuda` backend (docs/architecture.md, docs/numerics.md, issue 5): the whole Qwen3-MoE forward on one CUDA device.
 //!
 //! Semantics are those of [`super::qwen3_moe`] (Hugging Face transformers `Qwen3MoeForCausalLM`); the
 //! kernels are `moe_kernels::cuda`, their operation order is written down in `docs/numerics.md`.

@@ -1,4 +1,4 @@
-//! The `reference` backend (DESIGN §6): every activation f64, every weight dequantised exactly to f64 row
+//! The `reference` backend (docs/numerics.md): every activation f64, every weight dequantised exactly to f64 row
 //! by row as it is used (never a whole-model f64 copy), plain dot products summed in index order. It is
 //! the truth a divergence is measured against; rows run in parallel, which changes no value.
 

@@ -1,6 +1,6 @@
 //! Quantisation mixes: which GGUF type each tensor of a model is stored in.
 //!
-//! The rules follow llama.cpp's `llama_model_quantize` in spirit, simplified to what DESIGN §3 fixes:
+//! The rules follow llama.cpp's `llama_model_quantize` in spirit, simplified to what docs/synthetic-models.md fixes:
 //! norms (every 1-D tensor) and the MoE router (`ffn_gate_inp`) stay F32 in every mix; every other
 //! matrix takes the mix's type; `q4_k_m` is Q4_K except Q6_K for `output` and for `attn_v` and
 //! `ffn_down*` on the "more bits" layers of llama.cpp's `use_more_bits(i, n)`: `i < n/8`, `i >= 7n/8`,
@@ -78,7 +78,7 @@ impl TensorRole {
 }
 
 impl QuantMix {
-    /// Every mix, in the order of DESIGN §3.
+    /// Every mix, in the order of docs/synthetic-models.md.
     pub const ALL: [QuantMix; 8] = [
         QuantMix::F32,
         QuantMix::F16,

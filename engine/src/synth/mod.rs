@@ -1,4 +1,4 @@
-//! Synthetic Qwen3-MoE models (DESIGN §3): any preset shape up to the production 30B-A3B, in any
+//! Synthetic Qwen3-MoE models (docs/synthetic-models.md): any preset shape up to the production 30B-A3B, in any
 //! quantisation mix, seeded and byte-identical on every machine and thread count.
 //!
 //! - [`preset`]: the shapes; [`mix`]: which type each tensor is stored in;

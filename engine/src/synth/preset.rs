@@ -1,4 +1,4 @@
-//! The synthetic model shapes (DESIGN §3): two small ones for tests and the default gate, and the two
+//! The synthetic model shapes (docs/synthetic-models.md): two small ones for tests and the default gate, and the two
 //! production Qwen3-MoE 30B-A3B configurations exactly as their released `config.json` files state them.
 
 use std::fmt;

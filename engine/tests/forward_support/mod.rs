@@ -226,7 +226,7 @@ pub fn compare_trace(trace: &moe_engine::trace::Trace, p: &Prompt, vocab: usize)
     e
 }
 
-/// How two traces of one prompt compare bit for bit (the `exact` policy's promise, DESIGN §6).
+/// How two traces of one prompt compare bit for bit (the `exact` policy's promise, docs/numerics.md).
 #[derive(Debug, Default, Clone)]
 pub struct BitAgreement {
     /// Tensors compared: per layer hidden, router logits, router experts, router weights; then the

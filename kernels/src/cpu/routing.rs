@@ -1,6 +1,6 @@
 //! Router decisions of a mixture-of-experts layer: softmax over all experts, deterministic top-k, and
 //! renormalisation of the chosen weights (transformers `Qwen3MoeSparseMoeBlock` with
-//! `norm_topk_prob = true`; DESIGN §6 for the tie-break).
+//! `norm_topk_prob = true`; docs/numerics.md for the tie-break).
 
 use super::real::Real;
 use super::softmax::softmax_in_place;
