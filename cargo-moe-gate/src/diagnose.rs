@@ -9,13 +9,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use moe_contracts::{Contract, Criterion, Prompt, Recorded, Tap, TrialOutcome, TrialPlan};
-use moe_engine::backend::{BackendKind, Forward, Policy, create_backend};
-use moe_engine::trace::{Matrix, Trace};
+use moe_engine::backend::{BackendKind, Forward};
+use moe_engine::trace::Trace;
 use moe_engine::weights::ModelWeights;
 
 use crate::error::GateError;
 use crate::record::trace_prompt;
 use crate::report::{Diagnosis, IsolatedError, RouterMargin, RunDistance, TrialStatus};
+use crate::ties::embeddings;
 use crate::trials::criterion_of;
 
 /// Reference forwards the diagnosis may add (for prompts no trial needed the reference of). On the
@@ -191,17 +192,7 @@ impl Diagnoser<'_> {
 
     /// The backend of `run`, created (and kept) if the run had no forward yet.
     fn backend(&mut self, run: &str) -> Result<&mut dyn Forward, GateError> {
-        if !self.backends.contains_key(run) {
-            let (kind, policy) = match self.contract.runs.get(run) {
-                Some(spec) => (spec.backend, spec.policy),
-                None => (BackendKind::Reference, Policy::Fast),
-            };
-            let backend = create_backend(kind, Arc::clone(self.weights), policy).map_err(|e| {
-                GateError::engine(format!("creating the {kind} backend of `{run}` for the diagnosis"), e)
-            })?;
-            self.backends.insert(run.to_string(), backend);
-        }
-        Ok(self.backends.get_mut(run).expect("inserted above").as_mut())
+        crate::record::backend_for(self.backends, self.contract, self.weights, run, "the diagnosis")
     }
 
     fn trace(&self, run: &str, prompt: &str) -> Option<&Trace> {
@@ -278,16 +269,7 @@ impl Diagnoser<'_> {
     fn first_routing_difference(&self, criterion: &Criterion, prompt: &str) -> Option<usize> {
         let a = self.trace(&criterion.compare[0], prompt)?;
         let b = self.trace(&criterion.compare[1], prompt)?;
-        let k = a.top_k();
-        (0..a.layers.len().min(b.layers.len())).find(|&l| {
-            let (ea, eb) = (&a.layers[l].router_experts, &b.layers[l].router_experts);
-            ea.chunks(k.max(1)).zip(eb.chunks(k.max(1))).any(|(x, y)| {
-                let (mut x, mut y) = (x.to_vec(), y.to_vec());
-                x.sort_unstable();
-                y.sort_unstable();
-                x != y
-            })
-        })
+        moe_contracts::ties::first_flip(a, b).map(|flip| flip.layer)
     }
 
     /// nmse of `run` against the reference: at `hidden.L`, or on the logits.
@@ -408,15 +390,10 @@ impl Diagnoser<'_> {
     }
 }
 
-/// The token embeddings of `tokens` (the input of layer 0), dequantised exactly in f64.
-fn embeddings(weights: &ModelWeights, tokens: &[u32]) -> Matrix {
-    crate::ties::embeddings(weights, tokens)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_engine::trace::LayerTrace;
+    use moe_engine::trace::{LayerTrace, Matrix};
     use std::path::Path;
 
     const CONTRACT: &str = "contract: diag-v1

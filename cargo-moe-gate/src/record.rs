@@ -324,6 +324,29 @@ impl Progress {
     }
 }
 
+/// The backend of `run` in `backends`, created (and kept) when the run has none yet: the diagnosis and the
+/// tie steps use it after recording. A run id the contract does not declare is a reference backend the
+/// gate creates; `purpose` names the step in the error.
+pub fn backend_for<'b>(
+    backends: &'b mut HashMap<String, Box<dyn Forward>>,
+    contract: &moe_contracts::Contract,
+    weights: &Arc<ModelWeights>,
+    run: &str,
+    purpose: &str,
+) -> Result<&'b mut dyn Forward, GateError> {
+    if !backends.contains_key(run) {
+        let (kind, policy) = match contract.runs.get(run) {
+            Some(spec) => (spec.backend, spec.policy),
+            None => (BackendKind::Reference, Policy::Fast),
+        };
+        let backend = create_backend(kind, Arc::clone(weights), policy).map_err(|e| {
+            GateError::engine(format!("creating the {kind} backend of `{run}` for {purpose}"), e)
+        })?;
+        backends.insert(run.to_string(), backend);
+    }
+    Ok(backends.get_mut(run).expect("inserted above").as_mut())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

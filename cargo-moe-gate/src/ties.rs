@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use moe_contracts::ties::{self, Flip};
 use moe_contracts::{Contract, Criterion, Prompt, Recorded, TiePolicy, TrialOutcome, TrialPlan};
-use moe_engine::backend::{BackendKind, Forward, Policy, create_backend};
+use moe_engine::backend::{BackendKind, Forward};
 use moe_engine::trace::{Matrix, Trace};
 use moe_engine::weights::ModelWeights;
 use serde::{Deserialize, Serialize};
@@ -223,17 +223,7 @@ impl TieWork<'_> {
     /// The backend of `run`, created (and kept) when it has none yet; an unknown run id is the
     /// reference the gate creates.
     fn backend(&mut self, run: &str) -> Result<&mut dyn Forward, GateError> {
-        if !self.backends.contains_key(run) {
-            let (kind, policy) = match self.contract.runs.get(run) {
-                Some(spec) => (spec.backend, spec.policy),
-                None => (BackendKind::Reference, Policy::Fast),
-            };
-            let backend = create_backend(kind, Arc::clone(self.weights), policy).map_err(|e| {
-                GateError::engine(format!("creating the {kind} backend of `{run}` for tie certification"), e)
-            })?;
-            self.backends.insert(run.to_string(), backend);
-        }
-        Ok(self.backends.get_mut(run).expect("inserted above").as_mut())
+        crate::record::backend_for(self.backends, self.contract, self.weights, run, "tie certification")
     }
 
     /// Step 3: every failing accumulated trial whose runs first route differently at a layer at or
