@@ -161,7 +161,7 @@ fn ties(report: &GateReport) -> String {
     let mut t = Table::new([
         "prompt",
         "runs",
-        "layer",
+        "where",
         "swaps",
         "reference gap",
         "isolated nmse",
@@ -178,7 +178,7 @@ fn ties(report: &GateReport) -> String {
         t.row([
             tie.prompt.clone(),
             format!("{} vs {}", tie.runs[0], tie.runs[1]),
-            tie.layer.to_string(),
+            tie.at(),
             swaps.join(", "),
             tie.gap.map_or("-".into(), |g| format!("{g:.3e}")),
             iso.join(", "),

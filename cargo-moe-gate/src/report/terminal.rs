@@ -203,7 +203,7 @@ fn ties_section(report: &GateReport) -> String {
     }
     let certified = report.ties.iter().filter(|t| t.certified).count();
     let mut out = format!(
-        "\nrouter ties: {certified} certified, {} not ({} failing trials explained)\n",
+        "\nties (router and next-token): {certified} certified, {} not ({} failing trials explained)\n",
         report.ties.len() - certified,
         report.ties.iter().map(|t| t.trials.len()).sum::<usize>()
     );
@@ -215,12 +215,12 @@ fn ties_section(report: &GateReport) -> String {
             .collect();
         let iso: Vec<String> = t.isolated.iter().map(|i| format!("{} {:.1e}", i.run, i.nmse)).collect();
         out.push_str(&format!(
-            "  {} {}: {} vs {} at layer {} ({}); reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
+            "  {} {}: {} vs {} at {} ({}); reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
             if t.certified { "CERTIFIED" } else { "NOT A TIE" },
             t.prompt,
             t.runs[0],
             t.runs[1],
-            t.layer,
+            t.at(),
             swaps.join(", "),
             t.gap.map_or("-".to_string(), |g| format!("{g:.3e}")),
             iso.join(", "),
