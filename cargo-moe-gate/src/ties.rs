@@ -666,21 +666,36 @@ fn pairs(runs: &[String]) -> impl Iterator<Item = (&str, &str)> {
 
 /// The reason a tie-excused trial shows in libtest and the reports.
 pub fn tie_sentence(t: &TieReport) -> String {
+    let gap = t.gap.map_or("?".into(), |g| format!("{g:.3e}"));
+    match t.tokens {
+        Some([x, y]) => format!(
+            "certified next-token tie cascade: `{}` and `{}` route alike but choose tokens {x} and {y} at {}, \
+             reference gap {gap} < {:e}",
+            t.runs[0],
+            t.runs[1],
+            t.at(),
+            t.margin
+        ),
+        None => format!(
+            "certified router tie cascade: `{}` and `{}` first choose different experts at {} ({}), reference \
+             gap {gap} < {:e}",
+            t.runs[0],
+            t.runs[1],
+            t.at(),
+            swaps_text(t, "; ", "position "),
+            t.margin
+        ),
+    }
+}
+
+/// A tie's swaps in one line: `{prefix}3: [5] vs [9]` joined by `sep`; empty for a next-token tie.
+pub fn swaps_text(t: &TieReport, sep: &str, prefix: &str) -> String {
     let swaps: Vec<String> = t
         .swaps
         .iter()
-        .map(|s| format!("position {}: {:?} vs {:?}", s.position, s.only_first, s.only_second))
+        .map(|s| format!("{prefix}{} {:?}/{:?}", s.position, s.only_first, s.only_second))
         .collect();
-    format!(
-        "certified router tie cascade: `{}` and `{}` first choose different experts at layer {} ({}), reference \
-         gap {} < {:e}",
-        t.runs[0],
-        t.runs[1],
-        t.layer,
-        swaps.join("; "),
-        t.gap.map_or("?".into(), |g| format!("{g:.3e}")),
-        t.margin
-    )
+    swaps.join(sep)
 }
 
 /// The token embeddings of `tokens` (the input of layer 0), dequantised exactly in f64.

@@ -169,17 +169,13 @@ fn ties(report: &GateReport) -> String {
         "trials",
     ]);
     for tie in &report.ties {
-        let swaps: Vec<String> = tie
-            .swaps
-            .iter()
-            .map(|s| format!("pos {} {:?}/{:?}", s.position, s.only_first, s.only_second))
-            .collect();
+        let swaps = crate::ties::swaps_text(tie, ", ", "pos ");
         let iso: Vec<String> = tie.isolated.iter().map(|i| format!("{} {:.2e}", i.run, i.nmse)).collect();
         t.row([
             tie.prompt.clone(),
             format!("{} vs {}", tie.runs[0], tie.runs[1]),
             tie.at(),
-            swaps.join(", "),
+            swaps,
             tie.gap.map_or("-".into(), |g| format!("{g:.3e}")),
             iso.join(", "),
             if tie.certified { "yes".into() } else { format!("no: {}", tie.reason) },

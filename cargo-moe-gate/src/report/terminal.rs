@@ -97,7 +97,7 @@ pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
         extras.push(format!("{} expected failures", c.expected_failures));
     }
     if c.tie_excused > 0 {
-        extras.push(format!("{} excused as router-tie cascades", c.tie_excused));
+        extras.push(format!("{} excused as tie cascades", c.tie_excused));
     }
     if !c.unexpected_passes.is_empty() {
         extras.push(format!("{} unexpected passes", c.unexpected_passes.len()));
@@ -208,20 +208,19 @@ fn ties_section(report: &GateReport) -> String {
         report.ties.iter().map(|t| t.trials.len()).sum::<usize>()
     );
     for t in &report.ties {
-        let swaps: Vec<String> = t
-            .swaps
-            .iter()
-            .map(|s| format!("pos {} {:?}/{:?}", s.position, s.only_first, s.only_second))
-            .collect();
+        let swaps = match crate::ties::swaps_text(t, ", ", "pos ") {
+            s if s.is_empty() => String::new(),
+            s => format!(" ({s})"),
+        };
         let iso: Vec<String> = t.isolated.iter().map(|i| format!("{} {:.1e}", i.run, i.nmse)).collect();
         out.push_str(&format!(
-            "  {} {}: {} vs {} at {} ({}); reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
+            "  {} {}: {} vs {} at {}{}; reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
             if t.certified { "CERTIFIED" } else { "NOT A TIE" },
             t.prompt,
             t.runs[0],
             t.runs[1],
             t.at(),
-            swaps.join(", "),
+            swaps,
             t.gap.map_or("-".to_string(), |g| format!("{g:.3e}")),
             iso.join(", "),
             t.trials.len(),
