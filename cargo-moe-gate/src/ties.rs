@@ -527,7 +527,10 @@ impl TieWork<'_> {
                 tokens.extend(ga[..d.step].iter().map(|s| s.token));
                 Ok(Parting { step: d.step, tokens, next: [d.candidate_token, d.baseline_token] })
             }
-            Metric::Argmax if !criterion.is_per(moe_contracts::Per::Position) => {
+            Metric::Argmax if criterion.is_per(moe_contracts::Per::Position) => {
+                Err("a per-position argmax trial is certified only through a routing flip".into())
+            }
+            Metric::Argmax => {
                 let last = |run: &str| {
                     self.recorded
                         .trace(run, id)
@@ -536,7 +539,15 @@ impl TieWork<'_> {
                 };
                 Ok(Parting { step: 0, tokens: prompt.tokens.clone(), next: [last(a)?, last(b)?] })
             }
-            other => Err(format!("a failing `{}` trial with no routing flip is not a tie", other.as_str())),
+            other @ (Metric::Cosine
+            | Metric::Nmse
+            | Metric::MaxAbs
+            | Metric::Kld
+            | Metric::TopkSet
+            | Metric::Bitwise
+            | Metric::ErrorRatio) => {
+                Err(format!("a failing `{}` trial with no routing flip is not a tie", other.as_str()))
+            }
         }
     }
 

@@ -39,7 +39,14 @@ pub fn evaluate(contract: &Contract, trial: &TrialPlan, rec: &Recorded) -> Trial
     };
     let judged = match criterion.metric {
         Metric::Greedy => greedy_trial(criterion, trial, rec),
-        _ => trace_trial(contract, criterion, trial, rec),
+        Metric::Cosine
+        | Metric::Nmse
+        | Metric::MaxAbs
+        | Metric::Kld
+        | Metric::Argmax
+        | Metric::TopkSet
+        | Metric::Bitwise
+        | Metric::ErrorRatio => trace_trial(contract, criterion, trial, rec),
     };
     judged.unwrap_or_else(|problem| match problem {
         Problem::Unjudgeable(detail) => TrialOutcome::unjudgeable(detail),
@@ -359,7 +366,15 @@ fn distance_trial(
         let value = match metric {
             Metric::Cosine => metrics::cosine(&c, &b),
             Metric::Nmse => metrics::nmse(&c, &b),
-            _ => metrics::max_abs(&c, &b),
+            Metric::MaxAbs => metrics::max_abs(&c, &b),
+            other @ (Metric::Kld
+            | Metric::Argmax
+            | Metric::TopkSet
+            | Metric::Bitwise
+            | Metric::Greedy
+            | Metric::ErrorRatio) => {
+                return Err(Problem::Unjudgeable(format!("metric {other} is not a distance over rows")));
+            }
         };
         if worst.is_none_or(|(w, _)| is_worse(metric, value, w)) {
             worst = Some((value, layer));
@@ -460,7 +475,14 @@ fn is_worse(metric: Metric, value: f64, than: f64) -> bool {
 fn show(metric: Metric, value: f64) -> String {
     match metric {
         Metric::Cosine => format!("{value:.9} (1 - cos = {:.3e})", 1.0 - value),
-        _ => format!("{value:.4e}"),
+        Metric::Nmse
+        | Metric::MaxAbs
+        | Metric::Kld
+        | Metric::Argmax
+        | Metric::TopkSet
+        | Metric::Bitwise
+        | Metric::Greedy
+        | Metric::ErrorRatio => format!("{value:.4e}"),
     }
 }
 

@@ -75,7 +75,7 @@ fn layers(report: &GateReport) -> String {
         for r in &table.rows {
             t.row([
                 r.layer.to_string(),
-                fmt_value(&table.metric, r.worst),
+                fmt_value(table.metric, r.worst),
                 r.worst_prompt.clone(),
                 if r.failed { "✗".into() } else { String::new() },
             ]);
