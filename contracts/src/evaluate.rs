@@ -233,13 +233,16 @@ fn rows_read(metric: Metric, position: Option<usize>, trace: &Trace) -> Result<R
 
 /// The float matrix of `tap` (not router_experts) at `layer`.
 fn float_tap(trace: &Trace, tap: Tap, layer: Option<usize>) -> Option<&Matrix> {
+    if let Some(sub) = tap.sub_layer() {
+        return layer.and_then(|l| trace.sub_layers.get(l)).map(|taps| sub.of(taps));
+    }
     let layer = layer.and_then(|l| trace.layers.get(l));
     match tap {
         Tap::Hidden => layer.map(|l| &l.hidden),
         Tap::RouterLogits => layer.map(|l| &l.router_logits),
         Tap::RouterWeights => layer.map(|l| &l.router_weights),
         Tap::Logits => Some(&trace.logits),
-        Tap::RouterExperts => None,
+        _ => None,
     }
 }
 
@@ -318,7 +321,11 @@ fn matrix_by_name<'a>(trace: &'a Trace, name: &str) -> Option<&'a Matrix> {
         return Some(&trace.logits);
     }
     let (tensor, layer) = name.split_once('.')?;
-    let layer = trace.layers.get(layer.parse::<usize>().ok()?)?;
+    let l = layer.parse::<usize>().ok()?;
+    if let Some(sub) = moe_engine::trace::SubLayerTap::from_name(tensor) {
+        return trace.sub_layers.get(l).map(|taps| sub.of(taps));
+    }
+    let layer = trace.layers.get(l)?;
     match tensor {
         "hidden" => Some(&layer.hidden),
         "router_logits" => Some(&layer.router_logits),
