@@ -689,7 +689,8 @@ mod cases {
     /// `cpu` forward's input (`run_layer_tapped`) gives the `cpu` layer's taps (bit for bit under `exact`;
     /// nmse <= [`TAP_NMSE`] under `fast`, the expert slots where both chose the same experts); a forward
     /// with taps gives the values of one without (the fast experts then take the unfused launches); a
-    /// traced decode step (uncaptured) gives the full forward's last row and every cache row it read.
+    /// traced decode step (under `fast`: the captured graph's kernels, launched one by one) gives the full
+    /// forward's last row and every cache row it read.
     fn taps_match_cpu(model: &str, policy: Policy) -> Outcome {
         let (mut cuda, mut cpu) = match pair_of(model, policy) {
             Ok(pair) => pair,

@@ -420,6 +420,67 @@ impl CudaForward {
             .map_err(|e| engine_error(&step(), e))
     }
 
+    /// One token at the next position through the `fast` decode step's own kernels (those the captured
+    /// graph replays: K/V projections into the cache row, fused q/k norm and RoPE, attention at a device
+    /// position), launched one by one, recording every layer's taps into `trace` and, when it asks for
+    /// them, the sub-layer taps with the cache rows each layer's attention read. A defect of the decode
+    /// kernels shows here as in the graph.
+    fn decode_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
+        let pos = self.n_cached;
+        check_tokens(self.cfg(), &[token], pos)?;
+        self.ensure_workspace(1)?;
+        self.ensure_cache(pos + 1)?;
+        self.ensure_logits(1).map_err(|e| engine_error("allocating the logits", e))?;
+        let stage = format!("decoding at position {pos} with taps");
+        let pos_i = i32::try_from(pos).map_err(|_| EngineError::Cuda {
+            stage: stage.clone(),
+            message: format!("position {pos} exceeds the kernels' int range"),
+        })?;
+        let record_taps = trace.record_sub_layers;
+        let weights = Arc::clone(&self.weights);
+        let (d, cfg) = (Arc::clone(&self.device), &weights.config);
+        let (hidden, vocab, capacity) = (cfg.hidden, cfg.vocab, self.cache.capacity);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        let mut sub_layers = Vec::new();
+        let mut decode = || -> Result<Vec<f32>, CudaError> {
+            d.copy_to_device(&[token as i32], self.work.tokens.as_mut())?;
+            d.copy_to_device(&[pos_i], self.work.pos.as_mut())?;
+            d.get_rows(
+                &self.model.token_embd,
+                self.work.tokens.slice(0..1)?,
+                self.work.x.slice_mut(0..hidden)?,
+            )?;
+            for l in 0..cfg.n_layer {
+                let layer = Layer { d: &d, cfg, model: &self.model, l };
+                let mut taps = record_taps.then(DeviceTaps::default);
+                let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
+                layer.decode(&mut self.work, keys, values, capacity, taps.as_mut().map(|t| (t, pos)))?;
+                layers.push(self.layer_trace(1)?);
+                if let Some(taps) = taps {
+                    let mut taps = taps.into_taps(cfg, 1);
+                    let (keys, values) = self.cache_rows(l, pos + 1)?;
+                    (taps.cache_keys, taps.cache_values) = (Some(keys), Some(values));
+                    sub_layers.push(taps);
+                }
+            }
+            let (norm, eps) = (self.model.output_norm.as_slice(), cfg.rms_eps as f32);
+            let w = &mut self.work;
+            d.rmsnorm(w.x.slice(0..hidden)?, norm, 1, hidden, eps, w.h.slice_mut(0..hidden)?)?;
+            d.matvec(self.model.output(), w.h.slice(0..hidden)?, 1, w.logits.slice_mut(0..vocab)?, false)?;
+            d.download(w.logits.slice(0..vocab)?)
+        };
+        let logits = decode().map_err(|e| engine_error(&stage, e))?;
+        self.n_cached = pos + 1;
+        trace.backend = BackendKind::Cuda.to_string();
+        trace.policy = self.policy.to_string();
+        trace.precision = Precision::F32;
+        trace.tokens = vec![token];
+        trace.layers = layers;
+        trace.sub_layers = sub_layers;
+        trace.logits = Matrix::from_f32(1, vocab, &logits);
+        Ok(logits)
+    }
+
     /// Queues one decode step at the position in `work.pos`: embedding of `work.tokens[0]`, every layer
     /// (its key and value into the cache row of that position), final norm and logits into `work.logits`.
     fn enqueue_decode(&mut self) -> Result<(), CudaError> {
@@ -429,7 +490,7 @@ impl CudaForward {
         d.get_rows(&model.token_embd, work.tokens.slice(0..1)?, work.x.slice_mut(0..hidden)?)?;
         for l in 0..cfg.n_layer {
             let layer = Layer { d, cfg, model, l };
-            layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity)?;
+            layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity, None)?;
         }
         let (norm, eps) = (model.output_norm.as_slice(), cfg.rms_eps as f32);
         d.rmsnorm(work.x.slice(0..hidden)?, norm, 1, hidden, eps, work.h.slice_mut(0..hidden)?)?;
@@ -651,13 +712,16 @@ impl Layer<'_> {
 
     /// [`Layer::run`] on one token whose position is read from the device (`work.pos[0]`), over caches
     /// of `capacity` positions: the kernels of a captured decode graph, which replays at any position. The
-    /// same kernels as `run` on one token, so the same values.
+    /// same kernels as `run` on one token, so the same values. With `taps` (never while capturing: it
+    /// waits for the device), each op's output is copied back into it; the `usize` is the position the
+    /// device reads, whose cache rows are the step's keys and values.
     fn decode(
         &self,
         work: &mut Workspace,
         keys: &mut DeviceBuffer<f32>,
         values: &mut DeviceBuffer<f32>,
         capacity: usize,
+        mut taps: Option<(&mut DeviceTaps, usize)>,
     ) -> Result<(), CudaError> {
         let Layer { d, cfg, model, l } = *self;
         let lw = &model.layers[l];
@@ -668,6 +732,9 @@ impl Layer<'_> {
         let (xs, all_kv) = (0..hidden, 0..capacity * kvd);
 
         d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), 1, hidden, eps, h.slice_mut(xs.clone())?)?;
+        if let Some((t, _)) = taps.as_mut() {
+            t.attn_norm = d.download(h.slice(xs.clone())?)?;
+        }
         let hn = h.slice(xs.clone())?;
         d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
         d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
@@ -683,13 +750,28 @@ impl Layer<'_> {
             inv_freq,
             (pos, capacity),
         )?;
+        if let Some((t, row)) = taps.as_mut() {
+            let row = *row * kvd..(*row + 1) * kvd;
+            t.q = d.download(q.slice(0..qd)?)?;
+            t.k = d.download(keys.slice(row.clone())?)?;
+            t.v = d.download(values.slice(row)?)?;
+        }
         let shape = self.attention_shape(1, 0);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         let out = attn.slice_mut(0..qd)?;
         d.attention_with(q.slice(0..qd)?, kc, vc, out, shape, scale, Some((pos, capacity)))?;
-        d.matvec(&lw.o, attn.slice(0..qd)?, 1, x.slice_mut(xs)?, true)?;
-        self.moe(work, 1, None)
+        if let Some((t, _)) = taps.as_mut() {
+            t.attn_out = d.download(attn.slice(0..qd)?)?;
+            // The projection alone into the normed buffer (no longer read): the accumulating launch's addend.
+            d.matvec(&lw.o, attn.slice(0..qd)?, 1, h.slice_mut(xs.clone())?, false)?;
+            t.attn_proj = d.download(h.slice(xs.clone())?)?;
+        }
+        d.matvec(&lw.o, attn.slice(0..qd)?, 1, x.slice_mut(xs.clone())?, true)?;
+        if let Some((t, _)) = taps.as_mut() {
+            t.attn_residual = d.download(x.slice(xs)?)?;
+        }
+        self.moe(work, 1, taps.map(|(t, _)| t))
     }
 
     fn attention_shape(&self, n_tok: usize, pos0: usize) -> AttentionShape {
@@ -938,8 +1020,12 @@ impl Forward for CudaForward {
     }
 
     fn step_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
-        // A trace keeps the step off the captured decode graph: the same kernels, launched one by one.
-        self.run(&[token], Some(trace))
+        match self.policy {
+            // `fast` decodes through the kernels of the captured graph: run those, launched one by one.
+            Policy::Fast => self.decode_traced(token, trace),
+            // `exact` has no graph: its steps are `run` on one token.
+            Policy::Exact => self.run(&[token], Some(trace)),
+        }
     }
 }
 
