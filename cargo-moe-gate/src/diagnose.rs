@@ -335,8 +335,7 @@ impl Diagnoser<'_> {
         }
         if let Some(b) = d.bisections.iter().find(|b| b.step.is_some() && b.op.is_some()) {
             return format!(
-                "the prefill agrees layer by layer, but a decode step of `{}` differs from a full forward of the \
-                 same tokens: {}{closer}",
+                "the prefill agrees layer by layer, but the decode path of `{}` differs: {}{closer}",
                 b.run, b.sentence
             );
         }
@@ -558,7 +557,8 @@ impl Diagnoser<'_> {
 
         let pos = t + step - 1;
         let head = format!(
-            "in decode step {step} (position {pos}; its logits differ from `{run}`'s own full forward of the same              tokens by nmse {logits_nmse:.1e})"
+            "in decode step {step} (position {pos}; its logits differ from `{run}`'s own full forward of the \
+             same tokens by nmse {logits_nmse:.1e})"
         );
         for l in 0..ours.layers.len().min(truth.layers.len()) {
             let (Some(o), Some(r)) = (ours.sub_layers.get(l), truth.sub_layers.get(l)) else { break };
@@ -617,6 +617,10 @@ impl Diagnoser<'_> {
         Some(a - b)
     }
 }
+
+#[cfg(test)]
+#[path = "diagnose_faults.rs"]
+mod faults;
 
 #[cfg(test)]
 mod tests {
