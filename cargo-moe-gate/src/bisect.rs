@@ -293,7 +293,7 @@ struct Routing {
 impl Routing {
     fn compare(run: Tapped<'_>, truth: Tapped<'_>, rows: &Range<usize>) -> Self {
         let k = run.layer.router_weights.cols;
-        let hidden = if k == 0 { 0 } else { run.taps.expert_out.cols / k };
+        let hidden = run.taps.expert_out.cols.checked_div(k).unwrap_or(0);
         let (mut differing_positions, mut w, mut tw, mut y, mut ty) = (0, vec![], vec![], vec![], vec![]);
         for (i, pos) in rows.clone().enumerate() {
             let ids = |l: &LayerTrace, row: usize| {
@@ -417,7 +417,8 @@ mod tests {
         assert!(checks.iter().all(|c| c.nmse == 0.0 && !c.differs));
 
         // A fault in one op changes its output and every later one; the first is named.
-        let cases: [(Op, fn(&mut LayerTrace, &mut SubLayerTaps)); 12] = [
+        type Fault = fn(&mut LayerTrace, &mut SubLayerTaps);
+        let cases: [(Op, Fault); 12] = [
             (Op::AttnNorm, |_, t| scale(&mut t.attn_norm)),
             (Op::QkvProj, |_, t| scale(&mut t.v)),
             (Op::QkNormRope, |_, t| scale(&mut t.k)),

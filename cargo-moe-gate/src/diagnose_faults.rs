@@ -87,8 +87,8 @@ fn scale(m: &mut Matrix) {
 /// 0's last expert with the first one it did not choose.
 fn perturb(layer: &mut LayerTrace, taps: &mut SubLayerTaps, from: usize, n_expert: u32) {
     let k = layer.router_weights.cols;
-    for stage in from..PREFILL_OPS.len() {
-        match PREFILL_OPS[stage] {
+    for op in PREFILL_OPS.iter().skip(from) {
+        match op {
             Op::AttnNorm => scale(&mut taps.attn_norm),
             Op::QkvProj => scale(&mut taps.v),
             Op::QkNormRope => {
