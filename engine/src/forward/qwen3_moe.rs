@@ -434,13 +434,14 @@ impl<N: Numerics> Model<N> {
         let attn_norm = self.rms_norm_rows(x, &norms.attn);
         let attn = self.attention(w, norms, &attn_norm, batch, rope, caches);
         add_in_place(x, &attn.proj);
-        let attn_residual = if record { x.to_vec() } else { Vec::new() };
+        // Kept only for the taps: a forward without them frees the attention buffers here.
+        let attn = record.then_some((attn, x.to_vec()));
 
         let ffn_norm = self.rms_norm_rows(x, &norms.ffn);
         let routing = self.route(w, &ffn_norm);
         let (moe, expert_out) = self.experts(w, &ffn_norm, &routing, record);
         add_in_place(x, &moe);
-        let taps = expert_out.map(|expert_out| RawTaps {
+        let taps = attn.zip(expert_out).map(|((attn, attn_residual), expert_out)| RawTaps {
             attn_norm,
             q: attn.q,
             k: attn.k,
