@@ -418,7 +418,9 @@ impl Diagnoser<'_> {
             .filter(|i| i.nmse > bound || i.nmse.is_nan())
             .map(|i| (i.run.clone(), Some(i.layer)))
             .collect();
-        if keys.is_empty() && criterion.metric == Metric::Greedy {
+        // The decode path is looked at only where the prefill explains nothing: no layer wrong in
+        // isolation and the same routing in every layer.
+        if keys.is_empty() && criterion.metric == Metric::Greedy && d.first_divergent_layer.is_none() {
             keys = candidates.iter().map(|run| (run.clone(), None)).collect();
         }
         let (mut found, mut notes) = (Vec::new(), Vec::new());
@@ -429,7 +431,10 @@ impl Diagnoser<'_> {
                 None => {
                     let made = match layer {
                         Some(l) => self.bisect_layer(&run, reference, prompt, l),
-                        None => self.bisect_decode(&run, reference, prompt),
+                        None => {
+                            let steps = self.greedy_steps_to_check(criterion, &prompt.id);
+                            self.bisect_decode(&run, reference, prompt, steps)
+                        }
                     };
                     let made = made.unwrap_or_else(|e| {
                         notes.push(format!("op-level bisection of `{run}` unavailable: {e}"));
@@ -496,19 +501,33 @@ impl Diagnoser<'_> {
         }))
     }
 
+    /// How many greedy steps can hold the cause of a greedy failure: up to the first step where the two
+    /// compared runs chose different tokens (a later step cannot have caused it), else all of them.
+    fn greedy_steps_to_check(&self, criterion: &Criterion, prompt: &str) -> usize {
+        let tokens = |run: &String| -> Vec<u32> {
+            let key = (run.clone(), prompt.to_string());
+            self.recorded.greedy.get(&key).map(|s| s.iter().map(|s| s.token).collect()).unwrap_or_default()
+        };
+        let (a, b) = (tokens(&criterion.compare[0]), tokens(&criterion.compare[1]));
+        let n = a.len().max(b.len());
+        a.iter().zip(&b).position(|(x, y)| x != y).map_or(n, |first| first + 1)
+    }
+
     /// The decode path of `run` on `prompt`: the first greedy step whose decode-step logits differ from
     /// `run`'s own full forward of the same tokens by more than the bound (nmse), then that step traced
     /// (after the steps before it) against the reference's forward of those tokens, layer by layer and op
-    /// by op at the step's position. `None` when every step agrees.
+    /// by op at the step's position. Greedy steps from `steps` on are not looked at. `None` when every
+    /// step agrees.
     fn bisect_decode(
         &mut self,
         run: &str,
         reference: &str,
         prompt: &Prompt,
+        steps: usize,
     ) -> Result<Option<OpBisection>, GateError> {
         let key = (run.to_string(), prompt.id.clone());
         let Some(greedy) = self.recorded.greedy.get(&key) else { return Ok(None) };
-        let tokens: Vec<u32> = greedy.iter().map(|s| s.token).collect();
+        let tokens: Vec<u32> = greedy.iter().take(steps).map(|s| s.token).collect();
         if tokens.len() < 2 || !self.backends.contains_key(run) {
             return Ok(None);
         }
