@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench::Lengths;
+use crate::lengths::Lengths;
 use crate::partition::Partition;
 
 /// `cargo moe-gate`: numerical parity between the CPU and CUDA forwards, judged by a versioned contract.
@@ -186,7 +186,7 @@ pub struct MergeArgs {
 pub struct BenchArgs {
     /// The model: a `.gguf` path or `synth:PRESET[:QUANT][@SEED]`. The production shape is
     /// `synth:qwen3-coder-30b-a3b:q4_k_m`.
-    #[arg(long, value_name = "SPEC", default_value = crate::bench::DEFAULT_MODEL)]
+    #[arg(long, value_name = "SPEC", default_value = crate::model::BENCH_DEFAULT_MODEL)]
     pub model: String,
     /// The backend: reference (f64), cpu or cuda.
     #[arg(long, value_name = "reference|cpu|cuda", default_value = "cpu")]

@@ -14,6 +14,7 @@ use crate::cli::{Command, QuantizeArgs, SynthArgs, TraceArgs, ValidateArgs};
 use crate::discover::{Workspace, locate_contract};
 use crate::error::GateError;
 use crate::model::resolve_model;
+use crate::output::print_all;
 
 /// Runs one subcommand.
 pub fn run(command: Command) -> Result<u8, GateError> {
@@ -99,12 +100,6 @@ macro_rules! outln {
         use std::fmt::Write as _;
         let _ = writeln!($out, $($arg)*);
     }};
-}
-
-/// Prints text to stdout; a reader that went away (`| head`) is not an error.
-pub(crate) fn print_all(text: &str) {
-    use std::io::Write as _;
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// `validate`: loads each contract; prints `ok` or the error with its line; exit 2 if any is invalid.

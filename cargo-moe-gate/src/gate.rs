@@ -174,7 +174,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
         eprint!("{summary}");
     } else {
-        crate::commands::print_all(&summary);
+        crate::output::print_all(&summary);
     }
     if let Some(dir) = &args.report_dir {
         report.write_dir(dir)?;

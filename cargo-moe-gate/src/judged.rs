@@ -77,7 +77,7 @@ impl Judged<'_> {
                     title: c.title.clone(),
                     compare: c.compare.clone(),
                     tap: c.tap.to_string(),
-                    metric: c.metric.to_string(),
+                    metric: c.metric,
                     gate: c.gate.to_string(),
                     threshold: match (c.threshold.min, c.threshold.max) {
                         (None, None) => String::new(),
@@ -139,7 +139,7 @@ impl Judged<'_> {
             };
             tables.push(LayerTable {
                 criterion: c.id.clone(),
-                metric: c.metric.to_string(),
+                metric: c.metric,
                 worse: direction,
                 threshold,
                 rows,

@@ -160,7 +160,7 @@ pub fn run_merge(args: &MergeArgs) -> Result<u8, GateError> {
     let contract = load_contract(args.contract.as_deref(), &shards[0])?;
     let mut report = merge(&contract, &shards)?;
     let empty = report.refuse_if_empty(args.allow_empty);
-    crate::commands::print_all(&terminal::render(&report));
+    crate::output::print_all(&terminal::render(&report));
     if let Some(dir) = &args.report_dir {
         report.write_dir(dir)?;
         eprintln!("moe-gate: merged report written to {}", dir.display());

@@ -10,6 +10,12 @@ use moe_engine::weights::ModelWeights;
 
 use crate::error::GateError;
 
+/// The model `bench` runs without `--model`: small enough for any machine.
+pub const BENCH_DEFAULT_MODEL: &str = "synth:tiny";
+/// The production shape (docs/synthetic-models.md), the model the CUDA numbers of docs/benchmarks.md are
+/// measured on.
+pub const PRODUCTION_MODEL: &str = "synth:qwen3-coder-30b-a3b:q4_k_m";
+
 /// Loads a model spec: a `.gguf` path (memory-mapped) or `synth:PRESET[:QUANT][@SEED]` (built in memory).
 /// The one place the gate turns a spec into weights.
 pub fn resolve_model(spec: &str) -> Result<Arc<ModelWeights>, GateError> {
@@ -91,6 +97,13 @@ pub fn choose_model(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_production_and_bench_default_models_are_valid_specs() {
+        use moe_engine::spec::ModelSpec;
+        assert!(PRODUCTION_MODEL.parse::<ModelSpec>().is_ok());
+        assert!(BENCH_DEFAULT_MODEL.parse::<ModelSpec>().is_ok());
+    }
 
     #[test]
     fn override_wins_over_both() {

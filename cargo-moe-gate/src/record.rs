@@ -94,7 +94,7 @@ pub fn trace_prompt(
 }
 
 /// An empty trace of `backend`'s kind, policy and precision for the model `model_spec`.
-pub fn new_trace(model_spec: &str, backend: &dyn Forward) -> Trace {
+pub(crate) fn new_trace(model_spec: &str, backend: &dyn Forward) -> Trace {
     let precision = match backend.kind() {
         BackendKind::Reference => Precision::F64,
         BackendKind::Cpu | BackendKind::Cuda => Precision::F32,

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use moe_contracts::ties::{self, Flip};
-use moe_contracts::{Contract, Criterion, Prompt, Recorded, TiePolicy, TrialOutcome, TrialPlan};
+use moe_contracts::{Contract, Criterion, Metric, Prompt, Recorded, TiePolicy, TrialOutcome, TrialPlan};
 use moe_engine::backend::{BackendKind, Forward};
 use moe_engine::trace::{Matrix, Trace};
 use moe_engine::weights::ModelWeights;
@@ -32,8 +32,17 @@ pub struct TieReport {
     pub prompt: String,
     /// The two runs whose expert choice differs.
     pub runs: [String; 2],
-    /// The first layer where they route differently.
+    /// The first layer where they route differently; for a next-token tie (`tokens`), the layer count
+    /// (the choice is made after the last layer).
     pub layer: usize,
+    /// For a failure in greedy decoding: the step whose input (the prompt and the tokens both runs agreed
+    /// on before it) was traced again to find the swap. `None`: the prompt itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    /// For runs that route alike but choose different next tokens: the two tokens (`runs[0]`'s first);
+    /// `gap` is then the reference's probability gap between them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<[u32; 2]>,
     /// Every position that differs at that layer.
     pub swaps: Vec<TieSwap>,
     /// The largest reference probability gap over the swaps (`None`: not measurable).
@@ -48,6 +57,20 @@ pub struct TieReport {
     pub reason: String,
     /// The failing trials it explains (excused under `ties.policy: excuse`).
     pub trials: Vec<String>,
+}
+
+impl TieReport {
+    /// Where the runs part, in words: `layer 12`, `layer 12, greedy step 19`, `next token, greedy step 19`.
+    pub fn at(&self) -> String {
+        let place = match self.tokens {
+            Some([a, b]) => format!("next token {a} vs {b}"),
+            None => format!("layer {}", self.layer),
+        };
+        match self.step {
+            Some(step) => format!("{place}, greedy step {step}"),
+            None => place,
+        }
+    }
 }
 
 /// One position's swap.
@@ -247,6 +270,7 @@ impl TieWork<'_> {
     ) -> Vec<TieReport> {
         let mut reports: Vec<TieReport> = Vec::new();
         let mut flips: HashMap<(String, String, String), Option<Flip>> = HashMap::new();
+        let mut decode_budget = MAX_TIE_REFERENCES;
         for (i, plan) in plans.iter().enumerate() {
             if statuses[i] != TrialStatus::Failed || outcomes[i].is_none() {
                 continue;
@@ -277,6 +301,9 @@ impl TieWork<'_> {
                     break;
                 }
             }
+            if explaining.is_none() && matches!(criterion.metric, Metric::Greedy | Metric::Argmax) {
+                explaining = self.decode_report(criterion, plan, &mut reports, &mut decode_budget);
+            }
             let Some(at) = explaining else { continue };
             reports[at].trials.push(plan.name.clone());
             if reports[at].certified && self.contract.ties.policy == TiePolicy::Excuse {
@@ -284,6 +311,40 @@ impl TieWork<'_> {
             }
         }
         reports
+    }
+
+    /// The index in `reports` of the next-token (decode) certification of `plan`'s runs and prompt,
+    /// made when it is not there yet and `budget` allows another reference forward.
+    fn decode_report(
+        &mut self,
+        criterion: &Criterion,
+        plan: &TrialPlan,
+        reports: &mut Vec<TieReport>,
+        budget: &mut usize,
+    ) -> Option<usize> {
+        let [a, b] = &criterion.compare;
+        let same = |r: &TieReport| {
+            r.prompt == plan.prompt
+                && r.runs == [a.as_str(), b.as_str()]
+                && (r.step.is_some() || r.tokens.is_some())
+        };
+        if let Some(at) = reports.iter().position(same) {
+            return Some(at);
+        }
+        let prompt = self.prompts.iter().find(|p| p.id == plan.prompt)?.clone();
+        let report = if *budget == 0 {
+            let mut r = self.report(a, b, &prompt.id);
+            r.reason = format!(
+                "not traced again: the gate certifies at most {MAX_TIE_REFERENCES} decode steps per run (filter \
+                 the gate to this prompt to certify it)"
+            );
+            r
+        } else {
+            *budget -= 1;
+            self.certify_decode(a, b, &prompt, criterion)
+        };
+        reports.push(report);
+        Some(reports.len() - 1)
     }
 
     fn flip(&self, a: &str, b: &str, prompt: &str) -> Option<Flip> {
@@ -303,60 +364,15 @@ impl TieWork<'_> {
         statuses: &[TrialStatus],
     ) -> TieReport {
         let reference = ties::reference_run(self.contract).to_string();
-        let margin = self.contract.ties.margin;
-        let mut report = TieReport {
-            prompt: prompt.to_string(),
-            runs: [a.to_string(), b.to_string()],
-            layer: flip.layer,
-            swaps: flip
-                .swaps
-                .iter()
-                .map(|s| TieSwap {
-                    position: s.position,
-                    only_first: s.only_a.clone(),
-                    only_second: s.only_b.clone(),
-                })
-                .collect(),
-            gap: None,
-            margin,
-            isolated: Vec::new(),
-            certified: false,
-            reason: String::new(),
-            trials: Vec::new(),
-        };
+        let mut report = self.report(a, b, prompt);
+        report.layer = flip.layer;
+        report.swaps = tie_swaps(flip);
         let Some(ref_trace) = self.recorded.tie_reference(&reference, prompt).cloned() else {
             report.reason = format!("no reference trace of prompt `{prompt}` to measure the swap against");
             return report;
         };
-        report.gap = ties::flip_gap(&ref_trace, flip);
-        let Some(gap) = report.gap.filter(|g| *g < margin) else {
-            report.reason = match report.gap {
-                Some(g) => format!(
-                    "the reference separates the swapped experts by {g:.3e} >= ties.margin {margin:e}: not a tie"
-                ),
-                None => "the reference cannot measure the swap (not one expert for one)".into(),
-            };
-            return report;
-        };
-        let bound = self.contract.ties.isolated_nmse;
-        for run in [a, b]
-            .into_iter()
-            .filter(|r| self.contract.runs.get(*r).is_none_or(|s| s.backend != BackendKind::Reference))
-        {
-            match self.isolated_check(run, &ref_trace, prompt, flip.layer) {
-                Ok(check) => report.isolated.push(check),
-                Err(why) => {
-                    report.reason = why;
-                    return report;
-                }
-            }
-        }
-        if let Some(bad) = report.isolated.iter().find(|c| c.nmse > bound || c.nmse.is_nan()) {
-            report.reason = format!(
-                "layer {} of `{}` computes something else on the reference's input (isolated nmse {:.3e} > \
-                 ties.isolated_nmse {bound:e}): a defect, whatever the router margin",
-                flip.layer, bad.run, bad.nmse
-            );
+        if let Err(why) = self.judge_flip(&mut report, &ref_trace, flip) {
+            report.reason = why;
             return report;
         }
         if let Some(name) = failed_isolated_trial(self.contract, plans, statuses, [a, b], prompt, flip.layer)
@@ -364,13 +380,226 @@ impl TieWork<'_> {
             report.reason = format!("the isolated trial {name} fails at or before layer {}", flip.layer);
             return report;
         }
+        self.certified(report)
+    }
+
+    /// An empty (not certified) report of runs `a`, `b` on `prompt`.
+    fn report(&self, a: &str, b: &str, prompt: &str) -> TieReport {
+        TieReport {
+            prompt: prompt.to_string(),
+            runs: [a.to_string(), b.to_string()],
+            layer: 0,
+            step: None,
+            tokens: None,
+            swaps: Vec::new(),
+            gap: None,
+            margin: self.contract.ties.margin,
+            isolated: Vec::new(),
+            certified: false,
+            reason: String::new(),
+            trials: Vec::new(),
+        }
+    }
+
+    /// Marks `report` certified, with the sentence that says why.
+    fn certified(&self, mut report: TieReport) -> TieReport {
+        let what = if report.tokens.is_some() { "next tokens" } else { "swapped experts" };
+        let layers = if report.tokens.is_some() {
+            "every layer is".to_string()
+        } else {
+            format!("layer {} is", report.layer)
+        };
         report.certified = true;
         report.reason = format!(
-            "the reference separates the swapped experts by {gap:.3e} < ties.margin {margin:e} and layer {} is right \
-             on the reference's input in every compared run: rounding decides this expert choice",
-            flip.layer
+            "the reference separates the {what} by {:.3e} < ties.margin {:e} and {layers} right on the \
+             reference's input in every compared run: rounding decides this choice",
+            report.gap.unwrap_or(f64::NAN),
+            report.margin
         );
         report
+    }
+
+    /// The rule of a routing flip, against `reference` (a trace of the same tokens): the reference's gap
+    /// between exactly the swapped experts below the margin, and every compared non-reference run right
+    /// on the reference's input at the flip's layer. Err: why it is not a tie.
+    fn judge_flip(&mut self, report: &mut TieReport, reference: &Trace, flip: &Flip) -> Result<(), String> {
+        let margin = report.margin;
+        report.gap = ties::flip_gap(reference, flip);
+        match report.gap {
+            Some(g) if g < margin => {}
+            Some(g) => {
+                return Err(format!(
+                    "the reference separates the swapped experts by {g:.3e} >= ties.margin {margin:e}: not a tie"
+                ));
+            }
+            None => return Err("the reference cannot measure the swap (not one expert for one)".into()),
+        }
+        for run in self.compared_runs(&report.runs) {
+            let check = self.isolated_check(&run, reference, &report.prompt, flip.layer)?;
+            report.isolated.push(check);
+        }
+        self.isolated_within_bound(report, &[flip.layer])
+    }
+
+    /// The compared runs that are not the reference (whose layers the isolated checks run).
+    fn compared_runs(&self, runs: &[String; 2]) -> Vec<String> {
+        runs.iter()
+            .filter(|r| self.contract.runs.get(*r).is_none_or(|s| s.backend != BackendKind::Reference))
+            .cloned()
+            .collect()
+    }
+
+    /// Err when an isolated check of `report` is above `ties.isolated_nmse` (or NaN): a defect, whatever
+    /// the margin.
+    fn isolated_within_bound(&self, report: &TieReport, layers: &[usize]) -> Result<(), String> {
+        let bound = self.contract.ties.isolated_nmse;
+        match report.isolated.iter().find(|c| c.nmse > bound || c.nmse.is_nan()) {
+            Some(bad) => Err(format!(
+                "layer{} {} of `{}` computes something else on the reference's input (isolated nmse {:.3e} > \
+                 ties.isolated_nmse {bound:e}): a defect, whatever the margin",
+                if layers.len() == 1 { "" } else { "s" },
+                match layers {
+                    [one] => one.to_string(),
+                    _ => format!("{}..={}", layers.first().unwrap_or(&0), layers.last().unwrap_or(&0)),
+                },
+                bad.run,
+                bad.nmse
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A failing greedy (or last-position argmax) trial whose runs route every layer of the prompt
+    /// alike: the input of the step where their tokens part (the prompt and the tokens both chose before
+    /// it) is traced again as one forward on both runs and on the reference. A routing flip there is held
+    /// to the rule of [`Self::judge_flip`]; with none, the two next tokens are a tie when the reference
+    /// separates exactly them by less than the margin and every layer of every compared run is right on
+    /// the reference's input.
+    fn certify_decode(&mut self, a: &str, b: &str, prompt: &Prompt, criterion: &Criterion) -> TieReport {
+        let mut report = self.report(a, b, &prompt.id);
+        let parting = match self.parting(a, b, prompt, criterion) {
+            Ok(p) => p,
+            Err(why) => {
+                report.reason = why;
+                return report;
+            }
+        };
+        report.step = (criterion.metric == Metric::Greedy).then_some(parting.step);
+        let reference = ties::reference_run(self.contract).to_string();
+        let traced = [a, b, reference.as_str()].map(|run| self.trace_tokens(run, &parting.tokens));
+        let [ta, tb, tr] = match traced {
+            [Ok(ta), Ok(tb), Ok(tr)] => [ta, tb, tr],
+            [x, y, z] => {
+                report.reason = [x, y, z].into_iter().find_map(Result::err).unwrap_or_default();
+                return report;
+            }
+        };
+        let judged = match ties::first_flip(&ta, &tb) {
+            Some(flip) => {
+                report.layer = flip.layer;
+                report.swaps = tie_swaps(&flip);
+                self.judge_flip(&mut report, &tr, &flip)
+            }
+            None => {
+                report.layer = tr.layers.len();
+                report.tokens = Some(parting.next);
+                self.judge_token_tie(&mut report, &tr)
+            }
+        };
+        match judged {
+            Ok(()) => self.certified(report),
+            Err(why) => {
+                report.reason = why;
+                report
+            }
+        }
+    }
+
+    /// Where runs `a` and `b` first choose different tokens on `prompt` under `criterion` (greedy: the
+    /// first differing step; argmax: the prompt's last position).
+    fn parting(&self, a: &str, b: &str, prompt: &Prompt, criterion: &Criterion) -> Result<Parting, String> {
+        let id = &prompt.id;
+        match criterion.metric {
+            Metric::Greedy => {
+                let get = |run: &str| {
+                    self.recorded
+                        .greedy_steps(run, id)
+                        .ok_or_else(|| format!("run `{run}` has no greedy decode of prompt `{id}`"))
+                };
+                let (ga, gb) = (get(a)?, get(b)?);
+                let steps = criterion.steps.unwrap_or(ga.len());
+                let verdict = moe_contracts::metrics::greedy(ga, gb, steps);
+                let d =
+                    verdict.divergence.ok_or_else(|| format!("the greedy decodes of `{id}` do not part"))?;
+                let mut tokens = prompt.tokens.clone();
+                tokens.extend(ga[..d.step].iter().map(|s| s.token));
+                Ok(Parting { step: d.step, tokens, next: [d.candidate_token, d.baseline_token] })
+            }
+            Metric::Argmax if criterion.is_per(moe_contracts::Per::Position) => {
+                Err("a per-position argmax trial is certified only through a routing flip".into())
+            }
+            Metric::Argmax => {
+                let last = |run: &str| {
+                    self.recorded
+                        .trace(run, id)
+                        .and_then(|t| (t.logits.rows > 0).then(|| argmax(t.logits.row(t.logits.rows - 1))))
+                        .ok_or_else(|| format!("run `{run}` has no logits of prompt `{id}`"))
+                };
+                Ok(Parting { step: 0, tokens: prompt.tokens.clone(), next: [last(a)?, last(b)?] })
+            }
+            other @ (Metric::Cosine
+            | Metric::Nmse
+            | Metric::MaxAbs
+            | Metric::Kld
+            | Metric::TopkSet
+            | Metric::Bitwise
+            | Metric::ErrorRatio) => {
+                Err(format!("a failing `{}` trial with no routing flip is not a tie", other.as_str()))
+            }
+        }
+    }
+
+    /// A fresh forward of `tokens` on `run`, traced.
+    fn trace_tokens(&mut self, run: &str, tokens: &[u32]) -> Result<Trace, String> {
+        let backend = self.backend(run).map_err(|e| e.to_string())?;
+        let mut trace = crate::record::new_trace("", backend);
+        trace.tokens = tokens.to_vec();
+        backend
+            .forward(tokens, Some(&mut trace))
+            .map_err(|e| format!("cannot trace {} tokens on `{run}` to find the swap: {e}", tokens.len()))?;
+        Ok(trace)
+    }
+
+    /// The rule of a next-token tie, against `reference` (a trace of the same tokens with logits).
+    fn judge_token_tie(&mut self, report: &mut TieReport, reference: &Trace) -> Result<(), String> {
+        let [x, y] = report.tokens.unwrap_or_default();
+        let margin = report.margin;
+        report.gap = ties::token_gap(reference, x, y);
+        match report.gap {
+            Some(g) if g < margin => {}
+            Some(g) => {
+                return Err(format!(
+                    "the reference separates the next tokens {x} and {y} by {g:.3e} >= ties.margin {margin:e}: \
+                     not a tie"
+                ));
+            }
+            None => return Err(format!("the reference cannot measure next tokens {x} and {y}")),
+        }
+        let layers: Vec<usize> = (0..reference.layers.len()).collect();
+        for run in self.compared_runs(&report.runs) {
+            let mut worst = IsolatedCheck { run: run.clone(), nmse: 0.0, tied_positions: Vec::new() };
+            for &layer in &layers {
+                let check = self.isolated_check(&run, reference, &report.prompt, layer)?;
+                if check.nmse > worst.nmse || check.nmse.is_nan() {
+                    worst.nmse = check.nmse;
+                }
+                worst.tied_positions.extend(check.tied_positions);
+            }
+            worst.tied_positions.sort_unstable();
+            worst.tied_positions.dedup();
+            report.isolated.push(worst);
+        }
+        self.isolated_within_bound(report, &layers)
     }
 
     /// `run`'s layer `layer` on the reference's input against the reference's output, with the positions
@@ -456,21 +685,36 @@ fn pairs(runs: &[String]) -> impl Iterator<Item = (&str, &str)> {
 
 /// The reason a tie-excused trial shows in libtest and the reports.
 pub fn tie_sentence(t: &TieReport) -> String {
+    let gap = t.gap.map_or("?".into(), |g| format!("{g:.3e}"));
+    match t.tokens {
+        Some([x, y]) => format!(
+            "certified next-token tie cascade: `{}` and `{}` route alike but choose tokens {x} and {y} at {}, \
+             reference gap {gap} < {:e}",
+            t.runs[0],
+            t.runs[1],
+            t.at(),
+            t.margin
+        ),
+        None => format!(
+            "certified router tie cascade: `{}` and `{}` first choose different experts at {} ({}), reference \
+             gap {gap} < {:e}",
+            t.runs[0],
+            t.runs[1],
+            t.at(),
+            swaps_text(t, "; ", "position "),
+            t.margin
+        ),
+    }
+}
+
+/// A tie's swaps in one line: `{prefix}3: [5] vs [9]` joined by `sep`; empty for a next-token tie.
+pub fn swaps_text(t: &TieReport, sep: &str, prefix: &str) -> String {
     let swaps: Vec<String> = t
         .swaps
         .iter()
-        .map(|s| format!("position {}: {:?} vs {:?}", s.position, s.only_first, s.only_second))
+        .map(|s| format!("{prefix}{} {:?}/{:?}", s.position, s.only_first, s.only_second))
         .collect();
-    format!(
-        "certified router tie cascade: `{}` and `{}` first choose different experts at layer {} ({}), reference \
-         gap {} < {:e}",
-        t.runs[0],
-        t.runs[1],
-        t.layer,
-        swaps.join("; "),
-        t.gap.map_or("?".into(), |g| format!("{g:.3e}")),
-        t.margin
-    )
+    swaps.join(sep)
 }
 
 /// The token embeddings of `tokens` (the input of layer 0), dequantised exactly in f64.
@@ -485,4 +729,35 @@ pub fn embeddings(weights: &ModelWeights, tokens: &[u32]) -> Matrix {
         );
     }
     Matrix::from_f64(tokens.len(), hidden, data)
+}
+
+/// Where two runs first choose different tokens: the greedy step (0 for the prompt's own next token),
+/// the tokens of its input (the prompt and the tokens agreed before it), and the two tokens chosen.
+struct Parting {
+    step: usize,
+    tokens: Vec<u32>,
+    next: [u32; 2],
+}
+
+/// A flip's swaps as reported.
+fn tie_swaps(flip: &Flip) -> Vec<TieSwap> {
+    flip.swaps
+        .iter()
+        .map(|s| TieSwap {
+            position: s.position,
+            only_first: s.only_a.clone(),
+            only_second: s.only_b.clone(),
+        })
+        .collect()
+}
+
+/// The index of the largest value of `row`, the lowest on equality (NaNs never chosen).
+fn argmax(row: &[f64]) -> u32 {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i as u32)
 }

@@ -80,7 +80,14 @@ pub fn jobs(
         for run in &plan.runs {
             let steps = match criterion.metric {
                 Metric::Greedy => contract.greedy_steps_for(run, &plan.prompt),
-                _ => 0,
+                Metric::Cosine
+                | Metric::Nmse
+                | Metric::MaxAbs
+                | Metric::Kld
+                | Metric::Argmax
+                | Metric::TopkSet
+                | Metric::Bitwise
+                | Metric::ErrorRatio => 0,
             };
             let entry = needed.entry(run.as_str()).or_default().entry(plan.prompt.as_str()).or_default();
             *entry = (*entry).max(steps);

@@ -39,7 +39,14 @@ pub fn evaluate(contract: &Contract, trial: &TrialPlan, rec: &Recorded) -> Trial
     };
     let judged = match criterion.metric {
         Metric::Greedy => greedy_trial(criterion, trial, rec),
-        _ => trace_trial(contract, criterion, trial, rec),
+        Metric::Cosine
+        | Metric::Nmse
+        | Metric::MaxAbs
+        | Metric::Kld
+        | Metric::Argmax
+        | Metric::TopkSet
+        | Metric::Bitwise
+        | Metric::ErrorRatio => trace_trial(contract, criterion, trial, rec),
     };
     judged.unwrap_or_else(|problem| match problem {
         Problem::Unjudgeable(detail) => TrialOutcome::unjudgeable(detail),
@@ -233,16 +240,24 @@ fn rows_read(metric: Metric, position: Option<usize>, trace: &Trace) -> Result<R
 
 /// The float matrix of `tap` (not router_experts) at `layer`.
 fn float_tap(trace: &Trace, tap: Tap, layer: Option<usize>) -> Option<&Matrix> {
-    if let Some(sub) = tap.sub_layer() {
-        return layer.and_then(|l| trace.sub_layers.get(l)).map(|taps| sub.of(taps));
-    }
+    let sub_layer = layer.and_then(|l| trace.sub_layers.get(l));
     let layer = layer.and_then(|l| trace.layers.get(l));
     match tap {
         Tap::Hidden => layer.map(|l| &l.hidden),
         Tap::RouterLogits => layer.map(|l| &l.router_logits),
         Tap::RouterWeights => layer.map(|l| &l.router_weights),
         Tap::Logits => Some(&trace.logits),
-        _ => None,
+        Tap::RouterExperts => None,
+        Tap::AttnNorm
+        | Tap::Q
+        | Tap::K
+        | Tap::V
+        | Tap::AttnOut
+        | Tap::AttnProj
+        | Tap::AttnResidual
+        | Tap::FfnNorm
+        | Tap::ExpertOut
+        | Tap::MoeOut => tap.sub_layer().zip(sub_layer).map(|(sub, taps)| sub.of(taps)),
     }
 }
 
@@ -366,7 +381,15 @@ fn distance_trial(
         let value = match metric {
             Metric::Cosine => metrics::cosine(&c, &b),
             Metric::Nmse => metrics::nmse(&c, &b),
-            _ => metrics::max_abs(&c, &b),
+            Metric::MaxAbs => metrics::max_abs(&c, &b),
+            other @ (Metric::Kld
+            | Metric::Argmax
+            | Metric::TopkSet
+            | Metric::Bitwise
+            | Metric::Greedy
+            | Metric::ErrorRatio) => {
+                return Err(Problem::Unjudgeable(format!("metric {other} is not a distance over rows")));
+            }
         };
         if worst.is_none_or(|(w, _)| is_worse(metric, value, w)) {
             worst = Some((value, layer));
@@ -467,7 +490,14 @@ fn is_worse(metric: Metric, value: f64, than: f64) -> bool {
 fn show(metric: Metric, value: f64) -> String {
     match metric {
         Metric::Cosine => format!("{value:.9} (1 - cos = {:.3e})", 1.0 - value),
-        _ => format!("{value:.4e}"),
+        Metric::Nmse
+        | Metric::MaxAbs
+        | Metric::Kld
+        | Metric::Argmax
+        | Metric::TopkSet
+        | Metric::Bitwise
+        | Metric::Greedy
+        | Metric::ErrorRatio => format!("{value:.4e}"),
     }
 }
 

@@ -200,16 +200,30 @@ impl Criterion {
     pub fn metric_reference(&self) -> Option<&str> {
         match self.metric {
             Metric::ErrorRatio => self.reference.as_deref(),
-            _ => None,
+            Metric::Cosine
+            | Metric::Nmse
+            | Metric::MaxAbs
+            | Metric::Kld
+            | Metric::Argmax
+            | Metric::TopkSet
+            | Metric::Bitwise
+            | Metric::Greedy => None,
         }
     }
 
     /// The reference run that certifies a topk_set swap as a tie. It is read only where the two runs
     /// choose different experts, so the gate records it only for the prompts where they do.
     pub fn tie_reference(&self) -> Option<&str> {
-        match (self.metric, self.tie_margin) {
-            (Metric::TopkSet, Some(_)) => self.reference.as_deref(),
-            _ => None,
+        match self.metric {
+            Metric::TopkSet => self.tie_margin.and(self.reference.as_deref()),
+            Metric::Cosine
+            | Metric::Nmse
+            | Metric::MaxAbs
+            | Metric::Kld
+            | Metric::Argmax
+            | Metric::Bitwise
+            | Metric::Greedy
+            | Metric::ErrorRatio => None,
         }
     }
 
@@ -364,7 +378,16 @@ impl Tap {
             Tap::RouterExperts => "router_experts",
             Tap::RouterWeights => "router_weights",
             Tap::Logits => "logits",
-            _ => self.sub_layer().map_or("", |t| t.as_str()),
+            Tap::AttnNorm
+            | Tap::Q
+            | Tap::K
+            | Tap::V
+            | Tap::AttnOut
+            | Tap::AttnProj
+            | Tap::AttnResidual
+            | Tap::FfnNorm
+            | Tap::ExpertOut
+            | Tap::MoeOut => self.sub_layer().map_or("", |t| t.as_str()),
         }
     }
 }

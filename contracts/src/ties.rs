@@ -89,6 +89,24 @@ pub fn flip_gap(reference: &Trace, flip: &Flip) -> Option<f64> {
     flip.swaps.iter().try_fold(0.0f64, |worst, s| Some(worst.max(swap_gap(reference, flip.layer, s)?)))
 }
 
+/// How far apart the reference puts two tokens at the last position of its trace: `|p(a) - p(b)|` of the
+/// softmax over the vocabulary of its last logits row. The argmax counterpart of [`swap_gap`]: two runs
+/// that route alike but choose different next tokens face a tie when the reference barely separates
+/// exactly those two. `None` when the trace has no logits, a token is outside the row, or a value of the
+/// row is not finite.
+pub fn token_gap(reference: &Trace, a: u32, b: u32) -> Option<f64> {
+    let logits = &reference.logits;
+    if logits.rows == 0 || logits.data.len() != logits.rows * logits.cols {
+        return None;
+    }
+    let row = logits.row(logits.rows - 1);
+    if (a as usize) >= row.len() || (b as usize) >= row.len() || row.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let probs = metrics::softmax(row);
+    Some((probs[a as usize] - probs[b as usize]).abs())
+}
+
 /// The run that certifies ties for `contract`: its `ties.reference` (explicit, or the run named
 /// `reference`, or its only reference-backend run), else the one the gate creates.
 pub fn reference_run(contract: &Contract) -> &str {
@@ -141,5 +159,18 @@ mod tests {
         assert_eq!(swap_gap(&reference, 0, &two_for_one), None, "not a swap");
         let flip = Flip { layer: 0, swaps: vec![swap(1, 2), Swap { position: 1, ..swap(0, 3) }] };
         assert!((flip_gap(&reference, &flip).unwrap() - 0.3).abs() < 1e-12, "the worst swap decides");
+    }
+
+    #[test]
+    fn the_token_gap_is_the_reference_probability_difference_of_the_two_tokens_at_the_last_position() {
+        // Last row softmax of [ln 4, ln 3, ln 2, ln 1] = [0.4, 0.3, 0.2, 0.1]; the first row is ignored.
+        let mut reference = trace(&[], [0.0; 4]);
+        let last = [4f64.ln(), 3f64.ln(), 2f64.ln(), 0.0];
+        reference.logits = Matrix::from_f64(2, 4, [[9.0, 0.0, 0.0, 0.0], last].concat());
+        assert!((token_gap(&reference, 0, 1).unwrap() - 0.1).abs() < 1e-12);
+        assert!((token_gap(&reference, 3, 0).unwrap() - 0.3).abs() < 1e-12, "order does not matter");
+        assert_eq!(token_gap(&reference, 0, 4), None, "outside the vocabulary");
+        reference.logits = Matrix::zeros(0, 4);
+        assert_eq!(token_gap(&reference, 0, 1), None, "no logits");
     }
 }

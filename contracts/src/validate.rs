@@ -489,19 +489,25 @@ impl Validator<'_> {
 
     fn tap_suits_metric(&self, c: &RawCriterion) -> Result<()> {
         let (tap, metric) = (c.tap.value, c.metric.value);
-        let needed = match metric {
-            Metric::Cosine | Metric::Nmse | Metric::MaxAbs if !tap.is_float() => {
-                "hidden, router_logits, router_weights or logits (router_experts holds ids: use topk_set or bitwise)"
-            }
-            Metric::Kld | Metric::Argmax | Metric::Greedy if tap != Tap::Logits => "logits",
-            Metric::TopkSet if tap != Tap::RouterExperts => "router_experts",
+        let (suits, needed) = match metric {
+            Metric::Cosine | Metric::Nmse | Metric::MaxAbs => (
+                tap.is_float(),
+                "hidden, router_logits, router_weights or logits (router_experts holds ids: use topk_set or bitwise)",
+            ),
+            Metric::Kld | Metric::Argmax | Metric::Greedy => (tap == Tap::Logits, "logits"),
+            Metric::TopkSet => (tap == Tap::RouterExperts, "router_experts"),
             // Router weights are renormalised over each side's own chosen experts, so their distance to
             // the reference mixes routing with arithmetic.
-            Metric::ErrorRatio if !matches!(tap, Tap::Hidden | Tap::RouterLogits | Tap::Logits) => {
-                "hidden, router_logits or logits"
-            }
-            _ => return Ok(()),
+            Metric::ErrorRatio => (
+                matches!(tap, Tap::Hidden | Tap::RouterLogits | Tap::Logits),
+                "hidden, router_logits or logits",
+            ),
+            // Bits compare on every tap.
+            Metric::Bitwise => (true, ""),
         };
+        if suits {
+            return Ok(());
+        }
         self.fail(&c.metric, format!("metric {metric} cannot compare tap {tap}"), format!("use tap {needed}"))
     }
 

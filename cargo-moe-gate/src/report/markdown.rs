@@ -75,7 +75,7 @@ fn layers(report: &GateReport) -> String {
         for r in &table.rows {
             t.row([
                 r.layer.to_string(),
-                fmt_value(&table.metric, r.worst),
+                fmt_value(table.metric, r.worst),
                 r.worst_prompt.clone(),
                 if r.failed { "✗".into() } else { String::new() },
             ]);
@@ -161,7 +161,7 @@ fn ties(report: &GateReport) -> String {
     let mut t = Table::new([
         "prompt",
         "runs",
-        "layer",
+        "where",
         "swaps",
         "reference gap",
         "isolated nmse",
@@ -169,17 +169,13 @@ fn ties(report: &GateReport) -> String {
         "trials",
     ]);
     for tie in &report.ties {
-        let swaps: Vec<String> = tie
-            .swaps
-            .iter()
-            .map(|s| format!("pos {} {:?}/{:?}", s.position, s.only_first, s.only_second))
-            .collect();
+        let swaps = crate::ties::swaps_text(tie, ", ", "pos ");
         let iso: Vec<String> = tie.isolated.iter().map(|i| format!("{} {:.2e}", i.run, i.nmse)).collect();
         t.row([
             tie.prompt.clone(),
             format!("{} vs {}", tie.runs[0], tie.runs[1]),
-            tie.layer.to_string(),
-            swaps.join(", "),
+            tie.at(),
+            swaps,
             tie.gap.map_or("-".into(), |g| format!("{g:.3e}")),
             iso.join(", "),
             if tie.certified { "yes".into() } else { format!("no: {}", tie.reason) },

@@ -12,6 +12,7 @@ pub mod terminal;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use moe_contracts::Metric;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::GateError;
@@ -207,7 +208,7 @@ pub struct CriterionReport {
     /// `candidate vs baseline`.
     pub compare: [String; 2],
     pub tap: String,
-    pub metric: String,
+    pub metric: Metric,
     /// `all`, `N/M` or `fraction F`.
     pub gate: String,
     /// `min 0.9999`, `max 1e-3`, or empty.
@@ -294,7 +295,7 @@ pub struct TrialReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerTable {
     pub criterion: String,
-    pub metric: String,
+    pub metric: Metric,
     pub worse: Worse,
     /// The threshold the values are held to (`min` for [`Worse::Lower`], `max` for [`Worse::Higher`]).
     pub threshold: Option<f64>,
@@ -382,6 +383,9 @@ pub struct Diagnosis {
     pub first_divergent_layer: Option<usize>,
     /// The criterion's value there (end to end: each run fed its own previous layer).
     pub end_to_end: Option<f64>,
+    /// The criterion's metric, which `end_to_end` is a value of (absent in reports of earlier versions).
+    #[serde(default)]
+    pub metric: Option<Metric>,
     /// The same layer run alone on the reference's input, compared to the reference's output.
     pub isolated: Vec<IsolatedError>,
     /// The reference router's smallest margin at the top-k boundary in that layer.
@@ -543,7 +547,7 @@ fn write_file(path: &Path, contents: &str) -> Result<(), GateError> {
 
 /// Formats a metric value for humans: cosines with enough digits to see how far from 1 they are,
 /// everything else in 4 significant digits.
-pub fn fmt_value(metric: &str, v: f64) -> String {
+pub fn fmt_value(metric: Metric, v: f64) -> String {
     if v.is_nan() {
         return "NaN".into();
     }
@@ -552,19 +556,20 @@ pub fn fmt_value(metric: &str, v: f64) -> String {
     }
     match metric {
         // Near 1, the digits that matter are in 1 - cosine.
-        "cosine" if v == 1.0 => "1".into(),
-        "cosine" if (1.0 - v).abs() < 1e-6 => format!("1 - {:.2e}", 1.0 - v),
-        "cosine" => format!("{v:.9}"),
-        "argmax" | "topk_set" | "bitwise" | "greedy" => {
-            if v.fract() == 0.0 && v.abs() < 1e15 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.4}")
-            }
+        Metric::Cosine if v == 1.0 => "1".into(),
+        Metric::Cosine if (1.0 - v).abs() < 1e-6 => format!("1 - {:.2e}", 1.0 - v),
+        Metric::Cosine => format!("{v:.9}"),
+        // Counts (trials, steps, positions).
+        Metric::Argmax | Metric::TopkSet | Metric::Bitwise | Metric::Greedy => {
+            if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.4}") }
         }
-        _ if v == 0.0 => "0".into(),
-        _ if (1e-3..1e4).contains(&v.abs()) => format!("{v:.4}"),
-        _ => format!("{v:.3e}"),
+        Metric::Nmse | Metric::MaxAbs | Metric::Kld | Metric::ErrorRatio if v == 0.0 => "0".into(),
+        Metric::Nmse | Metric::MaxAbs | Metric::Kld | Metric::ErrorRatio
+            if (1e-3..1e4).contains(&v.abs()) =>
+        {
+            format!("{v:.4}")
+        }
+        Metric::Nmse | Metric::MaxAbs | Metric::Kld | Metric::ErrorRatio => format!("{v:.3e}"),
     }
 }
 
@@ -674,7 +679,7 @@ pub(crate) mod sample {
                 title: "hidden states agree".into(),
                 compare: ["cpu".into(), "reference".into()],
                 tap: "hidden".into(),
-                metric: "cosine".into(),
+                metric: Metric::Cosine,
                 gate: "all".into(),
                 threshold: "min 0.9999".into(),
                 worse: Worse::Lower,
@@ -696,7 +701,7 @@ pub(crate) mod sample {
             ],
             layers: vec![LayerTable {
                 criterion: "HID".into(),
-                metric: "cosine".into(),
+                metric: Metric::Cosine,
                 worse: Worse::Lower,
                 threshold: Some(0.9999),
                 rows: vec![
@@ -754,6 +759,7 @@ pub(crate) mod sample {
                 non_finite: None,
                 first_divergent_layer: Some(1),
                 end_to_end: Some(0.95),
+                metric: Some(Metric::Cosine),
                 isolated: vec![IsolatedError { run: "cpu".into(), layer: 1, nmse: 0.08, cosine: 0.96 }],
                 router_margin: Some(RouterMargin { layer: 1, position: 2, margin: 0.2, k: 2 }),
                 distance_to_reference: vec![RunDistance {
@@ -843,13 +849,13 @@ mod tests {
 
     #[test]
     fn values_are_formatted_per_metric() {
-        assert_eq!(fmt_value("cosine", 0.99999873), "0.999998730");
-        assert_eq!(fmt_value("cosine", 1.0 - 3.25e-12), "1 - 3.25e-12");
-        assert_eq!(fmt_value("cosine", 1.0), "1");
-        assert_eq!(fmt_value("nmse", 3.2e-9), "3.200e-9");
-        assert_eq!(fmt_value("max_abs", 0.5), "0.5000");
-        assert_eq!(fmt_value("topk_set", 2.0), "2");
-        assert_eq!(fmt_value("kld", 0.0), "0");
-        assert_eq!(fmt_value("kld", f64::NAN), "NaN");
+        assert_eq!(fmt_value(Metric::Cosine, 0.99999873), "0.999998730");
+        assert_eq!(fmt_value(Metric::Cosine, 1.0 - 3.25e-12), "1 - 3.25e-12");
+        assert_eq!(fmt_value(Metric::Cosine, 1.0), "1");
+        assert_eq!(fmt_value(Metric::Nmse, 3.2e-9), "3.200e-9");
+        assert_eq!(fmt_value(Metric::MaxAbs, 0.5), "0.5000");
+        assert_eq!(fmt_value(Metric::TopkSet, 2.0), "2");
+        assert_eq!(fmt_value(Metric::Kld, 0.0), "0");
+        assert_eq!(fmt_value(Metric::Kld, f64::NAN), "NaN");
     }
 }

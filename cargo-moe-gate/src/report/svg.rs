@@ -2,6 +2,7 @@
 //! drawn as `1 - cosine` and error metrics on a log axis, so that "how many digits agree" reads off the
 //! plot; counts stay linear.
 
+use moe_contracts::Metric;
 use plotters::prelude::*;
 
 use super::{GateReport, LayerTable};
@@ -26,11 +27,13 @@ enum Axis {
 }
 
 impl Axis {
-    fn for_metric(metric: &str) -> Self {
+    fn for_metric(metric: Metric) -> Self {
         match metric {
-            "cosine" => Axis::OneMinus,
-            "nmse" | "max_abs" | "kld" => Axis::Log,
-            _ => Axis::Linear,
+            Metric::Cosine => Axis::OneMinus,
+            Metric::Nmse | Metric::MaxAbs | Metric::Kld => Axis::Log,
+            Metric::ErrorRatio | Metric::Argmax | Metric::TopkSet | Metric::Bitwise | Metric::Greedy => {
+                Axis::Linear
+            }
         }
     }
 
@@ -42,11 +45,11 @@ impl Axis {
         }
     }
 
-    fn label(self, metric: &str) -> String {
+    fn label(self, metric: Metric) -> String {
         match self {
             Axis::OneMinus => format!("1 - {metric} (log)"),
             Axis::Log => format!("{metric} (log)"),
-            Axis::Linear => metric.to_string(),
+            Axis::Linear => metric.as_str().to_string(),
         }
     }
 }
@@ -80,7 +83,7 @@ fn chart(
     table: &LayerTable,
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
 ) -> Result<(), GateError> {
-    let axis = Axis::for_metric(&table.metric);
+    let axis = Axis::for_metric(table.metric);
     let prompts: Vec<&String> = {
         let mut p: Vec<&String> = table.rows.iter().flat_map(|r| r.values.keys()).collect();
         p.sort();
@@ -127,7 +130,7 @@ fn chart(
                 .x_labels(x_labels)
                 .x_label_formatter(&layer_label)
                 .x_desc("layer")
-                .y_desc(axis.label(&table.metric))
+                .y_desc(axis.label(table.metric))
                 .y_label_formatter(&|v| format!("{v:.0e}"))
                 .draw()
                 .map_err(plot_err)?;
@@ -142,7 +145,7 @@ fn chart(
                 .x_labels(x_labels)
                 .x_label_formatter(&layer_label)
                 .x_desc("layer")
-                .y_desc(axis.label(&table.metric))
+                .y_desc(axis.label(table.metric))
                 .draw()
                 .map_err(plot_err)?;
             draw_series(&mut chart, &series, threshold, &x_range)?;
@@ -216,10 +219,10 @@ mod tests {
 
     #[test]
     fn axis_maps_values() {
-        assert_eq!(Axis::for_metric("cosine").map(1.0), LOG_FLOOR);
-        assert!((Axis::for_metric("cosine").map(0.999) - 1e-3).abs() < 1e-12);
-        assert_eq!(Axis::for_metric("nmse").map(0.0), LOG_FLOOR);
-        assert_eq!(Axis::for_metric("topk_set").map(3.0), 3.0);
+        assert_eq!(Axis::for_metric(Metric::Cosine).map(1.0), LOG_FLOOR);
+        assert!((Axis::for_metric(Metric::Cosine).map(0.999) - 1e-3).abs() < 1e-12);
+        assert_eq!(Axis::for_metric(Metric::Nmse).map(0.0), LOG_FLOOR);
+        assert_eq!(Axis::for_metric(Metric::TopkSet).map(3.0), 3.0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::table::Table;
 use super::{CriterionReport, Diagnosis, GateReport, TrialStatus, fmt_value};
+use moe_contracts::Metric;
 
 /// Diagnoses shown in the terminal; the files under `--report-dir` hold all of them.
 pub const MAX_TERMINAL_DIAGNOSES: usize = 12;
@@ -97,7 +98,7 @@ pub fn criterion_result(c: &CriterionReport) -> (String, &'static str) {
         extras.push(format!("{} expected failures", c.expected_failures));
     }
     if c.tie_excused > 0 {
-        extras.push(format!("{} excused as router-tie cascades", c.tie_excused));
+        extras.push(format!("{} excused as tie cascades", c.tie_excused));
     }
     if !c.unexpected_passes.is_empty() {
         extras.push(format!("{} unexpected passes", c.unexpected_passes.len()));
@@ -128,7 +129,7 @@ fn criteria_section(report: &GateReport) -> String {
             c.id.clone(),
             format!("{} vs {}", c.compare[0], c.compare[1]),
             c.tap.clone(),
-            c.metric.clone(),
+            c.metric.to_string(),
             c.threshold.clone(),
             c.gate.clone(),
             result,
@@ -153,7 +154,7 @@ fn layers_section(report: &GateReport) -> String {
         for table in &report.layers {
             row.push(match table.rows.iter().find(|r| r.layer == layer) {
                 Some(r) => {
-                    format!("{}{}", fmt_value(&table.metric, r.worst), if r.failed { " ✗" } else { "  " })
+                    format!("{}{}", fmt_value(table.metric, r.worst), if r.failed { " ✗" } else { "  " })
                 }
                 None => "-  ".into(),
             });
@@ -203,25 +204,24 @@ fn ties_section(report: &GateReport) -> String {
     }
     let certified = report.ties.iter().filter(|t| t.certified).count();
     let mut out = format!(
-        "\nrouter ties: {certified} certified, {} not ({} failing trials explained)\n",
+        "\nties (router and next-token): {certified} certified, {} not ({} failing trials explained)\n",
         report.ties.len() - certified,
         report.ties.iter().map(|t| t.trials.len()).sum::<usize>()
     );
     for t in &report.ties {
-        let swaps: Vec<String> = t
-            .swaps
-            .iter()
-            .map(|s| format!("pos {} {:?}/{:?}", s.position, s.only_first, s.only_second))
-            .collect();
+        let swaps = match crate::ties::swaps_text(t, ", ", "pos ") {
+            s if s.is_empty() => String::new(),
+            s => format!(" ({s})"),
+        };
         let iso: Vec<String> = t.isolated.iter().map(|i| format!("{} {:.1e}", i.run, i.nmse)).collect();
         out.push_str(&format!(
-            "  {} {}: {} vs {} at layer {} ({}); reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
+            "  {} {}: {} vs {} at {}{}; reference gap {}; isolated nmse [{}]; {} trials\n    {}\n",
             if t.certified { "CERTIFIED" } else { "NOT A TIE" },
             t.prompt,
             t.runs[0],
             t.runs[1],
-            t.layer,
-            swaps.join(", "),
+            t.at(),
+            swaps,
             t.gap.map_or("-".to_string(), |g| format!("{g:.3e}")),
             iso.join(", "),
             t.trials.len(),
@@ -299,7 +299,11 @@ pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
         out.push_str(&item(format!("non-finite value: {nf}")));
     }
     if let Some(layer) = d.first_divergent_layer {
-        let value = d.end_to_end.map(|v| format!(" (value {})", fmt_value("", v))).unwrap_or_default();
+        let value = match (d.end_to_end, d.metric) {
+            (Some(v), Some(metric)) => format!(" ({metric} {})", fmt_value(metric, v)),
+            (Some(v), None) => format!(" (value {v:.4e})"),
+            (None, _) => String::new(),
+        };
         out.push_str(&item(format!("first divergent layer: {layer}{value}")));
     }
     for iso in &d.isolated {
@@ -307,8 +311,8 @@ pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
             "isolated layer {} of {} on the reference's input: nmse {}, cosine {}",
             iso.layer,
             iso.run,
-            fmt_value("nmse", iso.nmse),
-            fmt_value("cosine", iso.cosine)
+            fmt_value(Metric::Nmse, iso.nmse),
+            fmt_value(Metric::Cosine, iso.cosine)
         )));
     }
     for b in &d.bisections {
@@ -324,7 +328,7 @@ pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
             "reference router margin at the top-{} boundary, layer {}: {} (position {})",
             m.k,
             m.layer,
-            fmt_value("nmse", m.margin),
+            fmt_value(Metric::Nmse, m.margin),
             m.position
         )));
     }
@@ -332,7 +336,7 @@ pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
         let parts: Vec<String> = d
             .distance_to_reference
             .iter()
-            .map(|r| format!("{} nmse {} at {}", r.run, fmt_value("nmse", r.nmse), r.at))
+            .map(|r| format!("{} nmse {} at {}", r.run, fmt_value(Metric::Nmse, r.nmse), r.at))
             .collect();
         let closer = d.closer.as_ref().map(|c| format!("; closer: {c}")).unwrap_or_default();
         out.push_str(&item(format!("distance to the reference: {}{closer}", parts.join(", "))));
