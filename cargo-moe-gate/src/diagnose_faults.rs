@@ -69,6 +69,8 @@ enum Fault {
     /// Decode steps from the `from`-th: the cache rows of earlier positions (a stale row), and what
     /// follows.
     DecodeStaleCache { from: usize },
+    /// Decode steps from the `from`-th: the logits alone (the output norm or LM head of the step).
+    DecodeHead { from: usize },
 }
 
 /// `cpu` with one engineered fault.
@@ -120,7 +122,9 @@ impl Faulty {
 
     fn decode_fault_active(&self) -> bool {
         match self.fault {
-            Some(Fault::DecodeRope { from } | Fault::DecodeStaleCache { from }) => self.steps >= from,
+            Some(
+                Fault::DecodeRope { from } | Fault::DecodeStaleCache { from } | Fault::DecodeHead { from },
+            ) => self.steps >= from,
             _ => false,
         }
     }
@@ -160,6 +164,7 @@ impl Forward for Faulty {
             let n_expert = self.config().n_expert as u32;
             for (layer, taps) in trace.layers.iter_mut().zip(&mut trace.sub_layers) {
                 match self.fault {
+                    Some(Fault::DecodeHead { .. }) => {}
                     Some(Fault::DecodeStaleCache { .. }) => {
                         // Position 0's cached key and value rows, then what attention computes from them.
                         let kv = taps.k.cols;
@@ -173,6 +178,7 @@ impl Forward for Faulty {
                 }
             }
             logits.iter_mut().for_each(|v| *v *= 1.0 + FAULT as f32 * 10.0);
+            trace.logits = Matrix::from_f32(1, logits.len(), &logits);
         }
         Ok(logits)
     }
@@ -269,12 +275,16 @@ fn a_fault_in_any_op_of_a_layer_is_named_with_its_numbers() {
 
 #[test]
 fn a_decode_path_fault_names_the_first_differing_step_and_its_op() {
-    for (fault, want) in
-        [(Fault::DecodeRope { from: 2 }, Op::QkNormRope), (Fault::DecodeStaleCache { from: 2 }, Op::KvCache)]
-    {
+    for (fault, want) in [
+        (Fault::DecodeRope { from: 2 }, Op::QkNormRope),
+        (Fault::DecodeStaleCache { from: 2 }, Op::KvCache),
+        (Fault::DecodeHead { from: 2 }, Op::LmHead),
+    ] {
         let d = diagnose(Some(fault), "GREEDY", None);
         assert_eq!((d.op, d.step), (Some(want), Some(2)), "{}", d.summary);
-        assert_eq!(d.bisections[0].layer, 0, "every layer is faulty: the first is named");
+        // Every layer is faulty and the first is named; a faulty head comes after the last layer.
+        let layer = if want == Op::LmHead { 1 } else { 0 };
+        assert_eq!(d.bisections[0].layer, layer, "{}", d.summary);
         assert!(
             d.summary.starts_with("the prefill agrees layer by layer, but the decode path of `cpu` differs"),
             "{}",
