@@ -109,7 +109,8 @@ pub trait Forward: Send {
     ///
     /// When `trace` is `Some`, fills its `tokens`, `layers` (hidden state and router logits, experts and
     /// weights of every layer) and `logits` at every position, and sets its `backend`, `policy` and
-    /// `precision` to this forward's; the caller's `model` is kept. When `None`, nothing is recorded and
+    /// `precision` to this forward's; the caller's `model` is kept. When the trace asks for sub-layer taps
+    /// (`Trace::with_sub_layer_taps`), its `sub_layers` too, with the values of a forward without them. When `None`, nothing is recorded and
     /// only the last position's logits are computed.
     fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError>;
 
