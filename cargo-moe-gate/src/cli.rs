@@ -120,6 +120,10 @@ pub struct TraceArgs {
     /// Where to write the trace (safetensors).
     #[arg(long, value_name = "FILE.safetensors")]
     pub out: PathBuf,
+    /// Record every layer's sub-layer taps too (attn_norm, q, k, v, attn_out, attn_proj, attn_residual,
+    /// ffn_norm, expert_out, moe_out: docs/architecture.md).
+    #[arg(long)]
+    pub taps: bool,
 }
 
 /// Arguments of `cargo moe-gate synth`.

@@ -42,13 +42,15 @@ fn trace(args: &TraceArgs) -> Result<u8, GateError> {
     let mut forward = create_backend(backend, weights, policy)
         .map_err(|e| GateError::engine(format!("creating the {backend} backend"), e))?;
     let precision = if backend == BackendKind::Reference { Precision::F64 } else { Precision::F32 };
-    let mut trace = Trace::new(&args.model, backend.as_str(), policy.as_str(), precision);
+    let trace = Trace::new(&args.model, backend.as_str(), policy.as_str(), precision);
+    let mut trace = if args.taps { trace.with_sub_layer_taps() } else { trace };
     forward
         .forward(&args.tokens, Some(&mut trace))
         .map_err(|e| GateError::engine(format!("the {backend} forward of {:?}", args.tokens), e))?;
     trace.write_safetensors(&args.out).map_err(|e| GateError::write(&args.out, e))?;
+    let taps = if trace.sub_layers.is_empty() { "" } else { " with sub-layer taps" };
     println!(
-        "wrote {}: {} tokens, {} layers, {} backend ({} policy), model {}",
+        "wrote {}: {} tokens, {} layers{taps}, {} backend ({} policy), model {}",
         args.out.display(),
         trace.tokens.len(),
         trace.layers.len(),

@@ -4,17 +4,25 @@
 //!
 //! One diagnosis per (criterion, prompt) with an unexpected failure. The reference trace of that prompt
 //! is recorded now if no criterion needed it (its forward then runs once, here).
+//!
+//! A defective layer is then bisected op by op (`crate::bisect`): the layer runs with its sub-layer taps
+//! on the run and on the reference from the same input, and the first op whose output differs is named.
+//! A greedy failure with no defective layer is looked for in the decode path: the first decode step whose
+//! logits differ from a full forward of the same tokens, then that step's taps against the reference's
+//! forward of those tokens.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use moe_contracts::{Contract, Criterion, Prompt, Recorded, Tap, TrialOutcome, TrialPlan};
+use moe_contracts::{Contract, Criterion, Metric, Prompt, Recorded, Tap, TrialOutcome, TrialPlan};
 use moe_engine::backend::{BackendKind, Forward};
-use moe_engine::trace::Trace;
+use moe_engine::trace::{Matrix, Trace};
 use moe_engine::weights::ModelWeights;
 
+pub use crate::bisect::{Op, OpBisection};
+use crate::bisect::{Tapped, first_differing_op, sentence};
 use crate::error::GateError;
-use crate::record::trace_prompt;
+use crate::record::{new_trace, trace_prompt};
 use crate::report::{Diagnosis, IsolatedError, RouterMargin, RunDistance, TrialStatus};
 use crate::ties::embeddings;
 use crate::trials::criterion_of;
@@ -40,6 +48,8 @@ pub struct Diagnoser<'a> {
     pub isolated_cache: HashMap<(String, String, usize), Option<IsolatedError>>,
     /// Reference forwards run so far for the diagnosis.
     pub extra_reference_forwards: usize,
+    /// Op-level bisections already made, by (run, prompt, layer; `None` for the decode path).
+    pub bisection_cache: HashMap<(String, String, Option<usize>), Option<OpBisection>>,
 }
 
 impl Diagnoser<'_> {
@@ -103,6 +113,9 @@ impl Diagnoser<'_> {
             closer: None,
             summary: String::new(),
             notes,
+            op: None,
+            step: None,
+            bisections: Vec::new(),
         };
         let candidates: Vec<String> =
             criterion.compare.iter().filter(|r| **r != reference).cloned().collect();
@@ -152,6 +165,13 @@ impl Diagnoser<'_> {
         if d.distance_to_reference.len() == 2 {
             let (a, b) = (&d.distance_to_reference[0], &d.distance_to_reference[1]);
             d.closer = Some(if a.nmse <= b.nmse { a.run.clone() } else { b.run.clone() });
+        }
+        if d.reference.is_some() {
+            let (bisections, notes) = self.bisect(&criterion, &d, &reference, &prompt, &candidates);
+            d.notes.extend(notes);
+            let named = bisections.iter().find(|b| b.op.is_some());
+            (d.op, d.step) = (named.and_then(|b| b.op), named.and_then(|b| b.step));
+            d.bisections = bisections;
         }
         d.summary = self.summarize(&criterion, &d, &reference, &prompt_id);
         Some(d)
@@ -314,6 +334,12 @@ impl Diagnoser<'_> {
                 criterion.id
             );
         }
+        if let Some(b) = d.bisections.iter().find(|b| b.step.is_some() && b.op.is_some()) {
+            return format!(
+                "the prefill agrees layer by layer, but the decode path of `{}` differs: {}{closer}",
+                b.run, b.sentence
+            );
+        }
         let tie_margin = criterion.tie_margin.unwrap_or(self.contract.ties.margin);
         let Some(layer) = d.first_divergent_layer else {
             if criterion.tap == Tap::Logits {
@@ -335,10 +361,12 @@ impl Diagnoser<'_> {
         let defective: Vec<&IsolatedError> =
             d.isolated.iter().filter(|i| i.nmse > bound || i.nmse.is_nan()).collect();
         if let Some(iso) = defective.first() {
+            let op = d.bisections.iter().find(|b| b.run == iso.run && b.step.is_none());
+            let op = op.map(|b| format!("; {}", b.sentence)).unwrap_or_default();
             return format!(
                 "layer {layer} of `{}` computes something else than the reference on the same input (isolated \
                  nmse {:.3e} > {bound:e}): a defect in this layer's kernels, not accumulated error or a router \
-                 tie{closer}",
+                 tie{op}{closer}",
                 iso.run, iso.nmse
             );
         }
@@ -373,6 +401,225 @@ impl Diagnoser<'_> {
         format!("the divergence starts at layer {layer}{closer}")
     }
 
+    /// The op-level bisections of a diagnosis: each run whose layer is wrong in isolation, at that layer;
+    /// for a greedy failure without one, the decode path of each compared run until one differs. What
+    /// cannot be bisected becomes a note.
+    fn bisect(
+        &mut self,
+        criterion: &Criterion,
+        d: &Diagnosis,
+        reference: &str,
+        prompt: &Prompt,
+        candidates: &[String],
+    ) -> (Vec<OpBisection>, Vec<String>) {
+        let bound = self.contract.ties.isolated_nmse;
+        let mut keys: Vec<(String, Option<usize>)> = d
+            .isolated
+            .iter()
+            .filter(|i| i.nmse > bound || i.nmse.is_nan())
+            .map(|i| (i.run.clone(), Some(i.layer)))
+            .collect();
+        // The decode path is looked at only where the prefill explains nothing: no layer wrong in
+        // isolation and the same routing in every layer.
+        if keys.is_empty() && criterion.metric == Metric::Greedy && d.first_divergent_layer.is_none() {
+            keys = candidates.iter().map(|run| (run.clone(), None)).collect();
+        }
+        let (mut found, mut notes) = (Vec::new(), Vec::new());
+        for (run, layer) in keys {
+            let key = (run.clone(), prompt.id.clone(), layer);
+            let bisection = match self.bisection_cache.get(&key) {
+                Some(cached) => cached.clone(),
+                None => {
+                    let made = match layer {
+                        Some(l) => self.bisect_layer(&run, reference, prompt, l),
+                        None => {
+                            let steps = self.greedy_steps_to_check(criterion, &prompt.id);
+                            self.bisect_decode(&run, reference, prompt, steps)
+                        }
+                    };
+                    let made = made.unwrap_or_else(|e| {
+                        notes.push(format!("op-level bisection of `{run}` unavailable: {e}"));
+                        None
+                    });
+                    self.bisection_cache.insert(key, made.clone());
+                    made
+                }
+            };
+            let decode_found = layer.is_none() && bisection.is_some();
+            found.extend(bisection);
+            if decode_found {
+                break;
+            }
+        }
+        (found, notes)
+    }
+
+    /// Layer `layer` of `run` and of the reference, each alone with its taps on the reference's input,
+    /// compared op by op.
+    fn bisect_layer(
+        &mut self,
+        run: &str,
+        reference: &str,
+        prompt: &Prompt,
+        layer: usize,
+    ) -> Result<Option<OpBisection>, GateError> {
+        let Some(ref_trace) = self.trace(reference, &prompt.id) else { return Ok(None) };
+        if layer >= ref_trace.layers.len() || !self.backends.contains_key(run) {
+            return Ok(None);
+        }
+        let input = match layer {
+            0 => embeddings(self.weights, &prompt.tokens),
+            l => ref_trace.layers[l - 1].hidden.clone(),
+        };
+        let what = |r: &str| format!("run `{r}`: layer {layer} alone with its taps for the diagnosis");
+        let ours = self
+            .backend(run)?
+            .run_layer_tapped(layer, &input)
+            .map_err(|e| GateError::engine(what(run), e))?;
+        let truth = self
+            .backend(reference)?
+            .run_layer_tapped(layer, &input)
+            .map_err(|e| GateError::engine(what(reference), e))?;
+        let bound = self.contract.ties.isolated_nmse;
+        let rows = 0..input.rows;
+        let (op, checks) = first_differing_op(
+            Tapped { layer: &ours.0, taps: &ours.1 },
+            Tapped { layer: &truth.0, taps: &truth.1 },
+            rows,
+            bound,
+        );
+        let place = format!("at layer {layer} on the same input");
+        let sentence = sentence(run, &place, op, &checks, self.weights.layers.get(layer));
+        Ok(Some(OpBisection {
+            run: run.to_string(),
+            reference: reference.to_string(),
+            layer,
+            step: None,
+            op,
+            checks,
+            bound,
+            sentence,
+        }))
+    }
+
+    /// How many greedy steps can hold the cause of a greedy failure: up to the first step where the two
+    /// compared runs chose different tokens (a later step cannot have caused it), else all of them.
+    fn greedy_steps_to_check(&self, criterion: &Criterion, prompt: &str) -> usize {
+        let tokens = |run: &String| -> Vec<u32> {
+            let key = (run.clone(), prompt.to_string());
+            self.recorded.greedy.get(&key).map(|s| s.iter().map(|s| s.token).collect()).unwrap_or_default()
+        };
+        let (a, b) = (tokens(&criterion.compare[0]), tokens(&criterion.compare[1]));
+        let n = a.len().max(b.len());
+        a.iter().zip(&b).position(|(x, y)| x != y).map_or(n, |first| first + 1)
+    }
+
+    /// The decode path of `run` on `prompt`: the first greedy step whose decode-step logits differ from
+    /// `run`'s own full forward of the same tokens by more than the bound (nmse), then that step traced
+    /// (after the steps before it) against the reference's forward of those tokens, layer by layer and op
+    /// by op at the step's position. Greedy steps from `steps` on are not looked at. `None` when every
+    /// step agrees.
+    fn bisect_decode(
+        &mut self,
+        run: &str,
+        reference: &str,
+        prompt: &Prompt,
+        steps: usize,
+    ) -> Result<Option<OpBisection>, GateError> {
+        let key = (run.to_string(), prompt.id.clone());
+        let Some(greedy) = self.recorded.greedy.get(&key) else { return Ok(None) };
+        let tokens: Vec<u32> = greedy.iter().take(steps).map(|s| s.token).collect();
+        if tokens.len() < 2 || !self.backends.contains_key(run) {
+            return Ok(None);
+        }
+        let bound = self.contract.ties.isolated_nmse;
+        let (model_spec, t) = (self.model_spec, prompt.tokens.len());
+        let engine = |what: String| move |e| GateError::engine(what, e);
+        let backend = self.backend(run)?;
+        // Greedy step i (from 1) is the decode step that appended tokens[i - 1] at position t + i - 1.
+        backend
+            .forward(&prompt.tokens, None)
+            .map_err(engine(format!("run `{run}`: prefill for the diagnosis")))?;
+        let mut stepped = Vec::with_capacity(tokens.len() - 1);
+        for &token in &tokens[..tokens.len() - 1] {
+            stepped.push(
+                backend.step(token).map_err(engine(format!("run `{run}`: decode step for the diagnosis")))?,
+            );
+        }
+        let sequence = [&prompt.tokens[..], &tokens[..tokens.len() - 1]].concat();
+        let mut full = new_trace(model_spec, backend);
+        backend
+            .forward(&sequence, Some(&mut full))
+            .map_err(engine(format!("run `{run}`: full forward of the decoded tokens for the diagnosis")))?;
+        let differs = |(j, logits): (usize, &Vec<f32>)| {
+            let ours: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+            let e = moe_contracts::metrics::nmse(&ours, full.logits.row(t + j));
+            (e > bound || e.is_nan()).then_some((j + 1, e))
+        };
+        let Some((step, logits_nmse)) = stepped.iter().enumerate().find_map(differs) else { return Ok(None) };
+
+        backend
+            .forward(&prompt.tokens, None)
+            .map_err(engine(format!("run `{run}`: prefill for the diagnosis")))?;
+        for &token in &tokens[..step - 1] {
+            backend.step(token).map_err(engine(format!("run `{run}`: decode step for the diagnosis")))?;
+        }
+        let mut ours = new_trace(model_spec, backend).with_sub_layer_taps();
+        backend
+            .step_traced(tokens[step - 1], &mut ours)
+            .map_err(engine(format!("run `{run}`: decode step {step} with its taps for the diagnosis")))?;
+        let truth_tokens = [&prompt.tokens[..], &tokens[..step]].concat();
+        let truth_backend = self.backend(reference)?;
+        let mut truth = new_trace(model_spec, truth_backend).with_sub_layer_taps();
+        truth_backend
+            .forward(&truth_tokens, Some(&mut truth))
+            .map_err(engine(format!("run `{reference}`: forward of the decoded tokens for the diagnosis")))?;
+
+        let pos = t + step - 1;
+        let head = format!(
+            "in decode step {step} (position {pos}; its logits differ from `{run}`'s own full forward of the \
+             same tokens by nmse {logits_nmse:.1e})"
+        );
+        for l in 0..ours.layers.len().min(truth.layers.len()) {
+            let (Some(o), Some(r)) = (ours.sub_layers.get(l), truth.sub_layers.get(l)) else { break };
+            let run_layer = Tapped { layer: &ours.layers[l], taps: o };
+            let truth_layer = Tapped { layer: &truth.layers[l], taps: r };
+            let (op, checks) = first_differing_op(run_layer, truth_layer, pos..pos + 1, bound);
+            if op.is_some() {
+                let place = format!("{head}, layer {l}");
+                let sentence = sentence(run, &place, op, &checks, self.weights.layers.get(l));
+                let (run, reference) = (run.to_string(), reference.to_string());
+                return Ok(Some(OpBisection {
+                    run,
+                    reference,
+                    layer: l,
+                    step: Some(step),
+                    op,
+                    checks,
+                    bound,
+                    sentence,
+                }));
+            }
+        }
+        // Every layer agrees at that position: what differs is after the last layer.
+        let last = Matrix::from_f64(1, truth.logits.cols, truth.logits.row(pos).to_vec());
+        let e = moe_contracts::metrics::nmse(&ours.logits.data, &last.data);
+        let n_layer = ours.layers.len();
+        let checks = vec![crate::bisect::OpCheck {
+            op: Op::LmHead,
+            taps: "logits".into(),
+            nmse: e,
+            differing_positions: 0,
+            differs: e > bound || e.is_nan(),
+        }];
+        let op = checks[0].differs.then_some(Op::LmHead);
+        let place = format!("{head}, after every layer agreed");
+        let sentence = sentence(run, &place, op, &checks, None);
+        let layer = n_layer.saturating_sub(1);
+        let (run, reference) = (run.to_string(), reference.to_string());
+        Ok(Some(OpBisection { run, reference, layer, step: Some(step), op, checks, bound, sentence }))
+    }
+
     /// The reference's top-1 minus top-2 logit at the last position.
     fn logit_margin(&self, reference: &str, prompt: &str) -> Option<f64> {
         let t = self.trace(reference, prompt)?;
@@ -390,6 +637,10 @@ impl Diagnoser<'_> {
         Some(a - b)
     }
 }
+
+#[cfg(test)]
+#[path = "diagnose_faults.rs"]
+mod faults;
 
 #[cfg(test)]
 mod tests {
@@ -434,6 +685,9 @@ amendments:
             closer: None,
             summary: String::new(),
             notes: vec![],
+            op: None,
+            step: None,
+            bisections: vec![],
         }
     }
 
@@ -468,6 +722,7 @@ amendments:
             backends: &mut backends,
             isolated_cache: HashMap::new(),
             extra_reference_forwards: 0,
+            bisection_cache: HashMap::new(),
         };
         f(&mut d);
     }

@@ -140,6 +140,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         backends: &mut recording.backends,
         isolated_cache: HashMap::new(),
         extra_reference_forwards: 0,
+        bisection_cache: HashMap::new(),
     }
     .diagnose_all(&plans, &statuses, &outcomes);
     let diagnosis_s = diagnosis_started.elapsed().as_secs_f64();

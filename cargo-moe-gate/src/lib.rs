@@ -4,7 +4,8 @@
 //! and the reports of docs/gate.md are written.
 //!
 //! - [`cli`]: the command line; [`discover`]: workspace and contracts; [`model`]: model choice and CUDA.
-//! - [`record`]: the forwards; [`trials`]: selection, outcomes and libtest trials; [`diagnose`].
+//! - [`record`]: the forwards; [`trials`]: selection, outcomes and libtest trials; [`diagnose`], with the
+//!   op-level [`bisect`]ion of a defective layer or decode step.
 //! - [`gate`]: the run itself; [`judged`]: criteria and verdict from the trials; [`commands`]: the
 //!   subcommands; [`report`]: the report writers.
 //! - [`partition`]: `--partition K/N`; [`merge`]: `cargo moe-gate merge` of the shards' reports.
@@ -15,6 +16,7 @@
 //! target run exactly what `cargo moe-gate` runs.
 
 pub mod bench;
+pub mod bisect;
 pub mod cli;
 pub mod commands;
 pub mod diagnose;

@@ -28,6 +28,8 @@ pub struct RunJob {
     pub policy: Policy,
     /// The prompts to forward, each with the number of greedy tokens to decode after it (0 = none).
     pub prompts: Vec<(Prompt, usize)>,
+    /// Whether the traces hold sub-layer taps (a criterion reads one from this run).
+    pub sub_layer_taps: bool,
 }
 
 /// Everything the forwards produced.
@@ -203,8 +205,8 @@ fn run_job(
     let mut greedy = Vec::new();
     for batch in batches(&job.prompts, backend.max_sequences()) {
         bar.set_message(batch[0].0.id.clone());
-        let (batch_traces, lasts) =
-            trace_batch(model_spec, backend.as_mut(), &batch).map_err(|e| with_run(e, &job.run))?;
+        let (batch_traces, lasts) = trace_batch(model_spec, backend.as_mut(), &batch, job.sub_layer_taps)
+            .map_err(|e| with_run(e, &job.run))?;
         let steps = batch[0].1;
         if steps > 0 {
             let decoded = greedy_decode_many(backend.as_mut(), lasts, steps).map_err(|e| {
@@ -270,12 +272,20 @@ fn trace_batch(
     model_spec: &str,
     backend: &mut dyn Forward,
     batch: &[(&Prompt, usize)],
+    sub_layer_taps: bool,
 ) -> Result<(Vec<Trace>, Vec<Vec<f32>>), GateError> {
+    let new = |backend: &dyn Forward| {
+        let trace = new_trace(model_spec, backend);
+        if sub_layer_taps { trace.with_sub_layer_taps() } else { trace }
+    };
     if let [(prompt, _)] = batch {
-        let (trace, last) = trace_prompt(model_spec, backend, prompt)?;
+        let mut trace = new(backend);
+        let last = backend.forward(&prompt.tokens, Some(&mut trace)).map_err(|e| {
+            GateError::engine(format!("the {} forward of prompt `{}`", backend.kind(), prompt.id), e)
+        })?;
         return Ok((vec![trace], vec![last]));
     }
-    let mut traces: Vec<Trace> = batch.iter().map(|_| new_trace(model_spec, backend)).collect();
+    let mut traces: Vec<Trace> = batch.iter().map(|_| new(backend)).collect();
     let seqs: Vec<&[u32]> = batch.iter().map(|(p, _)| &p.tokens[..]).collect();
     let lasts = backend.forward_many(&seqs, Some(&mut traces)).map_err(|e| {
         GateError::engine(format!("the {} forward of prompts {}", backend.kind(), prompt_ids(batch)), e)

@@ -103,6 +103,7 @@ mod tests {
             run: "cpu".into(),
             backend: BackendKind::Cpu,
             policy: Policy::Fast,
+            sub_layer_taps: false,
             prompts: prompts
                 .iter()
                 .enumerate()

@@ -141,15 +141,23 @@ impl TieWork<'_> {
         let inputs: Vec<Matrix> = base.layers.iter().map(|l| l.hidden.clone()).collect();
         let first = own.layers.first().cloned();
         out.layers.extend(first);
+        // A run whose criteria read sub-layer taps has them in its trace; its isolated layers get them too.
+        let tapped = own.record_sub_layers;
+        if tapped {
+            out = out.with_sub_layer_taps();
+            out.sub_layers.extend(own.sub_layers.first().cloned());
+        }
         let backend = self.backend(candidate)?;
         for (l, input) in inputs.iter().enumerate().take(inputs.len().saturating_sub(1)) {
-            let layer = backend.run_layer(l + 1, input).map_err(|e| {
-                GateError::engine(
-                    format!("run `{candidate}`: layer {} alone on `{baseline}`'s input", l + 1),
-                    e,
-                )
-            })?;
-            out.layers.push(layer);
+            let what = || format!("run `{candidate}`: layer {} alone on `{baseline}`'s input", l + 1);
+            if tapped {
+                let (layer, taps) =
+                    backend.run_layer_tapped(l + 1, input).map_err(|e| GateError::engine(what(), e))?;
+                out.layers.push(layer);
+                out.sub_layers.push(taps);
+            } else {
+                out.layers.push(backend.run_layer(l + 1, input).map_err(|e| GateError::engine(what(), e))?);
+            }
         }
         Ok(out)
     }

@@ -101,7 +101,13 @@ pub fn jobs(
                 .iter()
                 .filter_map(|p| wanted.get(p.id.as_str()).map(|&steps| (p.clone(), steps)))
                 .collect();
-            Some(RunJob { run: run.to_string(), backend: spec.backend, policy: spec.policy, prompts })
+            Some(RunJob {
+                run: run.to_string(),
+                backend: spec.backend,
+                policy: spec.policy,
+                prompts,
+                sub_layer_taps: contract.needs_sub_layer_taps(run),
+            })
         })
         .collect()
 }

@@ -240,6 +240,7 @@ fn rows_read(metric: Metric, position: Option<usize>, trace: &Trace) -> Result<R
 
 /// The float matrix of `tap` (not router_experts) at `layer`.
 fn float_tap(trace: &Trace, tap: Tap, layer: Option<usize>) -> Option<&Matrix> {
+    let sub_layer = layer.and_then(|l| trace.sub_layers.get(l));
     let layer = layer.and_then(|l| trace.layers.get(l));
     match tap {
         Tap::Hidden => layer.map(|l| &l.hidden),
@@ -247,6 +248,16 @@ fn float_tap(trace: &Trace, tap: Tap, layer: Option<usize>) -> Option<&Matrix> {
         Tap::RouterWeights => layer.map(|l| &l.router_weights),
         Tap::Logits => Some(&trace.logits),
         Tap::RouterExperts => None,
+        Tap::AttnNorm
+        | Tap::Q
+        | Tap::K
+        | Tap::V
+        | Tap::AttnOut
+        | Tap::AttnProj
+        | Tap::AttnResidual
+        | Tap::FfnNorm
+        | Tap::ExpertOut
+        | Tap::MoeOut => tap.sub_layer().zip(sub_layer).map(|(sub, taps)| sub.of(taps)),
     }
 }
 
@@ -325,7 +336,11 @@ fn matrix_by_name<'a>(trace: &'a Trace, name: &str) -> Option<&'a Matrix> {
         return Some(&trace.logits);
     }
     let (tensor, layer) = name.split_once('.')?;
-    let layer = trace.layers.get(layer.parse::<usize>().ok()?)?;
+    let l = layer.parse::<usize>().ok()?;
+    if let Some(sub) = moe_engine::trace::SubLayerTap::from_name(tensor) {
+        return trace.sub_layers.get(l).map(|taps| sub.of(taps));
+    }
+    let layer = trace.layers.get(l)?;
     match tensor {
         "hidden" => Some(&layer.hidden),
         "router_logits" => Some(&layer.router_logits),

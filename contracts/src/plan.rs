@@ -105,6 +105,12 @@ impl Contract {
         needed
     }
 
+    /// Whether `run`'s traces must hold sub-layer taps: a criterion comparing it names one (they cost
+    /// memory and time, so other runs go without).
+    pub fn needs_sub_layer_taps(&self, run: &str) -> bool {
+        self.criteria.iter().any(|c| c.tap.sub_layer().is_some() && c.compare.iter().any(|r| r == run))
+    }
+
     /// The greedy decode steps to record for `run`: the most any greedy criterion comparing it asks
     /// for (0 = none).
     pub fn greedy_steps(&self, run: &str) -> usize {

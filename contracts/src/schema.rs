@@ -316,12 +316,53 @@ pub enum Tap {
     RouterWeights,
     /// The final logits, `[T, vocab]`.
     Logits,
+    /// Sub-layer taps of each layer (`moe_engine::trace::SubLayerTaps`, docs/architecture.md), recorded only
+    /// for the runs a criterion reads them from: the attention norm's output, `[T, hidden]`.
+    AttnNorm,
+    /// Queries after q-norm and RoPE, `[T, n_head * head_dim]`.
+    Q,
+    /// Keys after k-norm and RoPE, `[T, n_kv_head * head_dim]`.
+    K,
+    /// Values, `[T, n_kv_head * head_dim]`.
+    V,
+    /// The attention output before the output projection, `[T, n_head * head_dim]`.
+    AttnOut,
+    /// The output projection, before the residual add, `[T, hidden]`.
+    AttnProj,
+    /// The residual stream after attention, `[T, hidden]`.
+    AttnResidual,
+    /// The FFN norm's output, `[T, hidden]`.
+    FfnNorm,
+    /// Each routed slot's expert output, `[T, k * hidden]` (`[T, k, hidden]` in trace files).
+    ExpertOut,
+    /// The weighted sum of the expert outputs, before the residual add, `[T, hidden]`.
+    MoeOut,
 }
 
 impl Tap {
     /// Whether the tap exists once per decoder layer.
     pub fn is_per_layer(self) -> bool {
         !matches!(self, Tap::Logits)
+    }
+
+    /// The engine's sub-layer tap this is, if it is one (recorded only when a criterion reads it).
+    pub fn sub_layer(self) -> Option<moe_engine::trace::SubLayerTap> {
+        use moe_engine::trace::SubLayerTap as S;
+        Some(match self {
+            Tap::AttnNorm => S::AttnNorm,
+            Tap::Q => S::Q,
+            Tap::K => S::K,
+            Tap::V => S::V,
+            Tap::AttnOut => S::AttnOut,
+            Tap::AttnProj => S::AttnProj,
+            Tap::AttnResidual => S::AttnResidual,
+            Tap::FfnNorm => S::FfnNorm,
+            Tap::ExpertOut => S::ExpertOut,
+            Tap::MoeOut => S::MoeOut,
+            Tap::Hidden | Tap::RouterLogits | Tap::RouterExperts | Tap::RouterWeights | Tap::Logits => {
+                return None;
+            }
+        })
     }
 
     /// Whether the tap holds floats (all but the expert ids).
@@ -337,6 +378,16 @@ impl Tap {
             Tap::RouterExperts => "router_experts",
             Tap::RouterWeights => "router_weights",
             Tap::Logits => "logits",
+            Tap::AttnNorm
+            | Tap::Q
+            | Tap::K
+            | Tap::V
+            | Tap::AttnOut
+            | Tap::AttnProj
+            | Tap::AttnResidual
+            | Tap::FfnNorm
+            | Tap::ExpertOut
+            | Tap::MoeOut => self.sub_layer().map_or("", |t| t.as_str()),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::forward;
-use crate::trace::{LayerTrace, Matrix, Trace};
+use crate::trace::{LayerTrace, Matrix, SubLayerTaps, Trace};
 use crate::weights::ModelWeights;
 
 /// Where a forward runs.
@@ -109,7 +109,8 @@ pub trait Forward: Send {
     ///
     /// When `trace` is `Some`, fills its `tokens`, `layers` (hidden state and router logits, experts and
     /// weights of every layer) and `logits` at every position, and sets its `backend`, `policy` and
-    /// `precision` to this forward's; the caller's `model` is kept. When `None`, nothing is recorded and
+    /// `precision` to this forward's; the caller's `model` is kept. When the trace asks for sub-layer taps
+    /// (`Trace::with_sub_layer_taps`), its `sub_layers` too, with the values of a forward without them. When `None`, nothing is recorded and
     /// only the last position's logits are computed.
     fn forward(&mut self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>, EngineError>;
 
@@ -163,6 +164,28 @@ pub trait Forward: Send {
     /// taps as a forward records them: the output residual `[T, hidden]` and the router's logits, experts
     /// and weights. Layer-isolated criteria and the diagnosis judge a layer's own kernels with it.
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError>;
+
+    /// Diagnosis: [`Forward::run_layer`] with the layer's [`SubLayerTaps`] too (the op-level bisection
+    /// compares them between backends). The layer's values are those of `run_layer`. A backend that
+    /// cannot record them (the default) says so.
+    fn run_layer_tapped(
+        &mut self,
+        layer: usize,
+        input: &Matrix,
+    ) -> Result<(LayerTrace, SubLayerTaps), EngineError> {
+        let _ = (layer, input);
+        Err(EngineError::TapsUnsupported { backend: self.kind(), what: "run_layer_tapped" })
+    }
+
+    /// Diagnosis: [`Forward::step`] with a trace of the one new position (its `tokens` is `[token]`, every
+    /// layer's taps and the logits one row), and, when the trace asks for sub-layer taps, the KV-cache rows
+    /// each layer's attention read ([`SubLayerTaps::cache_keys`]). The logits are those of `step`; a
+    /// backend that replays a captured decode step runs it uncaptured here. A backend that cannot record a
+    /// step (the default) says so.
+    fn step_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
+        let _ = (token, trace);
+        Err(EngineError::TapsUnsupported { backend: self.kind(), what: "step_traced" })
+    }
 }
 
 /// Creates a forward of `weights` on backend `kind` with numerics `policy`.

@@ -46,6 +46,12 @@ pub enum EngineError {
         "layer input has shape [{rows}, {cols}]: expected [T, {hidden}] with T >= 1 (one row per position)"
     )]
     InputShape { rows: usize, cols: usize, hidden: usize },
+    /// The backend does not record sub-layer taps or decode-step traces.
+    #[error(
+        "the {backend} backend does not implement {what}: sub-layer taps are recorded by the reference, \
+         cpu and cuda backends; diagnose with one of those"
+    )]
+    TapsUnsupported { backend: BackendKind, what: &'static str },
     /// A backend name that does not exist.
     #[error("unknown backend `{name}`: expected one of reference, cpu, cuda")]
     UnknownBackend { name: String },

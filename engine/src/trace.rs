@@ -60,6 +60,130 @@ pub struct LayerTrace {
     pub router_weights: Matrix,
 }
 
+/// The sub-layer taps of one decoder layer (docs/architecture.md, *Trace format*), in the order the layer
+/// computes them. A forward records them only when its trace asks ([`Trace::with_sub_layer_taps`]), and
+/// [`crate::backend::Forward::run_layer_tapped`] returns them for one layer; otherwise nothing is kept, so
+/// normal runs keep their size and speed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SubLayerTaps {
+    /// RMSNorm of the layer's input with the attention norm weights, `[T, hidden]`.
+    pub attn_norm: Matrix,
+    /// Queries after the per-head RMSNorm and RoPE, `[T, n_head * head_dim]`.
+    pub q: Matrix,
+    /// Keys after the per-head RMSNorm and RoPE (the rows the KV cache stores), `[T, n_kv_head * head_dim]`.
+    pub k: Matrix,
+    /// Values (the rows the KV cache stores), `[T, n_kv_head * head_dim]`.
+    pub v: Matrix,
+    /// The attention heads' output before the output projection, `[T, n_head * head_dim]`.
+    pub attn_out: Matrix,
+    /// The output projection of `attn_out`, before it is added to the residual stream, `[T, hidden]`.
+    pub attn_proj: Matrix,
+    /// The residual stream after the attention block (input + `attn_proj`), `[T, hidden]`.
+    pub attn_residual: Matrix,
+    /// RMSNorm of `attn_residual` with the FFN norm weights: the router's and the experts' input, `[T, hidden]`.
+    pub ffn_norm: Matrix,
+    /// Each routed slot's expert output before weighting, in the router's choice order: `[T, k * hidden]`
+    /// in memory, `[T, k, hidden]` in the file.
+    pub expert_out: Matrix,
+    /// The weighted sum of the expert outputs, before it is added to the residual stream, `[T, hidden]`.
+    pub moe_out: Matrix,
+    /// Decode steps only ([`crate::backend::Forward::step_traced`]): every key row the step's attention read
+    /// from the KV cache, positions `0..=pos`, `[pos + 1, n_kv_head * head_dim]`. `None` in a prefill,
+    /// whose cache rows are `k` itself.
+    pub cache_keys: Option<Matrix>,
+    /// Decode steps only: every value row the step's attention read, as `cache_keys`.
+    pub cache_values: Option<Matrix>,
+}
+
+/// The name of one sub-layer tap, in the order a layer computes them (docs/architecture.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubLayerTap {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    AttnOut,
+    AttnProj,
+    AttnResidual,
+    FfnNorm,
+    ExpertOut,
+    MoeOut,
+}
+
+impl SubLayerTap {
+    /// Every sub-layer tap, in the order a layer computes them.
+    pub const ALL: [SubLayerTap; 10] = [
+        SubLayerTap::AttnNorm,
+        SubLayerTap::Q,
+        SubLayerTap::K,
+        SubLayerTap::V,
+        SubLayerTap::AttnOut,
+        SubLayerTap::AttnProj,
+        SubLayerTap::AttnResidual,
+        SubLayerTap::FfnNorm,
+        SubLayerTap::ExpertOut,
+        SubLayerTap::MoeOut,
+    ];
+
+    /// The tensor name in trace files (with `.L` for layer L) and in contracts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubLayerTap::AttnNorm => "attn_norm",
+            SubLayerTap::Q => "q",
+            SubLayerTap::K => "k",
+            SubLayerTap::V => "v",
+            SubLayerTap::AttnOut => "attn_out",
+            SubLayerTap::AttnProj => "attn_proj",
+            SubLayerTap::AttnResidual => "attn_residual",
+            SubLayerTap::FfnNorm => "ffn_norm",
+            SubLayerTap::ExpertOut => "expert_out",
+            SubLayerTap::MoeOut => "moe_out",
+        }
+    }
+
+    /// The tap of this name, if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// This tap's values in `taps`.
+    pub fn of(self, taps: &SubLayerTaps) -> &Matrix {
+        match self {
+            SubLayerTap::AttnNorm => &taps.attn_norm,
+            SubLayerTap::Q => &taps.q,
+            SubLayerTap::K => &taps.k,
+            SubLayerTap::V => &taps.v,
+            SubLayerTap::AttnOut => &taps.attn_out,
+            SubLayerTap::AttnProj => &taps.attn_proj,
+            SubLayerTap::AttnResidual => &taps.attn_residual,
+            SubLayerTap::FfnNorm => &taps.ffn_norm,
+            SubLayerTap::ExpertOut => &taps.expert_out,
+            SubLayerTap::MoeOut => &taps.moe_out,
+        }
+    }
+
+    fn of_mut(self, taps: &mut SubLayerTaps) -> &mut Matrix {
+        match self {
+            SubLayerTap::AttnNorm => &mut taps.attn_norm,
+            SubLayerTap::Q => &mut taps.q,
+            SubLayerTap::K => &mut taps.k,
+            SubLayerTap::V => &mut taps.v,
+            SubLayerTap::AttnOut => &mut taps.attn_out,
+            SubLayerTap::AttnProj => &mut taps.attn_proj,
+            SubLayerTap::AttnResidual => &mut taps.attn_residual,
+            SubLayerTap::FfnNorm => &mut taps.ffn_norm,
+            SubLayerTap::ExpertOut => &mut taps.expert_out,
+            SubLayerTap::MoeOut => &mut taps.moe_out,
+        }
+    }
+}
+
+impl std::fmt::Display for SubLayerTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything a forward over one prompt recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trace {
@@ -77,6 +201,11 @@ pub struct Trace {
     pub layers: Vec<LayerTrace>,
     /// Final logits at every position, `[T, vocab]`.
     pub logits: Matrix,
+    /// Whether a forward filling this trace records [`Trace::sub_layers`] (off by default: the taps cost
+    /// memory and, on CUDA, a copy back after every op).
+    pub record_sub_layers: bool,
+    /// One entry per decoder layer when `record_sub_layers` was set; empty otherwise.
+    pub sub_layers: Vec<SubLayerTaps>,
 }
 
 /// Tensors a trace file stores per layer: `hidden`, `router_logits`, `router_experts`, `router_weights`.
@@ -106,7 +235,15 @@ impl Trace {
             tokens: Vec::new(),
             layers: Vec::new(),
             logits: Matrix::default(),
+            record_sub_layers: false,
+            sub_layers: Vec::new(),
         }
+    }
+
+    /// The same trace, asking the forward that fills it to record every layer's [`SubLayerTaps`] too.
+    pub fn with_sub_layer_taps(mut self) -> Self {
+        self.record_sub_layers = true;
+        self
     }
 
     /// Number of experts chosen per token (0 for a trace without layers).
@@ -147,6 +284,22 @@ impl Trace {
                 layer.router_experts.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
             tensors.push((format!("router_experts.{l}"), Dtype::I32, vec![t, k], experts));
             tensors.push(self.float_tensor(format!("router_weights.{l}"), &layer.router_weights));
+        }
+        for (l, taps) in self.sub_layers.iter().enumerate() {
+            for tap in SubLayerTap::ALL {
+                let mut tensor = self.float_tensor(format!("{tap}.{l}"), tap.of(taps));
+                if tap == SubLayerTap::ExpertOut {
+                    // `[T, k * hidden]` in memory, `[T, k, hidden]` in the file.
+                    tensor.2 = vec![taps.expert_out.rows, k, taps.expert_out.cols / k.max(1)];
+                }
+                tensors.push(tensor);
+            }
+            let cache = [("cache_keys", &taps.cache_keys), ("cache_values", &taps.cache_values)];
+            for (name, m) in cache {
+                if let Some(m) = m {
+                    tensors.push(self.float_tensor(format!("{name}.{l}"), m));
+                }
+            }
         }
         tensors.push(self.float_tensor("logits".into(), &self.logits));
 
@@ -238,12 +391,18 @@ impl Trace {
             Ok(v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect())
         };
         let mut precision = Precision::F32;
-        let mut floats = |name: &str| -> Result<Matrix, TraceError> {
+        // `dims` is how many dimensions the tensor has: 2, or 3 for `expert_out` (`[T, k, hidden]`, read
+        // as `[T, k * hidden]`).
+        let mut floats_of = |name: &str, dims: usize| -> Result<Matrix, TraceError> {
             let v = view(name)?;
             let shape = v.shape();
-            if shape.len() != 2 {
-                return Err(tensor_err(name, format!("has shape {shape:?}, expected 2 dimensions")));
+            if shape.len() != dims {
+                return Err(tensor_err(name, format!("has shape {shape:?}, expected {dims} dimensions")));
             }
+            let cols = shape[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let Some(cols) = cols else {
+                return Err(tensor_err(name, format!("has shape {shape:?}, too large")));
+            };
             let data: Vec<f64> = match v.dtype() {
                 Dtype::F32 => v
                     .data()
@@ -256,8 +415,9 @@ impl Trace {
                 }
                 other => return Err(tensor_err(name, format!("has dtype {other:?}, expected F32 or F64"))),
             };
-            Ok(Matrix::from_f64(shape[0], shape[1], data))
+            Ok(Matrix::from_f64(shape[0], cols, data))
         };
+        let mut floats = |name: &str| floats_of(name, 2);
         let tokens = ints("tokens")?;
         let mut layers = Vec::with_capacity(n_layer);
         for l in 0..n_layer {
@@ -269,6 +429,25 @@ impl Trace {
             });
         }
         let logits = floats("logits")?;
+        // Sub-layer taps are in the file when layer 0's first one is.
+        let has_taps = n_layer > 0 && st.tensor(&format!("{}.0", SubLayerTap::AttnNorm)).is_ok();
+        let mut sub_layers = Vec::with_capacity(if has_taps { n_layer } else { 0 });
+        for l in (0..n_layer).filter(|_| has_taps) {
+            let mut taps = SubLayerTaps::default();
+            for tap in SubLayerTap::ALL {
+                let dims = if tap == SubLayerTap::ExpertOut { 3 } else { 2 };
+                *tap.of_mut(&mut taps) = floats_of(&format!("{tap}.{l}"), dims)?;
+            }
+            for (name, slot) in
+                [("cache_keys", &mut taps.cache_keys), ("cache_values", &mut taps.cache_values)]
+            {
+                let name = format!("{name}.{l}");
+                if st.tensor(&name).is_ok() {
+                    *slot = Some(floats_of(&name, 2)?);
+                }
+            }
+            sub_layers.push(taps);
+        }
         Ok(Self {
             model: get("model"),
             backend: get("backend"),
@@ -277,6 +456,8 @@ impl Trace {
             tokens,
             layers,
             logits,
+            record_sub_layers: has_taps,
+            sub_layers,
         })
     }
 }
@@ -353,6 +534,51 @@ mod tests {
         let t = sample(Precision::F64);
         t.write_safetensors(&path).unwrap();
         assert_eq!(Trace::read_safetensors(&path).unwrap(), t);
+    }
+
+    /// `sample` with every sub-layer tap of its one layer filled with distinct values (k = 2, hidden 3),
+    /// and a decode step's cache rows.
+    fn sample_with_taps(precision: Precision) -> Trace {
+        let mut t = sample(precision).with_sub_layer_taps();
+        let m = |rows: usize, cols: usize, seed: f64| {
+            Matrix::from_f64(rows, cols, (0..rows * cols).map(|i| seed + i as f64 / 3.0).collect())
+        };
+        let mut taps = SubLayerTaps::default();
+        for (i, tap) in SubLayerTap::ALL.into_iter().enumerate() {
+            let cols = if tap == SubLayerTap::ExpertOut { 2 * 3 } else { 3 };
+            *tap.of_mut(&mut taps) = m(2, cols, i as f64 * 10.0);
+        }
+        taps.cache_keys = Some(m(2, 3, -1.0));
+        taps.cache_values = Some(m(2, 3, -2.0));
+        t.sub_layers.push(taps);
+        t
+    }
+
+    #[test]
+    fn sub_layer_taps_round_trip_with_documented_names_and_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let t = sample_with_taps(Precision::F64);
+        t.write_safetensors(&path).unwrap();
+        assert_eq!(Trace::read_safetensors(&path).unwrap(), t, "f64 taps come back bit for bit");
+
+        // The names and shapes a numpy / safetensors reader sees (docs/architecture.md).
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for tap in SubLayerTap::ALL {
+            let shape = st.tensor(&format!("{tap}.0")).unwrap().shape().to_vec();
+            let want = if tap == SubLayerTap::ExpertOut { vec![2, 2, 3] } else { vec![2, 3] };
+            assert_eq!(shape, want, "{tap}");
+        }
+        assert_eq!(st.tensor("cache_keys.0").unwrap().shape(), [2, 3]);
+
+        // Without taps nothing of them is written, and nothing comes back.
+        let plain = sample(Precision::F32);
+        plain.write_safetensors(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(SafeTensors::deserialize(&bytes).unwrap().len(), 6, "tokens, 4 per layer, logits");
+        let back = Trace::read_safetensors(&path).unwrap();
+        assert!(back.sub_layers.is_empty() && !back.record_sub_layers);
     }
 
     #[test]

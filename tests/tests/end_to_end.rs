@@ -322,6 +322,24 @@ fn trace_writes_the_design_format_and_rejects_bad_requests() {
     }
 }
 
+#[test]
+fn trace_with_taps_writes_every_layers_sub_layer_taps() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_model();
+    let out_path = dir.path().join("t.safetensors");
+    let args = ["--tokens", "17,42,99", "--backend", "cpu", "--taps", "--out", out_path.to_str().unwrap()];
+    let out = gate_in(dir.path(), &[&["trace", "--model", model.to_str().unwrap()][..], &args].concat());
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("2 layers with sub-layer taps"), "{}", out.all());
+    let trace = Trace::read_safetensors(&out_path).unwrap();
+    assert_eq!(trace.sub_layers.len(), 2, "one entry per layer");
+    let taps = &trace.sub_layers[1];
+    // public-tiny: hidden 64, top-2; `expert_out` is [T, k * hidden] in memory ([T, k, hidden] in the file).
+    assert_eq!((taps.attn_norm.rows, taps.attn_norm.cols), (3, 64));
+    assert_eq!((taps.expert_out.rows, taps.expert_out.cols), (3, 2 * 64));
+    assert_eq!(taps.cache_keys, None, "a prefill's cache rows are its `k`");
+}
+
 /// The workspace root: its default contract runs on the smoke model `synth:tiny` (well under a second).
 fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -398,6 +398,17 @@ pub struct Diagnosis {
     pub summary: String,
     /// Parts of the diagnosis that could not be computed, and why.
     pub notes: Vec<String>,
+    /// The op the bisection names (issue 10 item 3): the first op of the defective layer, or of the first
+    /// differing decode step, whose output differs from the reference's while its inputs agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<crate::bisect::Op>,
+    /// The greedy step whose decode step differs from a full forward of the same tokens, for a defect
+    /// of the decode path (`None` for a layer of the prefill).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    /// The op-level bisections behind `op`, one per run bisected, with every op compared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bisections: Vec<crate::bisect::OpBisection>,
 }
 
 /// The isolated error of one run at one layer.
@@ -518,7 +529,7 @@ impl GateReport {
 }
 
 /// Reads a metric value written by [`GateReport::to_json`], where a non-finite value became `null`.
-fn finite_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+pub(crate) fn finite_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
@@ -759,6 +770,9 @@ pub(crate) mod sample {
                 closer: None,
                 summary: "layer 1 itself diverges".into(),
                 notes: vec!["isolated layer unavailable: the backend has no run_layer".into()],
+                op: None,
+                step: None,
+                bisections: vec![],
             }],
             ties: vec![],
             verdict: Verdict {

@@ -315,6 +315,14 @@ pub fn diagnosis_text(d: &Diagnosis, indent: &str) -> String {
             fmt_value(Metric::Cosine, iso.cosine)
         )));
     }
+    for b in &d.bisections {
+        let step = b.step.map(|s| format!(", decode step {s}")).unwrap_or_default();
+        let op = b.op.map_or("none".to_string(), |op| op.to_string());
+        out.push_str(&item(format!(
+            "op bisection of {} (layer {}{step}): {op}: {}",
+            b.run, b.layer, b.sentence
+        )));
+    }
     if let Some(m) = &d.router_margin {
         out.push_str(&item(format!(
             "reference router margin at the top-{} boundary, layer {}: {} (position {})",

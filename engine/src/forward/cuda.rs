@@ -32,7 +32,7 @@ use super::check_tokens;
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
-use crate::trace::{LayerTrace, Matrix, Precision, Trace};
+use crate::trace::{LayerTrace, Matrix, Precision, SubLayerTaps, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
 
 /// The device every forward uses (ordinal 0).
@@ -244,6 +244,44 @@ impl Workspace {
     }
 }
 
+/// One layer's sub-layer values, copied back from the device after each op when taps are asked for
+/// (never in the captured decode graph). [`SubLayerTaps`] says what each one is.
+#[derive(Default)]
+struct DeviceTaps {
+    attn_norm: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn_out: Vec<f32>,
+    attn_proj: Vec<f32>,
+    attn_residual: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    /// `[T * k][hidden]`: the slot-major `expert_out` buffer.
+    expert_out: Vec<f32>,
+    moe_out: Vec<f32>,
+}
+
+impl DeviceTaps {
+    /// The taps of the `n` tokens the layer ran on.
+    fn into_taps(self, cfg: &ModelConfig, n: usize) -> SubLayerTaps {
+        let (hidden, q_dim, kv_dim) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        SubLayerTaps {
+            attn_norm: Matrix::from_f32(n, hidden, &self.attn_norm),
+            q: Matrix::from_f32(n, q_dim, &self.q),
+            k: Matrix::from_f32(n, kv_dim, &self.k),
+            v: Matrix::from_f32(n, kv_dim, &self.v),
+            attn_out: Matrix::from_f32(n, q_dim, &self.attn_out),
+            attn_proj: Matrix::from_f32(n, hidden, &self.attn_proj),
+            attn_residual: Matrix::from_f32(n, hidden, &self.attn_residual),
+            ffn_norm: Matrix::from_f32(n, hidden, &self.ffn_norm),
+            expert_out: Matrix::from_f32(n, cfg.n_expert_used * hidden, &self.expert_out),
+            moe_out: Matrix::from_f32(n, hidden, &self.moe_out),
+            cache_keys: None,
+            cache_values: None,
+        }
+    }
+}
+
 /// The CUDA forward: the device, the uploaded model, the KV cache and the activations.
 struct CudaForward {
     device: Arc<CudaDevice>,
@@ -308,19 +346,34 @@ impl CudaForward {
         self.embed(&ids).map_err(|e| engine_error("looking up the embeddings", e))?;
 
         let recording = trace.is_some();
+        let record_taps = trace.as_ref().is_some_and(|t| t.record_sub_layers);
         let weights = Arc::clone(&self.weights);
+        let cfg = &weights.config;
         let mut layer_traces = Vec::new();
-        for l in 0..weights.config.n_layer {
+        let mut sub_layers = Vec::new();
+        for l in 0..cfg.n_layer {
             let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
             let stage = || format!("running layer {l}");
-            let layer = Layer { d: &self.device, cfg: &weights.config, model: &self.model, l };
+            let layer = Layer { d: &self.device, cfg, model: &self.model, l };
+            let mut taps = record_taps.then(DeviceTaps::default);
             match &self.exact_rope {
-                None => layer.run(&mut self.work, keys, values, n, start),
-                Some(rope) => layer.run_exact(&mut self.work, keys, values, n, start, rope.slices()),
+                None => layer.run(&mut self.work, keys, values, n, start, taps.as_mut()),
+                Some(rope) => {
+                    layer.run_exact(&mut self.work, keys, values, n, start, rope.slices(), taps.as_mut())
+                }
             }
             .map_err(|e| engine_error(&stage(), e))?;
             if recording {
                 layer_traces.push(self.layer_trace(n).map_err(|e| engine_error(&stage(), e))?);
+            }
+            if let Some(taps) = taps {
+                let mut taps = taps.into_taps(cfg, n);
+                if start > 0 {
+                    // A decode step: the cache rows its attention read, earlier positions included.
+                    let cached = self.cache_rows(l, start + n).map_err(|e| engine_error(&stage(), e))?;
+                    (taps.cache_keys, taps.cache_values) = (Some(cached.0), Some(cached.1));
+                }
+                sub_layers.push(taps);
             }
         }
         self.n_cached = start + n;
@@ -334,6 +387,7 @@ impl CudaForward {
             trace.precision = Precision::F32;
             trace.tokens = tokens.to_vec();
             trace.layers = layer_traces;
+            trace.sub_layers = sub_layers;
             trace.logits = Matrix::from_f32(n, vocab, &logits);
         }
         Ok(logits[(rows - 1) * vocab..].to_vec())
@@ -366,6 +420,67 @@ impl CudaForward {
             .map_err(|e| engine_error(&step(), e))
     }
 
+    /// One token at the next position through the `fast` decode step's own kernels (those the captured
+    /// graph replays: K/V projections into the cache row, fused q/k norm and RoPE, attention at a device
+    /// position), launched one by one, recording every layer's taps into `trace` and, when it asks for
+    /// them, the sub-layer taps with the cache rows each layer's attention read. A defect of the decode
+    /// kernels shows here as in the graph.
+    fn decode_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
+        let pos = self.n_cached;
+        check_tokens(self.cfg(), &[token], pos)?;
+        self.ensure_workspace(1)?;
+        self.ensure_cache(pos + 1)?;
+        self.ensure_logits(1).map_err(|e| engine_error("allocating the logits", e))?;
+        let stage = format!("decoding at position {pos} with taps");
+        let pos_i = i32::try_from(pos).map_err(|_| EngineError::Cuda {
+            stage: stage.clone(),
+            message: format!("position {pos} exceeds the kernels' int range"),
+        })?;
+        let record_taps = trace.record_sub_layers;
+        let weights = Arc::clone(&self.weights);
+        let (d, cfg) = (Arc::clone(&self.device), &weights.config);
+        let (hidden, vocab, capacity) = (cfg.hidden, cfg.vocab, self.cache.capacity);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        let mut sub_layers = Vec::new();
+        let mut decode = || -> Result<Vec<f32>, CudaError> {
+            d.copy_to_device(&[token as i32], self.work.tokens.as_mut())?;
+            d.copy_to_device(&[pos_i], self.work.pos.as_mut())?;
+            d.get_rows(
+                &self.model.token_embd,
+                self.work.tokens.slice(0..1)?,
+                self.work.x.slice_mut(0..hidden)?,
+            )?;
+            for l in 0..cfg.n_layer {
+                let layer = Layer { d: &d, cfg, model: &self.model, l };
+                let mut taps = record_taps.then(DeviceTaps::default);
+                let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
+                layer.decode(&mut self.work, keys, values, capacity, taps.as_mut().map(|t| (t, pos)))?;
+                layers.push(self.layer_trace(1)?);
+                if let Some(taps) = taps {
+                    let mut taps = taps.into_taps(cfg, 1);
+                    let (keys, values) = self.cache_rows(l, pos + 1)?;
+                    (taps.cache_keys, taps.cache_values) = (Some(keys), Some(values));
+                    sub_layers.push(taps);
+                }
+            }
+            let (norm, eps) = (self.model.output_norm.as_slice(), cfg.rms_eps as f32);
+            let w = &mut self.work;
+            d.rmsnorm(w.x.slice(0..hidden)?, norm, 1, hidden, eps, w.h.slice_mut(0..hidden)?)?;
+            d.matvec(self.model.output(), w.h.slice(0..hidden)?, 1, w.logits.slice_mut(0..vocab)?, false)?;
+            d.download(w.logits.slice(0..vocab)?)
+        };
+        let logits = decode().map_err(|e| engine_error(&stage, e))?;
+        self.n_cached = pos + 1;
+        trace.backend = BackendKind::Cuda.to_string();
+        trace.policy = self.policy.to_string();
+        trace.precision = Precision::F32;
+        trace.tokens = vec![token];
+        trace.layers = layers;
+        trace.sub_layers = sub_layers;
+        trace.logits = Matrix::from_f32(1, vocab, &logits);
+        Ok(logits)
+    }
+
     /// Queues one decode step at the position in `work.pos`: embedding of `work.tokens[0]`, every layer
     /// (its key and value into the cache row of that position), final norm and logits into `work.logits`.
     fn enqueue_decode(&mut self) -> Result<(), CudaError> {
@@ -375,7 +490,7 @@ impl CudaForward {
         d.get_rows(&model.token_embd, work.tokens.slice(0..1)?, work.x.slice_mut(0..hidden)?)?;
         for l in 0..cfg.n_layer {
             let layer = Layer { d, cfg, model, l };
-            layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity)?;
+            layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity, None)?;
         }
         let (norm, eps) = (model.output_norm.as_slice(), cfg.rms_eps as f32);
         d.rmsnorm(work.x.slice(0..hidden)?, norm, 1, hidden, eps, work.h.slice_mut(0..hidden)?)?;
@@ -451,6 +566,15 @@ impl CudaForward {
         self.device.get_rows(&self.model.token_embd, w.tokens.slice(0..ids.len())?, out)
     }
 
+    /// The first `positions` rows of layer `l`'s cached keys and values.
+    fn cache_rows(&self, l: usize, positions: usize) -> Result<(Matrix, Matrix), CudaError> {
+        let kv_dim = self.cfg().kv_dim();
+        let rows = 0..positions * kv_dim;
+        let keys = self.device.download(self.cache.keys[l].slice(rows.clone())?)?;
+        let values = self.device.download(self.cache.values[l].slice(rows)?)?;
+        Ok((Matrix::from_f32(positions, kv_dim, &keys), Matrix::from_f32(positions, kv_dim, &values)))
+    }
+
     /// Copies layer taps of the `n` tokens back: residual stream, router logits, choices, weights.
     fn layer_trace(&self, n: usize) -> Result<LayerTrace, CudaError> {
         let cfg = self.cfg();
@@ -521,7 +645,7 @@ struct Layer<'a> {
 impl Layer<'_> {
     /// The layer on the `n` tokens in `work.x` at positions `pos0..pos0 + n`, whose keys and values
     /// go to positions `pos0..` of `keys` / `values` (which hold the earlier positions already): the fast
-    /// kernels.
+    /// kernels. With `taps`, each op's output is copied back into it as the layer runs (same values).
     fn run(
         &self,
         work: &mut Workspace,
@@ -529,6 +653,7 @@ impl Layer<'_> {
         values: &mut DeviceBuffer<f32>,
         n: usize,
         pos0: usize,
+        mut taps: Option<&mut DeviceTaps>,
     ) -> Result<(), CudaError> {
         let Layer { d, cfg, model, l } = *self;
         let lw = &model.layers[l];
@@ -541,6 +666,9 @@ impl Layer<'_> {
 
         // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
         d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.attn_norm = d.download(h.slice(xs.clone())?)?;
+        }
         let hn = h.slice(xs.clone())?;
         d.matvec(&lw.q, hn, n, q.slice_mut(0..n * qd)?, false)?;
         d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
@@ -550,7 +678,7 @@ impl Layer<'_> {
         d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, cfg.head_dim, q_norm, pos0, inv_freq)?;
         let k_norm = Some((lw.k_norm.as_slice(), eps));
         d.head_norm_rope(
-            keys.slice_mut(new_kv)?,
+            keys.slice_mut(new_kv.clone())?,
             kvd,
             n,
             cfg.n_kv_head,
@@ -559,23 +687,41 @@ impl Layer<'_> {
             pos0,
             inv_freq,
         )?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.q = d.download(q.slice(0..n * qd)?)?;
+            t.k = d.download(keys.slice(new_kv.clone())?)?;
+            t.v = d.download(values.slice(new_kv)?)?;
+        }
         let shape = self.attention_shape(n, pos0);
         let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
-        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs)?, true)?;
-        self.moe(work, n)
+        if let Some(t) = taps.as_deref_mut() {
+            t.attn_out = d.download(attn.slice(0..n * qd)?)?;
+            // The projection alone, into the normed buffer (no longer read): the addend of the
+            // accumulating launch below, which computes the same dot products and adds them once.
+            d.matvec(&lw.o, attn.slice(0..n * qd)?, n, h.slice_mut(xs.clone())?, false)?;
+            t.attn_proj = d.download(h.slice(xs.clone())?)?;
+        }
+        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs.clone())?, true)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.attn_residual = d.download(x.slice(xs)?)?;
+        }
+        self.moe(work, n, taps)
     }
 
     /// [`Layer::run`] on one token whose position is read from the device (`work.pos[0]`), over caches
     /// of `capacity` positions: the kernels of a captured decode graph, which replays at any position. The
-    /// same kernels as `run` on one token, so the same values.
+    /// same kernels as `run` on one token, so the same values. With `taps` (never while capturing: it
+    /// waits for the device), each op's output is copied back into it; the `usize` is the position the
+    /// device reads, whose cache rows are the step's keys and values.
     fn decode(
         &self,
         work: &mut Workspace,
         keys: &mut DeviceBuffer<f32>,
         values: &mut DeviceBuffer<f32>,
         capacity: usize,
+        mut taps: Option<(&mut DeviceTaps, usize)>,
     ) -> Result<(), CudaError> {
         let Layer { d, cfg, model, l } = *self;
         let lw = &model.layers[l];
@@ -586,6 +732,9 @@ impl Layer<'_> {
         let (xs, all_kv) = (0..hidden, 0..capacity * kvd);
 
         d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), 1, hidden, eps, h.slice_mut(xs.clone())?)?;
+        if let Some((t, _)) = taps.as_mut() {
+            t.attn_norm = d.download(h.slice(xs.clone())?)?;
+        }
         let hn = h.slice(xs.clone())?;
         d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
         d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
@@ -601,13 +750,28 @@ impl Layer<'_> {
             inv_freq,
             (pos, capacity),
         )?;
+        if let Some((t, row)) = taps.as_mut() {
+            let row = *row * kvd..(*row + 1) * kvd;
+            t.q = d.download(q.slice(0..qd)?)?;
+            t.k = d.download(keys.slice(row.clone())?)?;
+            t.v = d.download(values.slice(row)?)?;
+        }
         let shape = self.attention_shape(1, 0);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         let out = attn.slice_mut(0..qd)?;
         d.attention_with(q.slice(0..qd)?, kc, vc, out, shape, scale, Some((pos, capacity)))?;
-        d.matvec(&lw.o, attn.slice(0..qd)?, 1, x.slice_mut(xs)?, true)?;
-        self.moe(work, 1)
+        if let Some((t, _)) = taps.as_mut() {
+            t.attn_out = d.download(attn.slice(0..qd)?)?;
+            // The projection alone into the normed buffer (no longer read): the accumulating launch's addend.
+            d.matvec(&lw.o, attn.slice(0..qd)?, 1, h.slice_mut(xs.clone())?, false)?;
+            t.attn_proj = d.download(h.slice(xs.clone())?)?;
+        }
+        d.matvec(&lw.o, attn.slice(0..qd)?, 1, x.slice_mut(xs.clone())?, true)?;
+        if let Some((t, _)) = taps.as_mut() {
+            t.attn_residual = d.download(x.slice(xs)?)?;
+        }
+        self.moe(work, 1, taps.map(|(t, _)| t))
     }
 
     fn attention_shape(&self, n_tok: usize, pos0: usize) -> AttentionShape {
@@ -616,8 +780,15 @@ impl Layer<'_> {
     }
 
     /// The MoE block of the fast kernels on the `n` tokens in `work.x`: x += sum over the chosen experts
-    /// of weight * down(silu(gate · h) * (up · h)), over norm(x).
-    fn moe(&self, work: &mut Workspace, n: usize) -> Result<(), CudaError> {
+    /// of weight * down(silu(gate · h) * (up · h)), over norm(x). With `taps`, the FFN norm, each slot's
+    /// expert output and their weighted sum are copied back (the experts then take the unfused launches,
+    /// which give the fused kernels' values).
+    fn moe(
+        &self,
+        work: &mut Workspace,
+        n: usize,
+        mut taps: Option<&mut DeviceTaps>,
+    ) -> Result<(), CudaError> {
         let Layer { d, cfg, model, l } = *self;
         let lw = &model.layers[l];
         let hidden = cfg.hidden;
@@ -638,6 +809,9 @@ impl Layer<'_> {
         } = work;
         let xs = 0..n * hidden;
         d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.ffn_norm = d.download(h.slice(xs.clone())?)?;
+        }
         let hn = h.slice(xs.clone())?;
         let slots = n * k;
         let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, cfg.norm_topk_prob);
@@ -661,6 +835,7 @@ impl Layer<'_> {
         let wts = expert_weights.slice(0..slots)?;
         if let Routing::PerSlot { .. } = routing
             && fused_experts(lw, k)
+            && taps.is_none()
         {
             // Few slots: gate + up + SwiGLU in one pass, then down + weighted sum + residual in another
             // (the same values as the four launches below).
@@ -673,11 +848,22 @@ impl Layer<'_> {
         d.moe_matvec(&lw.up_exps, hn, k, routing, slots, act.slice_mut(0..slots * ffn)?, g)?;
         let a = act.slice(0..slots * ffn)?;
         d.moe_matvec(&lw.down_exps, a, 1, routing, slots, expert_out.slice_mut(0..slots * hidden)?, None)?;
-        d.moe_combine(expert_out.slice(0..slots * hidden)?, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
+        let outs = expert_out.slice(0..slots * hidden)?;
+        if let Some(t) = taps {
+            t.expert_out = d.download(outs)?;
+            // The weighted sum alone, into the normed buffer (no longer read) zeroed: the kernel adds the
+            // sum to what is there once, and 0 + s = s.
+            d.copy_to_device(&vec![0.0f32; n * hidden], h.slice_mut(xs.clone())?)?;
+            d.moe_combine(outs, ids, wts, n, k, hidden, n_exp, h.slice_mut(xs.clone())?)?;
+            t.moe_out = d.download(h.slice(xs.clone())?)?;
+        }
+        d.moe_combine(outs, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
     }
 
     /// As [`Layer::run`] with the `exact` kernels (the `cpu` backend's operation order, bit for bit) and the
-    /// RoPE tables `rope` (cosines, sines). Experts run one block row per routed slot.
+    /// RoPE tables `rope` (cosines, sines). Experts run one block row per routed slot. With `taps`, each
+    /// op's output is copied back into it as the layer runs (same values).
+    #[allow(clippy::too_many_arguments)]
     fn run_exact(
         &self,
         work: &mut Workspace,
@@ -686,6 +872,7 @@ impl Layer<'_> {
         n: usize,
         pos0: usize,
         rope: (DevSlice<'_, f32>, DevSlice<'_, f32>),
+        mut taps: Option<&mut DeviceTaps>,
     ) -> Result<(), CudaError> {
         let Layer { d, cfg, model, l } = *self;
         let lw = &model.layers[l];
@@ -709,19 +896,46 @@ impl Layer<'_> {
             eps,
             h.slice_mut(xs.clone())?,
         )?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.attn_norm = d.download(h.slice(xs.clone())?)?;
+        }
         let hn = h.slice(xs.clone())?;
         d.matvec_exact(&lw.q, hn, tokens, q.slice_mut(0..n * qd)?, None, false)?;
         d.matvec_exact(&lw.k, hn, tokens, keys.slice_mut(new_kv.clone())?, None, false)?;
         d.matvec_exact(&lw.v, hn, tokens, values.slice_mut(new_kv.clone())?, None, false)?;
         let (hd, q_norm, k_norm) = (cfg.head_dim, (lw.q_norm.as_slice(), eps), (lw.k_norm.as_slice(), eps));
         d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, pos0, rope)?;
-        d.head_norm_rope_exact(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, hd, k_norm, pos0, rope)?;
+        d.head_norm_rope_exact(
+            keys.slice_mut(new_kv.clone())?,
+            kvd,
+            n,
+            cfg.n_kv_head,
+            hd,
+            k_norm,
+            pos0,
+            rope,
+        )?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.q = d.download(q.slice(0..n * qd)?)?;
+            t.k = d.download(keys.slice(new_kv.clone())?)?;
+            t.v = d.download(values.slice(new_kv)?)?;
+        }
         let shape =
             AttentionShape { n_tok: n, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd, pos0 };
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.attn_out = d.download(attn.slice(0..n * qd)?)?;
+            // The projection alone into the normed buffer (no longer read): the addend of the
+            // accumulating launch below (`y = y + W x`, one rounding).
+            d.matvec_exact(&lw.o, attn.slice(0..n * qd)?, tokens, h.slice_mut(xs.clone())?, None, false)?;
+            t.attn_proj = d.download(h.slice(xs.clone())?)?;
+        }
         d.matvec_exact(&lw.o, attn.slice(0..n * qd)?, tokens, x.slice_mut(xs.clone())?, None, true)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.attn_residual = d.download(x.slice(xs.clone())?)?;
+        }
 
         // MoE block.
         d.rmsnorm_exact(
@@ -732,6 +946,9 @@ impl Layer<'_> {
             eps,
             h.slice_mut(xs.clone())?,
         )?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.ffn_norm = d.download(h.slice(xs.clone())?)?;
+        }
         let hn = h.slice(xs.clone())?;
         d.matvec_exact(&lw.router, hn, tokens, router_logits.slice_mut(0..n * n_exp)?, None, false)?;
         let slots = n * k;
@@ -754,16 +971,15 @@ impl Layer<'_> {
         let per_slot = ExactRows::Slots { ids, in_div: 1 };
         d.matvec_exact(&lw.down_exps, a, per_slot, expert_out.slice_mut(0..slots * hidden)?, None, false)?;
         let wts = expert_weights.slice(0..slots)?;
-        d.moe_combine_exact(
-            expert_out.slice(0..slots * hidden)?,
-            ids,
-            wts,
-            n,
-            k,
-            hidden,
-            n_exp,
-            x.slice_mut(xs)?,
-        )
+        let outs = expert_out.slice(0..slots * hidden)?;
+        if let Some(t) = taps {
+            t.expert_out = d.download(outs)?;
+            // The weighted sum alone, into the normed buffer (no longer read) zeroed: 0 + s = s.
+            d.copy_to_device(&vec![0.0f32; n * hidden], h.slice_mut(xs.clone())?)?;
+            d.moe_combine_exact(outs, ids, wts, n, k, hidden, n_exp, h.slice_mut(xs.clone())?)?;
+            t.moe_out = d.download(h.slice(xs.clone())?)?;
+        }
+        d.moe_combine_exact(outs, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
     }
 }
 
@@ -791,6 +1007,37 @@ impl Forward for CudaForward {
     }
 
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
+        Ok(self.layer_alone(layer, input, false)?.0)
+    }
+
+    fn run_layer_tapped(
+        &mut self,
+        layer: usize,
+        input: &Matrix,
+    ) -> Result<(LayerTrace, SubLayerTaps), EngineError> {
+        let (trace, taps) = self.layer_alone(layer, input, true)?;
+        Ok((trace, taps.expect("taps were asked for")))
+    }
+
+    fn step_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
+        match self.policy {
+            // `fast` decodes through the kernels of the captured graph: run those, launched one by one.
+            Policy::Fast => self.decode_traced(token, trace),
+            // `exact` has no graph: its steps are `run` on one token.
+            Policy::Exact => self.run(&[token], Some(trace)),
+        }
+    }
+}
+
+impl CudaForward {
+    /// Decoder layer `layer` alone on `input` (`Forward::run_layer`) over a scratch cache, with its
+    /// sub-layer taps when `record`.
+    fn layer_alone(
+        &mut self,
+        layer: usize,
+        input: &Matrix,
+        record: bool,
+    ) -> Result<(LayerTrace, Option<SubLayerTaps>), EngineError> {
         let cfg = self.weights.config.clone();
         if layer >= cfg.n_layer {
             return Err(EngineError::LayerOutOfRange { layer, n_layer: cfg.n_layer });
@@ -811,19 +1058,21 @@ impl Forward for CudaForward {
         let stage = format!("running layer {layer} alone");
         let x: Vec<f32> = input.data.iter().map(|&v| v as f32).collect();
         let d = &self.device;
-        let run = |work: &mut Workspace| -> Result<(), CudaError> {
+        let mut taps = record.then(DeviceTaps::default);
+        let run = |work: &mut Workspace, taps: Option<&mut DeviceTaps>| -> Result<(), CudaError> {
             // A scratch cache of n positions: the forward's own cache is neither read nor changed.
             let mut keys = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             d.copy_to_device(&x, work.x.slice_mut(0..n * hidden)?)?;
             let run = Layer { d, cfg: &cfg, model: &self.model, l: layer };
             match &self.exact_rope {
-                None => run.run(work, &mut keys, &mut values, n, 0)?,
-                Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices())?,
+                None => run.run(work, &mut keys, &mut values, n, 0, taps)?,
+                Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices(), taps)?,
             }
             Ok(())
         };
-        run(&mut self.work).map_err(|e| engine_error(&stage, e))?;
-        self.layer_trace(n).map_err(|e| engine_error(&stage, e))
+        run(&mut self.work, taps.as_mut()).map_err(|e| engine_error(&stage, e))?;
+        let trace = self.layer_trace(n).map_err(|e| engine_error(&stage, e))?;
+        Ok((trace, taps.map(|t| t.into_taps(&cfg, n))))
     }
 }

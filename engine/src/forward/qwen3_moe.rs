@@ -30,7 +30,7 @@ use super::numerics::{Mat, Numerics};
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
-use crate::trace::{LayerTrace, Matrix, Trace};
+use crate::trace::{LayerTrace, Matrix, SubLayerTaps, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
 
 /// A Qwen3-MoE forward with the KV caches of its sequences, on the numerics `N`.
@@ -113,6 +113,58 @@ impl Batch {
     }
 }
 
+/// A layer's sub-layer values for every row of a batch, kept when a trace asks for them
+/// ([`SubLayerTaps`] has what each one is).
+struct RawTaps<F> {
+    attn_norm: Vec<F>,
+    q: Vec<F>,
+    k: Vec<F>,
+    v: Vec<F>,
+    attn_out: Vec<F>,
+    attn_proj: Vec<F>,
+    attn_residual: Vec<F>,
+    ffn_norm: Vec<F>,
+    /// `[T][k][hidden]`, the router's choice order.
+    expert_out: Vec<F>,
+    moe_out: Vec<F>,
+}
+
+impl<F: Real> RawTaps<F> {
+    /// The taps of the batch rows `rows` (one sequence).
+    fn of_rows(&self, cfg: &ModelConfig, rows: Range<usize>) -> SubLayerTaps {
+        let n = rows.len();
+        let (hidden, q_dim, kv_dim) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let slots = cfg.n_expert_used * hidden;
+        let m = |v: &[F], cols: usize| to_matrix(n, cols, &v[rows.start * cols..rows.end * cols]);
+        SubLayerTaps {
+            attn_norm: m(&self.attn_norm, hidden),
+            q: m(&self.q, q_dim),
+            k: m(&self.k, kv_dim),
+            v: m(&self.v, kv_dim),
+            attn_out: m(&self.attn_out, q_dim),
+            attn_proj: m(&self.attn_proj, hidden),
+            attn_residual: m(&self.attn_residual, hidden),
+            ffn_norm: m(&self.ffn_norm, hidden),
+            expert_out: m(&self.expert_out, slots),
+            moe_out: m(&self.moe_out, hidden),
+            cache_keys: None,
+            cache_values: None,
+        }
+    }
+}
+
+/// What the attention block computed for the rows of a batch.
+struct AttentionOut<F> {
+    /// Queries and the new keys after norm and RoPE, the new values.
+    q: Vec<F>,
+    k: Vec<F>,
+    v: Vec<F>,
+    /// The heads' output before the output projection.
+    heads: Vec<F>,
+    /// The output projection of `heads`: what is added to the residual stream.
+    proj: Vec<F>,
+}
+
 /// A layer's router decisions for T tokens.
 struct Routing<F> {
     /// `[T][n_expert]`
@@ -175,12 +227,29 @@ impl<N: Numerics> Qwen3Moe<N> {
             Some(_) => new.iter().map(|_| Vec::with_capacity(n_layer)).collect(),
             None => Vec::new(),
         };
+        let record = traces.as_ref().is_some_and(|t| t.iter().any(|t| t.record_sub_layers));
+        let mut sub_layers: Vec<Vec<SubLayerTaps>> = match record {
+            true => new.iter().map(|_| Vec::with_capacity(n_layer)).collect(),
+            false => Vec::new(),
+        };
         for l in 0..n_layer {
             let mut caches: Vec<&mut LayerCache<N::F>> =
                 self.seqs.iter_mut().map(|s| &mut s.layers[l]).collect();
-            let routing = self.model.decoder_layer(l, &mut x, &batch, &self.rope, &mut caches);
+            let (routing, raw) = self.model.decoder_layer(l, &mut x, &batch, &self.rope, &mut caches, record);
             for (span, layers) in batch.spans.iter().zip(&mut layer_traces) {
                 layers.push(self.model.layer_trace(&x, &routing, span.clone()));
+            }
+            let Some(raw) = raw else { continue };
+            for ((span, subs), cache) in batch.spans.iter().zip(&mut sub_layers).zip(&caches) {
+                let mut taps = raw.of_rows(self.model.config(), span.clone());
+                if batch.pos[span.start] > 0 {
+                    // A decode step: the cache rows its attention read, earlier positions included.
+                    let kv_dim = self.model.config().kv_dim();
+                    let rows = cache.keys.len() / kv_dim;
+                    taps.cache_keys = Some(to_matrix(rows, kv_dim, &cache.keys));
+                    taps.cache_values = Some(to_matrix(rows, kv_dim, &cache.values));
+                }
+                subs.push(taps);
             }
         }
         for (seq, span) in self.seqs.iter_mut().zip(&batch.spans) {
@@ -192,7 +261,11 @@ impl<N: Numerics> Qwen3Moe<N> {
             Some(traces) => {
                 let logits = self.model.lm_head(&x);
                 let mut last = Vec::with_capacity(new.len());
+                let mut sub_layers = sub_layers.into_iter();
                 for ((trace, span), layers) in traces.iter_mut().zip(&batch.spans).zip(layer_traces) {
+                    if let Some(subs) = sub_layers.next().filter(|_| trace.record_sub_layers) {
+                        trace.sub_layers = subs;
+                    }
                     trace.backend = self.model.kind.to_string();
                     trace.policy = self.model.policy.to_string();
                     trace.precision = N::PRECISION;
@@ -273,6 +346,36 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
     }
 
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
+        Ok(self.layer_alone(layer, input, false)?.0)
+    }
+
+    fn run_layer_tapped(
+        &mut self,
+        layer: usize,
+        input: &Matrix,
+    ) -> Result<(LayerTrace, SubLayerTaps), EngineError> {
+        let (trace, taps) = self.layer_alone(layer, input, true)?;
+        Ok((trace, taps.expect("taps were asked for")))
+    }
+
+    fn step_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
+        if self.seqs.len() != 1 {
+            return Err(EngineError::SequenceCount { tokens: 1, held: self.seqs.len() });
+        }
+        let last = self.run(&[std::slice::from_ref(&token)], Some(std::slice::from_mut(trace)))?;
+        Ok(last.into_iter().next().expect("one sequence"))
+    }
+}
+
+impl<N: Numerics> Qwen3Moe<N> {
+    /// Decoder layer `layer` alone on `input` (`Forward::run_layer`), with its sub-layer taps when
+    /// `record`.
+    fn layer_alone(
+        &mut self,
+        layer: usize,
+        input: &Matrix,
+        record: bool,
+    ) -> Result<(LayerTrace, Option<SubLayerTaps>), EngineError> {
         let cfg = self.model.config();
         if layer >= cfg.n_layer {
             return Err(EngineError::LayerOutOfRange { layer, n_layer: cfg.n_layer });
@@ -292,8 +395,10 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         let mut x: Vec<N::F> = input.data.iter().map(|&v| N::F::from_f64(v)).collect();
         let mut scratch = LayerCache::new();
         let batch = Batch::new([input.rows], [0]);
-        let routing = self.model.decoder_layer(layer, &mut x, &batch, &self.rope, &mut [&mut scratch]);
-        Ok(self.model.layer_trace(&x, &routing, 0..input.rows))
+        let (routing, raw) =
+            self.model.decoder_layer(layer, &mut x, &batch, &self.rope, &mut [&mut scratch], record);
+        let taps = raw.map(|raw| raw.of_rows(self.model.config(), 0..input.rows));
+        Ok((self.model.layer_trace(&x, &routing, 0..input.rows), taps))
     }
 }
 
@@ -315,7 +420,7 @@ impl<N: Numerics> Model<N> {
 
     /// Decoder layer `l` on the residual stream `x` (the rows of `batch`), in place; appends each
     /// sequence's new keys and values to its cache (`caches[s]` for `batch.spans[s]`). Returns the
-    /// router's decisions.
+    /// router's decisions, and with `record` the layer's sub-layer values (the same arithmetic either way).
     fn decoder_layer(
         &self,
         l: usize,
@@ -323,17 +428,32 @@ impl<N: Numerics> Model<N> {
         batch: &Batch,
         rope: &RopeTable<N::F>,
         caches: &mut [&mut LayerCache<N::F>],
-    ) -> Routing<N::F> {
+        record: bool,
+    ) -> (Routing<N::F>, Option<RawTaps<N::F>>) {
         let (w, norms) = (&self.weights.layers[l], &self.norms[l]);
-        let h = self.rms_norm_rows(x, &norms.attn);
-        let attn = self.attention(w, norms, &h, batch, rope, caches);
-        add_in_place(x, &attn);
+        let attn_norm = self.rms_norm_rows(x, &norms.attn);
+        let attn = self.attention(w, norms, &attn_norm, batch, rope, caches);
+        add_in_place(x, &attn.proj);
+        // Kept only for the taps: a forward without them frees the attention buffers here.
+        let attn = record.then_some((attn, x.to_vec()));
 
-        let h = self.rms_norm_rows(x, &norms.ffn);
-        let routing = self.route(w, &h);
-        let moe = self.experts(w, &h, &routing);
+        let ffn_norm = self.rms_norm_rows(x, &norms.ffn);
+        let routing = self.route(w, &ffn_norm);
+        let (moe, expert_out) = self.experts(w, &ffn_norm, &routing, record);
         add_in_place(x, &moe);
-        routing
+        let taps = attn.zip(expert_out).map(|((attn, attn_residual), expert_out)| RawTaps {
+            attn_norm,
+            q: attn.q,
+            k: attn.k,
+            v: attn.v,
+            attn_out: attn.heads,
+            attn_proj: attn.proj,
+            attn_residual,
+            ffn_norm,
+            expert_out,
+            moe_out: moe,
+        });
+        (routing, taps)
     }
 
     /// Self-attention of the normalised rows `h` of `batch`, each row over its own sequence's cache.
@@ -345,7 +465,7 @@ impl<N: Numerics> Model<N> {
         batch: &Batch,
         rope: &RopeTable<N::F>,
         caches: &mut [&mut LayerCache<N::F>],
-    ) -> Vec<N::F> {
+    ) -> AttentionOut<N::F> {
         let cfg = self.config();
         let (hd, q_dim, kv_dim) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
         let mut q = self.matmul(&w.attn_q, h);
@@ -372,7 +492,8 @@ impl<N: Numerics> Model<N> {
                 causal_attention_head(qh, view, batch.pos[t] + 1, scale, scores, o);
             },
         );
-        self.matmul(&w.attn_output, &out)
+        let proj = self.matmul(&w.attn_output, &out);
+        AttentionOut { q, k, v, heads: out, proj }
     }
 
     /// Per-head RMSNorm (weights `norm`, one head long) then RoPE of every head of the rows of `x`
@@ -421,8 +542,15 @@ impl<N: Numerics> Model<N> {
     /// tokens that chose it (experts in parallel), and each token sums `expert_out * weight` over its
     /// experts in choice order (weight descending), starting from zero, the canonical order of
     /// `docs/numerics.md` item 9 (transformers sums in increasing expert index; the difference is f32
-    /// round-off, and the f64 reference is insensitive to it).
-    fn experts(&self, w: &LayerWeights, h: &[N::F], routing: &Routing<N::F>) -> Vec<N::F> {
+    /// round-off, and the f64 reference is insensitive to it). With `record`, also every routed slot's
+    /// expert output, `[T][k][hidden]`.
+    fn experts(
+        &self,
+        w: &LayerWeights,
+        h: &[N::F],
+        routing: &Routing<N::F>,
+        record: bool,
+    ) -> (Vec<N::F>, Option<Vec<N::F>>) {
         let cfg = self.config();
         let (hidden, k) = (cfg.hidden, cfg.n_expert_used);
         // For every expert, the (token, slot) pairs that chose it, in token order.
@@ -461,7 +589,8 @@ impl<N: Numerics> Model<N> {
                     }
                 }
             });
-        moe
+        let slots = record.then(|| slot_out.concat());
+        (moe, slots)
     }
 
     /// Expert `e`'s SwiGLU feed-forward on the rows `x` (`[n][hidden]`): `down(silu(gate·x) * (up·x))`.
