@@ -102,6 +102,8 @@ impl Diagnoser<'_> {
             closer: None,
             summary: String::new(),
             notes,
+            op: None,
+            step: None,
         };
         let candidates: Vec<String> =
             criterion.compare.iter().filter(|r| **r != reference).cloned().collect();
@@ -432,6 +434,8 @@ amendments:
             closer: None,
             summary: String::new(),
             notes: vec![],
+            op: None,
+            step: None,
         }
     }
 

@@ -394,6 +394,14 @@ pub struct Diagnosis {
     pub summary: String,
     /// Parts of the diagnosis that could not be computed, and why.
     pub notes: Vec<String>,
+    /// The first op of the defective layer that differs (issue 10 item 3's vocabulary: `attn_norm`,
+    /// `qkv_proj`, ... `kv_cache`), where the op-level bisection named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    /// The first decode step that differs (1 = the first step after the prefill), for a divergence that
+    /// starts in the decode path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
 }
 
 /// The isolated error of one run at one layer.
@@ -753,6 +761,8 @@ pub(crate) mod sample {
                 closer: None,
                 summary: "layer 1 itself diverges".into(),
                 notes: vec!["isolated layer unavailable: the backend has no run_layer".into()],
+                op: None,
+                step: None,
             }],
             ties: vec![],
             verdict: Verdict {

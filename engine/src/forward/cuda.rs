@@ -31,6 +31,7 @@ use moe_kernels::quant::dequantize_row;
 use super::check_tokens;
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
+use crate::defect::Defect;
 use crate::error::EngineError;
 use crate::trace::{LayerTrace, Matrix, Precision, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
@@ -44,13 +45,20 @@ const INITIAL_KV_POSITIONS: usize = 256;
 /// A CUDA forward of `weights` under `policy`: opens device 0 (compiling the kernels on first use) and
 /// uploads the weights. [`Policy::Fast`] runs the fast kernels; [`Policy::Exact`] the canonical order of
 /// `docs/numerics.md`, bit-identical to the `cpu` backend.
-pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
+///
+/// `defect` (only `cargo moe-gate selftest` passes one) seeds a catalogued mistake (`crate::defect`) into
+/// the forward's orchestration (`cuda_seeded`).
+pub fn create(
+    weights: Arc<ModelWeights>,
+    policy: Policy,
+    defect: Option<Defect>,
+) -> Result<Box<dyn Forward>, EngineError> {
     // A stream of its own: the decode graph is captured from this forward's stream, which no other
     // forward (on another thread) may queue work on meanwhile.
     let device = CudaDevice::get(DEVICE_ORDINAL)
         .and_then(|d| d.fork())
         .map_err(|e| engine_error("opening the CUDA device", e))?;
-    Ok(Box::new(CudaForward::new(device, weights, policy)?))
+    Ok(Box::new(CudaForward::new(device, weights, policy, defect)?))
 }
 
 /// Turns a kernel-side error into the engine's: "no CUDA here" stays distinguishable from a failure.
@@ -259,10 +267,17 @@ struct CudaForward {
     /// The `fast` decode step (embedding, every layer, logits of one token) captured once and replayed at
     /// each step; the position comes from `work.pos`. Dropped whenever a buffer it uses is reallocated.
     decode_graph: Option<DeviceGraph>,
+    /// The seeded defect of `cargo moe-gate selftest`; `None` in every normal forward.
+    defect: Option<Defect>,
 }
 
 impl CudaForward {
-    fn new(device: Arc<CudaDevice>, weights: Arc<ModelWeights>, policy: Policy) -> Result<Self, EngineError> {
+    fn new(
+        device: Arc<CudaDevice>,
+        weights: Arc<ModelWeights>,
+        policy: Policy,
+        defect: Option<Defect>,
+    ) -> Result<Self, EngineError> {
         let cfg = &weights.config;
         let model =
             DeviceModel::upload(&device, &weights).map_err(|e| engine_error("uploading the weights", e))?;
@@ -286,6 +301,7 @@ impl CudaForward {
             n_cached: 0,
             exact_rope,
             decode_graph: None,
+            defect,
         })
     }
 
@@ -788,6 +804,10 @@ impl Forward for CudaForward {
 
     fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
         self.run(&[token], None)
+    }
+
+    fn defect(&self) -> Option<Defect> {
+        self.defect
     }
 
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
