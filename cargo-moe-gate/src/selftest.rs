@@ -276,6 +276,9 @@ pub struct Row {
     pub layer: Option<usize>,
     pub step: Option<usize>,
     pub diagnosis: DiagnosisVerdict,
+    /// The largest isolated nmse (that layer on the reference's input, against the reference) of the
+    /// diagnosis.
+    pub isolated_nmse: Option<f64>,
     /// The diagnosis' summary sentence of that layer.
     pub summary: Option<String>,
     /// The op the diagnosis named.
@@ -323,6 +326,7 @@ impl Row {
             layer: first.and_then(|d| d.first_divergent_layer),
             step: first.and_then(|d| d.step),
             diagnosis,
+            isolated_nmse: first.and_then(|d| d.isolated.iter().map(|i| i.nmse).reduce(f64::max)),
             summary: first.map(|d| d.summary.clone()),
             op: first.and_then(|d| d.op.clone()),
             checks,
@@ -512,7 +516,10 @@ impl Outcome {
                 r.expected,
                 caught,
                 layer,
-                r.diagnosis.label(),
+                match r.isolated_nmse {
+                    Some(nmse) => format!("{} (isolated nmse {nmse:.1e})", r.diagnosis.label()),
+                    None => r.diagnosis.label(),
+                },
                 r.op.as_deref().unwrap_or("-"),
                 matched
             );
