@@ -19,6 +19,8 @@
 //!   cosines and sines taken from the host's table (`moe_kernels::cpu::RopeTable`, uploaded). The trace
 //!   is then the `cpu` backend's bit for bit. Experts run one block row per routed slot.
 
+mod seeded;
+
 use std::sync::Arc;
 
 use moe_kernels::cpu::RopeTable;
@@ -55,7 +57,7 @@ pub fn create(
 ) -> Result<Box<dyn Forward>, EngineError> {
     // A stream of its own: the decode graph is captured from this forward's stream, which no other
     // forward (on another thread) may queue work on meanwhile.
-    let device = CudaDevice::get(DEVICE_ORDINAL)
+    let device = seeded::open_device(defect)
         .and_then(|d| d.fork())
         .map_err(|e| engine_error("opening the CUDA device", e))?;
     Ok(Box::new(CudaForward::new(device, weights, policy, defect)?))
@@ -96,22 +98,30 @@ struct DeviceModel {
     /// RoPE inverse frequencies `theta^(-2i / head_dim)` in f64, the CPU's [`moe_kernels::cpu::RopeTable`]
     /// formula.
     inv_freq: DeviceBuffer<f64>,
+    /// The routers in f32 for a seeded defect's kernel (`seeded::f32_routers`; empty otherwise).
+    f32_routers: Vec<DeviceBuffer<f32>>,
 }
 
 impl DeviceModel {
-    fn upload(device: &CudaDevice, w: &ModelWeights) -> Result<Self, CudaError> {
+    fn upload(device: &CudaDevice, w: &ModelWeights, defect: Option<Defect>) -> Result<Self, CudaError> {
         let cfg = &w.config;
-        let layers = w.layers.iter().map(|l| upload_layer(device, l)).collect::<Result<Vec<_>, _>>()?;
+        let layers = w
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, lw)| upload_layer(device, lw, |t| seeded::expert_bytes(defect, l, cfg, t)))
+            .collect::<Result<Vec<_>, _>>()?;
         let output = if w.tied_embeddings { None } else { Some(upload_matrix(device, &w.output)?) };
-        let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))
-            .collect();
+        let theta = seeded::rope_theta(defect, cfg);
+        let inv_freq: Vec<f64> =
+            (0..cfg.head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / cfg.head_dim as f64)).collect();
         Ok(DeviceModel {
             token_embd: upload_matrix(device, &w.token_embd)?,
             output,
             output_norm: upload_vector(device, &w.output_norm)?,
             layers,
             inv_freq: device.upload(&inv_freq)?,
+            f32_routers: seeded::f32_routers(device, defect, w)?,
         })
     }
 
@@ -120,7 +130,16 @@ impl DeviceModel {
     }
 }
 
-fn upload_layer(device: &CudaDevice, l: &LayerWeights) -> Result<DeviceLayer, CudaError> {
+/// Layer `l`'s weights; the expert stacks' bytes come from `experts` (as stored, but for a seeded defect).
+fn upload_layer(
+    device: &CudaDevice,
+    l: &LayerWeights,
+    experts: impl Fn(&WeightTensor) -> Vec<u8>,
+) -> Result<DeviceLayer, CudaError> {
+    let stack = |t: &WeightTensor| {
+        let dims = (t.dims.get(2).copied().unwrap_or(1), t.dims.get(1).copied().unwrap_or(1));
+        device.upload_matrix(t.ty, t.row_len(), dims.1, dims.0, &experts(t))
+    };
     Ok(DeviceLayer {
         attn_norm: upload_vector(device, &l.attn_norm)?,
         q_norm: upload_vector(device, &l.attn_q_norm)?,
@@ -131,9 +150,9 @@ fn upload_layer(device: &CudaDevice, l: &LayerWeights) -> Result<DeviceLayer, Cu
         v: upload_matrix(device, &l.attn_v)?,
         o: upload_matrix(device, &l.attn_output)?,
         router: upload_matrix(device, &l.ffn_gate_inp)?,
-        gate_exps: upload_matrix(device, &l.ffn_gate_exps)?,
-        up_exps: upload_matrix(device, &l.ffn_up_exps)?,
-        down_exps: upload_matrix(device, &l.ffn_down_exps)?,
+        gate_exps: stack(&l.ffn_gate_exps)?,
+        up_exps: stack(&l.ffn_up_exps)?,
+        down_exps: stack(&l.ffn_down_exps)?,
     })
 }
 
@@ -162,9 +181,9 @@ struct ExactRope {
 }
 
 impl ExactRope {
-    fn new(device: &CudaDevice, cfg: &ModelConfig) -> Result<Self, CudaError> {
+    fn new(device: &CudaDevice, cfg: &ModelConfig, theta: f64) -> Result<Self, CudaError> {
         let mut rope = ExactRope {
-            table: RopeTable::new(cfg.head_dim, cfg.rope_theta),
+            table: RopeTable::new(cfg.head_dim, theta),
             cos: device.alloc_zeros(0)?,
             sin: device.alloc_zeros(0)?,
             uploaded: 0,
@@ -279,8 +298,8 @@ impl CudaForward {
         defect: Option<Defect>,
     ) -> Result<Self, EngineError> {
         let cfg = &weights.config;
-        let model =
-            DeviceModel::upload(&device, &weights).map_err(|e| engine_error("uploading the weights", e))?;
+        let model = DeviceModel::upload(&device, &weights, defect)
+            .map_err(|e| engine_error("uploading the weights", e))?;
         let positions = INITIAL_KV_POSITIONS.min(cfg.context_length.max(1));
         let cache =
             new_cache(&device, cfg, positions).map_err(|e| engine_error("allocating the KV cache", e))?;
@@ -288,7 +307,11 @@ impl CudaForward {
         let exact_rope = match policy {
             Policy::Fast => None,
             Policy::Exact => {
-                Some(ExactRope::new(&device, cfg).map_err(|e| engine_error("uploading the RoPE tables", e))?)
+                let theta = seeded::rope_theta(defect, cfg);
+                Some(
+                    ExactRope::new(&device, cfg, theta)
+                        .map_err(|e| engine_error("uploading the RoPE tables", e))?,
+                )
             }
         };
         Ok(CudaForward {
@@ -316,8 +339,9 @@ impl CudaForward {
         let n = tokens.len();
         self.ensure_workspace(n)?;
         self.ensure_cache(start + n)?;
-        self.ensure_rope(start + n)?;
-        if n == 1 && trace.is_none() && self.policy == Policy::Fast && !self.device.syncs_each_launch() {
+        self.ensure_rope(start + n + seeded::rope_lead(self.defect))?;
+        let graph = self.defect.is_none() && !self.device.syncs_each_launch();
+        if n == 1 && trace.is_none() && self.policy == Policy::Fast && graph {
             return self.decode_step(tokens[0], start);
         }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
@@ -329,7 +353,8 @@ impl CudaForward {
         for l in 0..weights.config.n_layer {
             let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
             let stage = || format!("running layer {l}");
-            let layer = Layer { d: &self.device, cfg: &weights.config, model: &self.model, l };
+            let layer =
+                Layer { d: &self.device, cfg: &weights.config, model: &self.model, l, defect: self.defect };
             match &self.exact_rope {
                 None => layer.run(&mut self.work, keys, values, n, start),
                 Some(rope) => layer.run_exact(&mut self.work, keys, values, n, start, rope.slices()),
@@ -390,7 +415,7 @@ impl CudaForward {
         let (hidden, vocab) = (cfg.hidden, cfg.vocab);
         d.get_rows(&model.token_embd, work.tokens.slice(0..1)?, work.x.slice_mut(0..hidden)?)?;
         for l in 0..cfg.n_layer {
-            let layer = Layer { d, cfg, model, l };
+            let layer = Layer { d, cfg, model, l, defect: None };
             layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity)?;
         }
         let (norm, eps) = (model.output_norm.as_slice(), cfg.rms_eps as f32);
@@ -532,6 +557,8 @@ struct Layer<'a> {
     cfg: &'a ModelConfig,
     model: &'a DeviceModel,
     l: usize,
+    /// The forward's seeded defect (`seeded`); `None` in every normal forward and in the decode graph.
+    defect: Option<Defect>,
 }
 
 impl Layer<'_> {
@@ -546,7 +573,7 @@ impl Layer<'_> {
         n: usize,
         pos0: usize,
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
@@ -593,7 +620,7 @@ impl Layer<'_> {
         values: &mut DeviceBuffer<f32>,
         capacity: usize,
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
@@ -634,7 +661,7 @@ impl Layer<'_> {
     /// The MoE block of the fast kernels on the `n` tokens in `work.x`: x += sum over the chosen experts
     /// of weight * down(silu(gate · h) * (up · h)), over norm(x).
     fn moe(&self, work: &mut Workspace, n: usize) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let hidden = cfg.hidden;
         let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
@@ -703,7 +730,7 @@ impl Layer<'_> {
         pos0: usize,
         rope: (DevSlice<'_, f32>, DevSlice<'_, f32>),
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
@@ -836,7 +863,7 @@ impl Forward for CudaForward {
             let mut keys = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             d.copy_to_device(&x, work.x.slice_mut(0..n * hidden)?)?;
-            let run = Layer { d, cfg: &cfg, model: &self.model, l: layer };
+            let run = Layer { d, cfg: &cfg, model: &self.model, l: layer, defect: self.defect };
             match &self.exact_rope {
                 None => run.run(work, &mut keys, &mut values, n, 0)?,
                 Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices())?,

@@ -19,7 +19,7 @@
 //! gives alone. The arithmetic that touches quantised weights comes from the backend's [`Numerics`];
 //! everything else is `moe_kernels::cpu`.
 
-mod seeded;
+pub(super) mod seeded;
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -280,7 +280,12 @@ fn pairwise_dot<F: Real>(w: &[F], x: &[F]) -> F {
 
 /// Replaces the k-th chosen expert by the (k+1)-th ranked one (`probs` is the router softmax), and the
 /// weights by the new set's probabilities, renormalised when `normalize`.
-fn take_next_expert<F: Real>(probs: &[F], normalize: bool, experts: &mut [u32], weights: &mut [F]) {
+pub(crate) fn take_next_expert<F: Real>(
+    probs: &[F],
+    normalize: bool,
+    experts: &mut [u32],
+    weights: &mut [F],
+) {
     let k = experts.len();
     if k == 0 || k >= probs.len() {
         return;
