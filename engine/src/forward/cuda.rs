@@ -583,30 +583,31 @@ impl Layer<'_> {
         let all_kv = 0..(pos0 + n) * kvd;
 
         // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
-        d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        self.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
         let hn = h.slice(xs.clone())?;
         d.matvec(&lw.q, hn, n, q.slice_mut(0..n * qd)?, false)?;
         d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
         d.matvec(&lw.v, hn, n, values.slice_mut(new_kv.clone())?, false)?;
         let inv_freq = model.inv_freq.as_slice();
-        let q_norm = Some((lw.q_norm.as_slice(), eps));
-        d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, cfg.head_dim, q_norm, pos0, inv_freq)?;
-        let k_norm = Some((lw.k_norm.as_slice(), eps));
-        d.head_norm_rope(
-            keys.slice_mut(new_kv)?,
-            kvd,
-            n,
-            cfg.n_kv_head,
-            cfg.head_dim,
-            k_norm,
-            pos0,
-            inv_freq,
-        )?;
+        let rope_pos0 = seeded::rope_pos0(self.defect, pos0);
+        let q_norm = self.qk_norm(lw.q_norm.as_slice(), eps);
+        let hd = cfg.head_dim;
+        d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, inv_freq)?;
+        let k_norm = self.qk_norm(lw.k_norm.as_slice(), eps);
+        d.head_norm_rope(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, hd, k_norm, rope_pos0, inv_freq)?;
+        self.stale_kv(keys, values, pos0, n)?;
         let shape = self.attention_shape(n, pos0);
-        let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
+        let scale = self.attention_scale();
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
-        d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
-        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs)?, true)?;
+        match self.defect == Some(Defect::CudaExactAttentionOrder) {
+            true => {
+                d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?
+            }
+            false => d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?,
+        }
+        let heads = self.o_proj_input(attn.slice(0..n * qd)?)?;
+        let heads = heads.as_ref().map_or(attn.slice(0..n * qd), |b| Ok(b.as_slice()))?;
+        d.matvec(&lw.o, heads, n, x.slice_mut(xs)?, self.attn_residual())?;
         self.moe(work, n)
     }
 
@@ -653,6 +654,82 @@ impl Layer<'_> {
         self.moe(work, 1)
     }
 
+    /// RMSNorm of `rows` rows of `x` by `w` into `out`: the fast kernel, or the exact one's reduction
+    /// tree under [`Defect::CudaExactNormTree`].
+    fn rmsnorm(
+        &self,
+        x: DevSlice<'_, f32>,
+        w: DevSlice<'_, f32>,
+        rows: usize,
+        out: moe_kernels::cuda::DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let (hidden, eps) = (self.cfg.hidden, self.cfg.rms_eps as f32);
+        match self.defect == Some(Defect::CudaExactNormTree) {
+            true => self.d.rmsnorm_exact(x, w, rows, hidden, eps, out),
+            false => self.d.rmsnorm(x, w, rows, hidden, eps, out),
+        }
+    }
+
+    /// The q / k head-norm weights, or none when the norm is skipped.
+    fn qk_norm<'w>(&self, norm: DevSlice<'w, f32>, eps: f32) -> Option<(DevSlice<'w, f32>, f32)> {
+        (self.defect != Some(Defect::QkNormSkipped)).then_some((norm, eps))
+    }
+
+    /// In a decode step (`pos0 > 0`) of the stale-row layer, the new cache rows hold the previous row.
+    fn stale_kv(
+        &self,
+        keys: &mut DeviceBuffer<f32>,
+        values: &mut DeviceBuffer<f32>,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        if pos0 == 0 || !seeded::in_layer(self.defect, Defect::KvStaleRow, self.l, self.cfg) {
+            return Ok(());
+        }
+        let kvd = self.cfg.kv_dim();
+        seeded::stale_rows(self.d, keys, kvd, pos0, n)?;
+        seeded::stale_rows(self.d, values, kvd, pos0, n)
+    }
+
+    /// The attention score scale: `head_dim^-0.5`, or `1 / head_dim`.
+    fn attention_scale(&self) -> f32 {
+        let hd = self.cfg.head_dim as f64;
+        match self.defect == Some(Defect::AttentionScaleInvHeadDim) {
+            true => (1.0 / hd) as f32,
+            false => (1.0 / hd.sqrt()) as f32,
+        }
+    }
+
+    /// The heads' output rounded to f16 (a copy) under [`Defect::F16OutputProjectionInput`]; `None`: use
+    /// the heads as they are.
+    fn o_proj_input(&self, heads: DevSlice<'_, f32>) -> Result<Option<DeviceBuffer<f32>>, CudaError> {
+        if self.defect != Some(Defect::F16OutputProjectionInput) {
+            return Ok(None);
+        }
+        let mut copy = seeded::copy_of(self.d, heads)?;
+        self.d.seeded_round_f16(copy.as_mut())?;
+        Ok(Some(copy))
+    }
+
+    /// Whether the output projection is added to the residual stream (not in the dropped layer).
+    fn attn_residual(&self) -> bool {
+        !seeded::in_layer(self.defect, Defect::AttnResidualDropped, self.l, self.cfg)
+    }
+
+    /// Whether the router weights are renormalised.
+    fn norm_topk(&self) -> bool {
+        self.cfg.norm_topk_prob && self.defect != Some(Defect::RouterWeightsNotRenormalised)
+    }
+
+    /// The experts' input (`n` normalised rows) rounded to a Q8 grid (a copy) under a Q8 defect; `None`:
+    /// use the rows as they are.
+    fn expert_input(&self, h: DevSlice<'_, f32>, n: usize) -> Result<Option<DeviceBuffer<f32>>, CudaError> {
+        let Some(block) = seeded::q8_block(self.defect) else { return Ok(None) };
+        let mut copy = seeded::copy_of(self.d, h)?;
+        self.d.seeded_round_q8(copy.as_mut(), n, self.cfg.hidden, block)?;
+        Ok(Some(copy))
+    }
+
     fn attention_shape(&self, n_tok: usize, pos0: usize) -> AttentionShape {
         let cfg = self.cfg;
         AttentionShape { n_tok, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, pos0 }
@@ -665,7 +742,6 @@ impl Layer<'_> {
         let lw = &model.layers[l];
         let hidden = cfg.hidden;
         let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
-        let eps = cfg.rms_eps as f32;
         let Workspace {
             x,
             h,
@@ -680,12 +756,17 @@ impl Layer<'_> {
             ..
         } = work;
         let xs = 0..n * hidden;
-        d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        self.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
         let hn = h.slice(xs.clone())?;
         let slots = n * k;
-        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, cfg.norm_topk_prob);
+        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, self.norm_topk());
         let (out_ids, out_w) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
-        if n == 1 {
+        if let Some(router) = model.f32_routers.get(l) {
+            let shape = (n_exp, hidden, n);
+            d.seeded_matvec_bf16acc(router.as_slice(), hn, shape, logits)?;
+            let logits = router_logits.slice(0..n * n_exp)?;
+            d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+        } else if n == 1 {
             // One token: router, softmax and top-k in one launch (the values of the two below).
             d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
         } else {
@@ -693,6 +774,13 @@ impl Layer<'_> {
             let logits = router_logits.slice(0..n * n_exp)?;
             d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
         }
+        if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
+            let logits = router_logits.slice(0..n * n_exp)?;
+            let (ids, wts) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
+            seeded::next_expert_routing(d, cfg, logits, ids, wts)?;
+        }
+        let rounded = self.expert_input(h.slice(xs.clone())?, n)?;
+        let hn = rounded.as_ref().map_or(h.slice(xs.clone()), |b| Ok(b.as_slice()))?;
         let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
         let routing = if slots < n_exp {
             Routing::PerSlot { ids }
@@ -757,14 +845,19 @@ impl Layer<'_> {
         d.matvec_exact(&lw.k, hn, tokens, keys.slice_mut(new_kv.clone())?, None, false)?;
         d.matvec_exact(&lw.v, hn, tokens, values.slice_mut(new_kv.clone())?, None, false)?;
         let (hd, q_norm, k_norm) = (cfg.head_dim, (lw.q_norm.as_slice(), eps), (lw.k_norm.as_slice(), eps));
-        d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, pos0, rope)?;
-        d.head_norm_rope_exact(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, hd, k_norm, pos0, rope)?;
+        let rope_pos0 = seeded::rope_pos0(self.defect, pos0);
+        d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, rope)?;
+        d.head_norm_rope_exact(keys.slice_mut(new_kv)?, kvd, n, cfg.n_kv_head, hd, k_norm, rope_pos0, rope)?;
+        self.stale_kv(keys, values, pos0, n)?;
         let shape =
             AttentionShape { n_tok: n, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd, pos0 };
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let scale = self.attention_scale();
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
-        d.matvec_exact(&lw.o, attn.slice(0..n * qd)?, tokens, x.slice_mut(xs.clone())?, None, true)?;
+        let heads = self.o_proj_input(attn.slice(0..n * qd)?)?;
+        let heads = heads.as_ref().map_or(attn.slice(0..n * qd), |b| Ok(b.as_slice()))?;
+        let residual = self.attn_residual();
+        d.matvec_exact(&lw.o, heads, tokens, x.slice_mut(xs.clone())?, None, residual)?;
 
         // MoE block.
         d.rmsnorm_exact(
@@ -776,17 +869,28 @@ impl Layer<'_> {
             h.slice_mut(xs.clone())?,
         )?;
         let hn = h.slice(xs.clone())?;
-        d.matvec_exact(&lw.router, hn, tokens, router_logits.slice_mut(0..n * n_exp)?, None, false)?;
+        let logits = router_logits.slice_mut(0..n * n_exp)?;
+        match model.f32_routers.get(l) {
+            Some(router) => d.seeded_matvec_bf16acc(router.as_slice(), hn, (n_exp, hidden, n), logits)?,
+            None => d.matvec_exact(&lw.router, hn, tokens, logits, None, false)?,
+        }
         let slots = n * k;
         d.softmax_topk_exact(
             router_logits.slice(0..n * n_exp)?,
             n,
             n_exp,
             k,
-            cfg.norm_topk_prob,
+            self.norm_topk(),
             expert_ids.slice_mut(0..slots)?,
             expert_weights.slice_mut(0..slots)?,
         )?;
+        if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
+            let logits = router_logits.slice(0..n * n_exp)?;
+            let (ids, wts) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
+            seeded::next_expert_routing(d, cfg, logits, ids, wts)?;
+        }
+        let rounded = self.expert_input(h.slice(xs.clone())?, n)?;
+        let hn = rounded.as_ref().map_or(h.slice(xs.clone()), |b| Ok(b.as_slice()))?;
         let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
         let ffn = cfg.expert_ffn;
         let per_token = ExactRows::Slots { ids, in_div: k };
