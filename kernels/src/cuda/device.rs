@@ -123,8 +123,10 @@ pub struct CudaDevice {
 
 /// Devices opened so far, by ordinal. Holding the lock while opening makes the NVRTC compile happen once.
 static DEVICES: Mutex<Vec<Arc<CudaDevice>>> = Mutex::new(Vec::new());
-/// Compile variants opened so far ([`CudaDevice::get_variant`]), by ordinal and extra NVRTC options.
-static VARIANTS: Mutex<Vec<(usize, Vec<String>, Arc<CudaDevice>)>> = Mutex::new(Vec::new());
+/// A compile variant opened by [`CudaDevice::get_variant`]: its ordinal, its extra NVRTC options, the device.
+type Variant = (usize, Vec<String>, Arc<CudaDevice>);
+/// Compile variants opened so far, by ordinal and extra NVRTC options.
+static VARIANTS: Mutex<Vec<Variant>> = Mutex::new(Vec::new());
 
 impl CudaDevice {
     /// The device `ordinal`, opened (and its kernels compiled) on first use.

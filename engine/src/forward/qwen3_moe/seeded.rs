@@ -135,7 +135,7 @@ impl<N: Numerics> Model<N> {
         if !self.has(Defect::PairwiseAttentionProjections) {
             return self.matmul(w, x);
         }
-        self.matmul_rowwise(Mat::of(w), x, |w, x| pairwise_dot(w, x))
+        self.matmul_rowwise(Mat::of(w), x, pairwise_dot)
     }
 
     /// `x += attn`, or, in the dropped layer, `x = attn`.
@@ -151,7 +151,7 @@ impl<N: Numerics> Model<N> {
         if !self.has(Defect::Bf16RouterAccumulation) {
             return self.matmul(&w.ffn_gate_inp, h);
         }
-        self.matmul_rowwise(Mat::of(&w.ffn_gate_inp), h, |w, x| bf16_accumulated_dot(w, x))
+        self.matmul_rowwise(Mat::of(&w.ffn_gate_inp), h, bf16_accumulated_dot)
     }
 
     /// One token's routing in layer `l` (`moe_kernels::cpu::route`, unless a defect alters the top-k or
