@@ -3,19 +3,19 @@
 //! a harmful routing defect caught and located, a decode-path defect caught by the greedy criterion, a
 //! benign change passing, and the table and its files as the docs describe them.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::GATE;
+/// The binary under test: `cargo_moe_gate::run`, exactly as `cargo moe-gate` runs it.
+const GATE: &str = env!("CARGO_BIN_EXE_gate-under-test");
 
 fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace")
 }
 
 fn selftest(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(GATE).arg("selftest").args(args).current_dir(workspace()).output().expect("starts");
+    let out =
+        Command::new(GATE).arg("selftest").args(args).current_dir(workspace()).output().expect("starts");
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
 }
@@ -40,14 +40,19 @@ fn the_cpu_catalogue_is_caught_located_and_tabulated() {
     ]);
     let all = format!("exit {code}\n{stdout}\n{stderr}");
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("selftest.json")).expect("json")).expect("parses");
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("selftest.json")).expect("json"))
+            .expect("parses");
     assert_eq!(json["baseline"]["exit_code"], 0, "{all}");
     assert!(dir.path().join("selftest.md").is_file());
-    assert!(stdout.contains("| defect | expected | caught by | layer (step) | diagnosis | op | matched |"), "{all}");
+    assert!(
+        stdout.contains("| defect | expected | caught by | layer (step) | diagnosis | op | matched |"),
+        "{all}"
+    );
 
     // Layer 1's top-k: caught by the router-set criterion, blamed on cpu at layer 1.
     let ninth = row(&json, "topk-ninth-expert");
-    let caught: Vec<&str> = ninth["caught_by"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let caught: Vec<&str> =
+        ninth["caught_by"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
     assert!(caught.iter().any(|c| c.starts_with("AC-CPU-REF-004")), "{all}");
     assert_eq!(ninth["layer"], 1, "{all}");
     assert_eq!(ninth["diagnosis"]["kind"], "defect", "{all}");
@@ -55,7 +60,8 @@ fn the_cpu_catalogue_is_caught_located_and_tabulated() {
 
     // The stale KV row shows only in decoding: the greedy criterion fails.
     let stale = row(&json, "kv-stale-row");
-    let caught: Vec<&str> = stale["caught_by"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let caught: Vec<&str> =
+        stale["caught_by"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
     assert_eq!(caught, ["AC-CPU-REF-007 (logits greedy)"], "{all}");
 
     // The benign change passes and matches.
