@@ -84,6 +84,38 @@ pub enum Command {
     Bench(BenchArgs),
     /// Tokenises text with a model's own tokenizer (the one its GGUF carries), as text prompts are.
     Tokenize(TokenizeArgs),
+    /// The gate judged on itself: runs a contract once clean and once per seeded defect of a backend
+    /// (the catalogue in moe_engine::defect), and checks that every harmful defect is caught with the
+    /// right backend, layer and op named and every benign change passes. Prints one table (also
+    /// selftest.md and selftest.json in --out-dir). Exit 0 when every row matches the catalogue, 101
+    /// when one does not (the reasons are listed), 2 when it could not run.
+    #[command(
+        after_help = "Examples:\n  cargo moe-gate selftest                       # cpu defects, cpu-vs-reference-v1 on synth:tiny, no GPU\n  cargo moe-gate selftest --backend cuda        # cuda defects, qwen3-moe-forward-gpu-v1 on synth:small (needs a GPU)\n  cargo moe-gate selftest --defect rope-wrong-base --defect kv-stale-row"
+    )]
+    Selftest(SelftestArgs),
+}
+
+/// Arguments of `cargo moe-gate selftest`.
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// Whose defects to seed: cpu (judged by cpu-vs-reference-v1 on its smoke model, no GPU needed) or
+    /// cuda (judged by qwen3-moe-forward-gpu-v1 on synth:small; needs a CUDA device).
+    #[arg(long, value_name = "cpu|cuda", default_value = "cpu")]
+    pub backend: String,
+    /// The contract to judge each defect with (an id or a path); it must have a run on the backend.
+    /// Its smoke prompts run (sets marked `only_on: model` are dropped).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub contract: Option<String>,
+    /// The model (`.gguf` path or `synth:...`); default: the contract's smoke model for cpu, synth:small
+    /// for cuda.
+    #[arg(long, value_name = "SPEC")]
+    pub model: Option<String>,
+    /// Only this defect (repeatable); default: every defect of the backend.
+    #[arg(long = "defect", value_name = "NAME")]
+    pub defects: Vec<String>,
+    /// Where to write selftest.md and selftest.json (default target/moe-gate-selftest).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }
 
 /// Arguments of `cargo moe-gate tokenize`.

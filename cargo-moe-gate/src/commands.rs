@@ -27,6 +27,7 @@ pub fn run(command: Command) -> Result<u8, GateError> {
         Command::Merge(args) => crate::merge::run_merge(&args),
         Command::Bench(args) => crate::bench::run_bench(&args),
         Command::Tokenize(args) => crate::text::run_tokenize(&args),
+        Command::Selftest(args) => crate::selftest::run_selftest(&args),
     }
 }
 

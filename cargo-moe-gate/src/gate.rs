@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use moe_contracts::{Contract, Prompt, Recorded};
 use moe_engine::backend::{BackendKind, Policy};
+use moe_engine::defect::Defect;
 use moe_engine::weights::ModelWeights;
 
 use crate::cli::GateArgs;
@@ -32,6 +33,32 @@ pub const EXIT_FAILED: u8 = 101;
 
 /// Runs the gate and returns its exit code (0 or 101); errors mean exit 2.
 pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
+    let report = run_gate_with(args, &GateMode::default())?;
+    Ok(report.map_or(0, |r| r.verdict.exit_code))
+}
+
+/// How a gate run is carried out besides its command line. The default is the gate's own run; only
+/// `cargo moe-gate selftest` sets anything else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GateMode {
+    /// The seeded defect built into every run whose backend and policy it applies to
+    /// (`moe_engine::defect`; the selftest's, never a normal run's).
+    pub defect: Option<Defect>,
+    /// No libtest lines, summary or notes: the caller reports the returned report its own way.
+    pub quiet: bool,
+    /// Resolve the contract's prompts as for its smoke model (prompt sets marked `only_on: model` dropped)
+    /// whatever model runs: the selftest runs a small model with the smoke prompts.
+    pub smoke_prompts: bool,
+}
+
+/// Runs the gate as `mode` says and returns its report (`None` for `--list`, which judges nothing). The
+/// report files are written as for [`run_gate`].
+pub fn run_gate_with(args: &GateArgs, mode: &GateMode) -> Result<Option<GateReport>, GateError> {
+    let note = |msg: &str| {
+        if !mode.quiet {
+            note(msg);
+        }
+    };
     let started = Instant::now();
     let path = crate::discover::locate_contract(args.contract.as_deref())?;
     let contract = moe_contracts::load(&path)?;
@@ -56,7 +83,13 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         }
     }
 
-    let contract = resolve_for_model(contract, choice.source, &choice.spec);
+    let contract = match mode.smoke_prompts {
+        true => {
+            let smoke = contract.smoke_model.clone();
+            contract.for_model(&smoke)
+        }
+        false => resolve_for_model(contract, choice.source, &choice.spec),
+    };
     let (contract, tokenizer) = crate::text::tokenize_prompts(contract, &weights, &choice.spec)?;
     incomplete::watch(args, &contract, &choice, weights.config.n_layer);
     let mut prompts = contract.expand_prompts();
@@ -78,7 +111,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
         let none = vec![None; plans.len()];
         let list = trials::libtest_trials(&contract, &plans, &statuses, &none, cuda.unavailable.as_deref());
         let _listed = libtest_mimic::run(&args.libtest, list);
-        return Ok(0);
+        return Ok(None);
     }
 
     let jobs = trials::jobs(&contract, &plans, &selection, &prompts);
@@ -89,7 +122,13 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     {
         ready.insert(job.run.clone(), probe);
     }
+    if let Some(defect) = mode.defect {
+        crate::selftest::seed_backends(&mut ready, &contract, &weights, defect)?;
+    }
     let mut recording = record::record(&choice.spec, &weights, jobs, ready)?;
+    if let Some(defect) = mode.defect {
+        crate::selftest::seed_backends(&mut recording.backends, &contract, &weights, defect)?;
+    }
 
     let ties_started = Instant::now();
     let mut tie_work = TieWork {
@@ -145,8 +184,11 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     .diagnose_all(&plans, &statuses, &outcomes);
     let diagnosis_s = diagnosis_started.elapsed().as_secs_f64();
 
-    let list = trials::libtest_trials(&contract, &plans, &statuses, &outcomes, cuda.unavailable.as_deref());
-    let _conclusion = libtest_mimic::run(&args.libtest, list);
+    if !mode.quiet {
+        let list =
+            trials::libtest_trials(&contract, &plans, &statuses, &outcomes, cuda.unavailable.as_deref());
+        let _conclusion = libtest_mimic::run(&args.libtest, list);
+    }
 
     let timings = Timings {
         model_s,
@@ -171,10 +213,10 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     incomplete::finished();
     let empty = report.refuse_if_empty(args.allow_empty);
     let summary = terminal::render(&report);
-    if args.libtest.format == Some(libtest_mimic::FormatSetting::Json) {
-        eprint!("{summary}");
-    } else {
-        crate::output::print_all(&summary);
+    match (mode.quiet, args.libtest.format) {
+        (true, _) => {}
+        (false, Some(libtest_mimic::FormatSetting::Json)) => eprint!("{summary}"),
+        (false, _) => crate::output::print_all(&summary),
     }
     if let Some(dir) = &args.report_dir {
         report.write_dir(dir)?;
@@ -186,7 +228,7 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
     if let Some(reason) = empty {
         return Err(GateError::nothing_judged(reason, args.libtest.filter.as_deref()));
     }
-    Ok(report.verdict.exit_code)
+    Ok(Some(report))
 }
 
 /// A line on stderr (stdout belongs to libtest, whose `--format json` must stay parseable).

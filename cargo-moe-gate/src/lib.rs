@@ -10,6 +10,7 @@
 //!   subcommands; [`report`]: the report writers.
 //! - [`partition`]: `--partition K/N`; [`merge`]: `cargo moe-gate merge` of the shards' reports.
 //! - [`bench`]: `cargo moe-gate bench`, the speed measurement.
+//! - [`selftest`]: `cargo moe-gate selftest`, the gate judged on a catalogue of seeded defects.
 //! - [`text`]: text prompts through the model's tokenizer, and token ids read back as text in reports.
 //!
 //! The binary is a thin `main` over [`run`], so the end-to-end tests and the `harness = false` test
@@ -32,6 +33,7 @@ pub mod partition;
 pub mod record;
 pub mod report;
 pub mod resources;
+pub mod selftest;
 pub mod text;
 pub mod ties;
 pub mod trials;

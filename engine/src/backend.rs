@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
+use crate::defect::Defect;
 use crate::error::EngineError;
 use crate::forward;
 use crate::trace::{LayerTrace, Matrix, SubLayerTaps, Trace};
@@ -186,6 +187,21 @@ pub trait Forward: Send {
         let _ = (token, trace);
         Err(EngineError::TapsUnsupported { backend: self.kind(), what: "step_traced" })
     }
+
+    /// The seeded defect it was built with ([`BackendOptions::defect`]); `None` for every backend a normal
+    /// run creates.
+    fn defect(&self) -> Option<Defect> {
+        None
+    }
+}
+
+/// How a backend is built: its numerics policy and, for `cargo moe-gate selftest` only, a seeded defect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendOptions {
+    pub policy: Policy,
+    /// A deliberate mistake from the catalogue (`moe_engine::defect`). Only the selftest sets it; every
+    /// other path goes through [`create_backend`], which leaves it `None`.
+    pub defect: Option<Defect>,
 }
 
 /// Creates a forward of `weights` on backend `kind` with numerics `policy`.
@@ -197,24 +213,47 @@ pub fn create_backend(
     weights: Arc<ModelWeights>,
     policy: Policy,
 ) -> Result<Box<dyn Forward>, EngineError> {
+    create_backend_with(kind, weights, BackendOptions { policy, defect: None })
+}
+
+/// [`create_backend`] with every option: `cargo moe-gate selftest` builds its defective backends here. A
+/// defect the catalogue does not list for `kind` and the policy (the `reference` backend takes none) is
+/// refused.
+pub fn create_backend_with(
+    kind: BackendKind,
+    weights: Arc<ModelWeights>,
+    options: BackendOptions,
+) -> Result<Box<dyn Forward>, EngineError> {
+    let BackendOptions { policy, defect } = options;
+    if let Some(d) = defect {
+        d.check_applies(kind, policy)?;
+    }
     match kind {
         BackendKind::Reference => Ok(Box::new(forward::reference::create(
             weights,
             policy,
             forward::reference::WeightDecoding::ExactF64,
         ))),
-        BackendKind::Cpu => Ok(Box::new(forward::cpu::create(weights, policy)?)),
-        BackendKind::Cuda => create_cuda(weights, policy),
+        BackendKind::Cpu => Ok(Box::new(forward::cpu::create(weights, policy, defect)?)),
+        BackendKind::Cuda => create_cuda(weights, policy, defect),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn create_cuda(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
-    forward::cuda::create(weights, policy)
+fn create_cuda(
+    weights: Arc<ModelWeights>,
+    policy: Policy,
+    defect: Option<Defect>,
+) -> Result<Box<dyn Forward>, EngineError> {
+    forward::cuda::create(weights, policy, defect)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn create_cuda(_weights: Arc<ModelWeights>, _policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
+fn create_cuda(
+    _weights: Arc<ModelWeights>,
+    _policy: Policy,
+    _defect: Option<Defect>,
+) -> Result<Box<dyn Forward>, EngineError> {
     Err(EngineError::CudaUnavailable {
         reason: "built without the `cuda` feature: rebuild with --features cuda".to_string(),
     })

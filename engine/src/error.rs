@@ -62,6 +62,16 @@ pub enum EngineError {
     #[error("the {backend} backend does not support the `{policy}` policy: {reason}")]
     PolicyUnsupported { backend: BackendKind, policy: Policy, reason: String },
 
+    /// A seeded defect was asked of a backend it is not built for (only `cargo moe-gate selftest` asks).
+    #[error(
+        "the seeded defect `{defect}` does not apply to the {backend} backend under `{policy}`: see its \
+         catalogue entry (moe_engine::defect) for the backends and policies it applies to"
+    )]
+    DefectNotApplicable { defect: &'static str, backend: BackendKind, policy: Policy },
+    /// A seeded defect name that is not in the catalogue.
+    #[error("unknown seeded defect `{name}`: expected one of {known}")]
+    UnknownDefect { name: String, known: String },
+
     // --- CUDA ---
     /// No usable CUDA device or driver (or the build lacks the `cuda` feature).
     #[error("CUDA is unavailable: {reason}")]

@@ -30,8 +30,8 @@ mod cases {
     use moe_kernels::GgmlType;
     use moe_kernels::cpu::{KvView, RopeTable, causal_attention_head, rms_norm, route, silu};
     use moe_kernels::cuda::{
-        AttentionShape, CudaDevice, CudaError, REQUIRE_NVRTC_ENV, Routing, compile_program, compile_source,
-        kernel_entry_names,
+        AttentionShape, CudaDevice, CudaError, REQUIRE_NVRTC_ENV, Routing, SEEDED_NO_FMA_CONTRACTION,
+        SEEDED_SOFTMAX_NO_MAX, compile_program, compile_program_variant, compile_source, kernel_entry_names,
     };
     use moe_kernels::quant::{dequantize_row, dot_row, quantize_row};
     use rand::{Rng, SeedableRng};
@@ -124,6 +124,12 @@ mod cases {
     pub fn all() -> Vec<Trial> {
         let mut t = Vec::new();
         t.push(Trial::ignorable_test("compile::compute_90::every_kernel_of_both_policies", compile_all_case));
+        for option in [SEEDED_SOFTMAX_NO_MAX, SEEDED_NO_FMA_CONTRACTION] {
+            t.push(Trial::ignorable_test(
+                format!("compile::compute_90::seeded_variant::{option}"),
+                move || compile_variant_case(option),
+            ));
+        }
         for ty in GgmlType::ALL {
             for cols in widths(ty) {
                 t.push(Trial::ignorable_test(format!("get_rows::{ty}::{cols}"), move || {
@@ -269,6 +275,27 @@ mod cases {
             return Err(format!("the PTX lacks the entries {missing:?}").into());
         }
         println!("    compute_90: {} kernels compiled, {} bytes of PTX", names.len(), ptx.len());
+        Ok(Completion::Completed)
+    }
+
+    /// The compile variant a seeded defect asks for (`moe_engine::defect`, selftest only) compiles too,
+    /// with every entry, and differs from the shipped program's PTX (the option changed something).
+    fn compile_variant_case(option: &'static str) -> Outcome {
+        let (shipped, variant) =
+            match (compile_program("compute_90"), compile_program_variant("compute_90", &[option])) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) if e.is_unavailable() => return without_nvrtc(e),
+                (Err(e), _) | (_, Err(e)) => return Err(e.to_string().into()),
+            };
+        let names = kernel_entry_names();
+        let missing: Vec<&String> =
+            names.iter().filter(|n| !variant.contains(&format!(".entry {n}("))).collect();
+        if !missing.is_empty() {
+            return Err(format!("{option}: the PTX lacks the entries {missing:?}").into());
+        }
+        if variant == shipped {
+            return Err(format!("{option}: the variant's PTX equals the shipped program's").into());
+        }
         Ok(Completion::Completed)
     }
 

@@ -3,7 +3,7 @@
 //! - `cargo xtask ci`: what must be green before a commit lands: rustfmt check, clippy with warnings
 //!   denied (with CUDA, cargo-moe-gate's default, and without), every test (nextest when installed, else
 //!   `cargo test`), every kernel compiled with NVRTC where `.ci/run` installed it, contract validation,
-//!   and the gate on the default model.
+//!   the gate on the default model, and `cargo moe-gate selftest` on the cpu defects.
 //! - `cargo xtask bench`: the criterion benches (short), and the default gate's wall time, written to the
 //!   "Gate" section of docs/benchmarks.md.
 //! - `cargo xtask fuzz`: the cargo-fuzz targets of fuzz/ (nightly), each for a given time, from the
@@ -22,7 +22,8 @@ commands:
   ci [--no-cuda-check]   fmt check, clippy -D warnings, all tests (the CUDA ones list every device case
                          as ignored, with why, without a GPU), the kernels compiled with NVRTC where
                          MOE_GATE_NVRTC_DIR names it (.ci/run sets it), contract validation, the gate on
-                         the default model; unless --no-cuda-check, also clippy without CUDA
+                         the default model, the selftest of the cpu defects; unless --no-cuda-check,
+                         also clippy without CUDA
                          (--no-default-features)
   bench [--gate-only] [--runs N]
                          criterion benches (short), then the default gate's wall time (N runs, default 5),
@@ -188,6 +189,16 @@ fn ci(args: &[String]) -> Result<()> {
         .args(["--report-dir"])
         .arg(&breadth_dir);
     step("cargo moe-gate --contract cpu-vs-reference-breadth-v1 (512 prompts, ties certified)", breadth)?;
+
+    // Issue 10 item 4: the gate judged on its own seeded cpu defects (cpu-vs-reference-v1 on synth:tiny,
+    // one gate run per defect): each harmful one caught and located, each benign one passing.
+    let selftest_dir = root().join("target/moe-gate-selftest");
+    let mut selftest = cargo();
+    selftest
+        .args(["run", "--quiet", "--package", "cargo-moe-gate", "--", "selftest", "--backend", "cpu"])
+        .args(["--out-dir"])
+        .arg(&selftest_dir);
+    step("cargo moe-gate selftest --backend cpu (seeded defects caught and located)", selftest)?;
 
     println!(
         "\nci: all steps green in {:.1} s (gate reports in {})",

@@ -11,6 +11,7 @@ use moe_kernels::quant::{dequantize_row, dot_row};
 use super::numerics::{Mat, Numerics, matmul_by_row_tiles, matmul_by_rows};
 use super::qwen3_moe::Qwen3Moe;
 use crate::backend::{BackendKind, Forward, Policy};
+use crate::defect::Defect;
 use crate::error::EngineError;
 use crate::trace::Precision;
 use crate::weights::ModelWeights;
@@ -22,8 +23,15 @@ use crate::weights::ModelWeights;
 /// the MoE sum in choice order), which costs nothing over a free order here (the weight-row dot products
 /// dominate, and they were already in that order). So `exact` traces are bit-identical to `fast` ones,
 /// and to the `cuda` backend's under `exact`.
-pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<impl Forward, EngineError> {
-    Ok(Qwen3Moe::new(BackendKind::Cpu, policy, weights, CpuNumerics))
+///
+/// `defect` (only `cargo moe-gate selftest` passes one) seeds a catalogued mistake into the forward
+/// (`moe_engine::defect`).
+pub fn create(
+    weights: Arc<ModelWeights>,
+    policy: Policy,
+    defect: Option<Defect>,
+) -> Result<impl Forward, EngineError> {
+    Ok(Qwen3Moe::new(BackendKind::Cpu, policy, weights, CpuNumerics).with_defect(defect))
 }
 
 /// f32 arithmetic on quantised rows.

@@ -19,6 +19,8 @@
 //!   cosines and sines taken from the host's table (`moe_kernels::cpu::RopeTable`, uploaded). The trace
 //!   is then the `cpu` backend's bit for bit. Experts run one block row per routed slot.
 
+mod seeded;
+
 use std::sync::Arc;
 
 use moe_kernels::cpu::RopeTable;
@@ -31,6 +33,7 @@ use moe_kernels::quant::dequantize_row;
 use super::check_tokens;
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
+use crate::defect::Defect;
 use crate::error::EngineError;
 use crate::trace::{LayerTrace, Matrix, Precision, SubLayerTaps, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
@@ -44,13 +47,20 @@ const INITIAL_KV_POSITIONS: usize = 256;
 /// A CUDA forward of `weights` under `policy`: opens device 0 (compiling the kernels on first use) and
 /// uploads the weights. [`Policy::Fast`] runs the fast kernels; [`Policy::Exact`] the canonical order of
 /// `docs/numerics.md`, bit-identical to the `cpu` backend.
-pub fn create(weights: Arc<ModelWeights>, policy: Policy) -> Result<Box<dyn Forward>, EngineError> {
+///
+/// `defect` (only `cargo moe-gate selftest` passes one) seeds a catalogued mistake (`crate::defect`) into
+/// the forward's orchestration (`cuda_seeded`).
+pub fn create(
+    weights: Arc<ModelWeights>,
+    policy: Policy,
+    defect: Option<Defect>,
+) -> Result<Box<dyn Forward>, EngineError> {
     // A stream of its own: the decode graph is captured from this forward's stream, which no other
     // forward (on another thread) may queue work on meanwhile.
-    let device = CudaDevice::get(DEVICE_ORDINAL)
+    let device = seeded::open_device(defect)
         .and_then(|d| d.fork())
         .map_err(|e| engine_error("opening the CUDA device", e))?;
-    Ok(Box::new(CudaForward::new(device, weights, policy)?))
+    Ok(Box::new(CudaForward::new(device, weights, policy, defect)?))
 }
 
 /// Turns a kernel-side error into the engine's: "no CUDA here" stays distinguishable from a failure.
@@ -88,22 +98,30 @@ struct DeviceModel {
     /// RoPE inverse frequencies `theta^(-2i / head_dim)` in f64, the CPU's [`moe_kernels::cpu::RopeTable`]
     /// formula.
     inv_freq: DeviceBuffer<f64>,
+    /// The routers in f32 for a seeded defect's kernel (`seeded::f32_routers`; empty otherwise).
+    f32_routers: Vec<DeviceBuffer<f32>>,
 }
 
 impl DeviceModel {
-    fn upload(device: &CudaDevice, w: &ModelWeights) -> Result<Self, CudaError> {
+    fn upload(device: &CudaDevice, w: &ModelWeights, defect: Option<Defect>) -> Result<Self, CudaError> {
         let cfg = &w.config;
-        let layers = w.layers.iter().map(|l| upload_layer(device, l)).collect::<Result<Vec<_>, _>>()?;
+        let layers = w
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, lw)| upload_layer(device, lw, |t| seeded::expert_bytes(defect, l, cfg, t)))
+            .collect::<Result<Vec<_>, _>>()?;
         let output = if w.tied_embeddings { None } else { Some(upload_matrix(device, &w.output)?) };
-        let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))
-            .collect();
+        let theta = seeded::rope_theta(defect, cfg);
+        let inv_freq: Vec<f64> =
+            (0..cfg.head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / cfg.head_dim as f64)).collect();
         Ok(DeviceModel {
             token_embd: upload_matrix(device, &w.token_embd)?,
             output,
             output_norm: upload_vector(device, &w.output_norm)?,
             layers,
             inv_freq: device.upload(&inv_freq)?,
+            f32_routers: seeded::f32_routers(device, defect, w)?,
         })
     }
 
@@ -112,7 +130,16 @@ impl DeviceModel {
     }
 }
 
-fn upload_layer(device: &CudaDevice, l: &LayerWeights) -> Result<DeviceLayer, CudaError> {
+/// Layer `l`'s weights; the expert stacks' bytes come from `experts` (as stored, but for a seeded defect).
+fn upload_layer(
+    device: &CudaDevice,
+    l: &LayerWeights,
+    experts: impl Fn(&WeightTensor) -> Vec<u8>,
+) -> Result<DeviceLayer, CudaError> {
+    let stack = |t: &WeightTensor| {
+        let dims = (t.dims.get(2).copied().unwrap_or(1), t.dims.get(1).copied().unwrap_or(1));
+        device.upload_matrix(t.ty, t.row_len(), dims.1, dims.0, &experts(t))
+    };
     Ok(DeviceLayer {
         attn_norm: upload_vector(device, &l.attn_norm)?,
         q_norm: upload_vector(device, &l.attn_q_norm)?,
@@ -123,9 +150,9 @@ fn upload_layer(device: &CudaDevice, l: &LayerWeights) -> Result<DeviceLayer, Cu
         v: upload_matrix(device, &l.attn_v)?,
         o: upload_matrix(device, &l.attn_output)?,
         router: upload_matrix(device, &l.ffn_gate_inp)?,
-        gate_exps: upload_matrix(device, &l.ffn_gate_exps)?,
-        up_exps: upload_matrix(device, &l.ffn_up_exps)?,
-        down_exps: upload_matrix(device, &l.ffn_down_exps)?,
+        gate_exps: stack(&l.ffn_gate_exps)?,
+        up_exps: stack(&l.ffn_up_exps)?,
+        down_exps: stack(&l.ffn_down_exps)?,
     })
 }
 
@@ -154,9 +181,9 @@ struct ExactRope {
 }
 
 impl ExactRope {
-    fn new(device: &CudaDevice, cfg: &ModelConfig) -> Result<Self, CudaError> {
+    fn new(device: &CudaDevice, cfg: &ModelConfig, theta: f64) -> Result<Self, CudaError> {
         let mut rope = ExactRope {
-            table: RopeTable::new(cfg.head_dim, cfg.rope_theta),
+            table: RopeTable::new(cfg.head_dim, theta),
             cos: device.alloc_zeros(0)?,
             sin: device.alloc_zeros(0)?,
             uploaded: 0,
@@ -297,13 +324,20 @@ struct CudaForward {
     /// The `fast` decode step (embedding, every layer, logits of one token) captured once and replayed at
     /// each step; the position comes from `work.pos`. Dropped whenever a buffer it uses is reallocated.
     decode_graph: Option<DeviceGraph>,
+    /// The seeded defect of `cargo moe-gate selftest`; `None` in every normal forward.
+    defect: Option<Defect>,
 }
 
 impl CudaForward {
-    fn new(device: Arc<CudaDevice>, weights: Arc<ModelWeights>, policy: Policy) -> Result<Self, EngineError> {
+    fn new(
+        device: Arc<CudaDevice>,
+        weights: Arc<ModelWeights>,
+        policy: Policy,
+        defect: Option<Defect>,
+    ) -> Result<Self, EngineError> {
         let cfg = &weights.config;
-        let model =
-            DeviceModel::upload(&device, &weights).map_err(|e| engine_error("uploading the weights", e))?;
+        let model = DeviceModel::upload(&device, &weights, defect)
+            .map_err(|e| engine_error("uploading the weights", e))?;
         let positions = INITIAL_KV_POSITIONS.min(cfg.context_length.max(1));
         let cache =
             new_cache(&device, cfg, positions).map_err(|e| engine_error("allocating the KV cache", e))?;
@@ -311,7 +345,11 @@ impl CudaForward {
         let exact_rope = match policy {
             Policy::Fast => None,
             Policy::Exact => {
-                Some(ExactRope::new(&device, cfg).map_err(|e| engine_error("uploading the RoPE tables", e))?)
+                let theta = seeded::rope_theta(defect, cfg);
+                Some(
+                    ExactRope::new(&device, cfg, theta)
+                        .map_err(|e| engine_error("uploading the RoPE tables", e))?,
+                )
             }
         };
         Ok(CudaForward {
@@ -324,6 +362,7 @@ impl CudaForward {
             n_cached: 0,
             exact_rope,
             decode_graph: None,
+            defect,
         })
     }
 
@@ -338,8 +377,9 @@ impl CudaForward {
         let n = tokens.len();
         self.ensure_workspace(n)?;
         self.ensure_cache(start + n)?;
-        self.ensure_rope(start + n)?;
-        if n == 1 && trace.is_none() && self.policy == Policy::Fast && !self.device.syncs_each_launch() {
+        self.ensure_rope(start + n + seeded::rope_lead(self.defect))?;
+        let graph = self.defect.is_none() && !self.device.syncs_each_launch();
+        if n == 1 && trace.is_none() && self.policy == Policy::Fast && graph {
             return self.decode_step(tokens[0], start);
         }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
@@ -354,7 +394,7 @@ impl CudaForward {
         for l in 0..cfg.n_layer {
             let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
             let stage = || format!("running layer {l}");
-            let layer = Layer { d: &self.device, cfg, model: &self.model, l };
+            let layer = Layer { d: &self.device, cfg, model: &self.model, l, defect: self.defect };
             let mut taps = record_taps.then(DeviceTaps::default);
             match &self.exact_rope {
                 None => layer.run(&mut self.work, keys, values, n, start, taps.as_mut()),
@@ -451,7 +491,7 @@ impl CudaForward {
                 self.work.x.slice_mut(0..hidden)?,
             )?;
             for l in 0..cfg.n_layer {
-                let layer = Layer { d: &d, cfg, model: &self.model, l };
+                let layer = Layer { d: &d, cfg, model: &self.model, l, defect: self.defect };
                 let mut taps = record_taps.then(DeviceTaps::default);
                 let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
                 layer.decode(&mut self.work, keys, values, capacity, taps.as_mut().map(|t| (t, pos)))?;
@@ -489,7 +529,7 @@ impl CudaForward {
         let (hidden, vocab) = (cfg.hidden, cfg.vocab);
         d.get_rows(&model.token_embd, work.tokens.slice(0..1)?, work.x.slice_mut(0..hidden)?)?;
         for l in 0..cfg.n_layer {
-            let layer = Layer { d, cfg, model, l };
+            let layer = Layer { d, cfg, model, l, defect: None };
             layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity, None)?;
         }
         let (norm, eps) = (model.output_norm.as_slice(), cfg.rms_eps as f32);
@@ -640,6 +680,8 @@ struct Layer<'a> {
     cfg: &'a ModelConfig,
     model: &'a DeviceModel,
     l: usize,
+    /// The forward's seeded defect (`seeded`); `None` in every normal forward and in the decode graph.
+    defect: Option<Defect>,
 }
 
 impl Layer<'_> {
@@ -655,7 +697,7 @@ impl Layer<'_> {
         pos0: usize,
         mut taps: Option<&mut DeviceTaps>,
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
@@ -665,7 +707,7 @@ impl Layer<'_> {
         let all_kv = 0..(pos0 + n) * kvd;
 
         // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
-        d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        self.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
         if let Some(t) = taps.as_deref_mut() {
             t.attn_norm = d.download(h.slice(xs.clone())?)?;
         }
@@ -674,36 +716,37 @@ impl Layer<'_> {
         d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
         d.matvec(&lw.v, hn, n, values.slice_mut(new_kv.clone())?, false)?;
         let inv_freq = model.inv_freq.as_slice();
-        let q_norm = Some((lw.q_norm.as_slice(), eps));
-        d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, cfg.head_dim, q_norm, pos0, inv_freq)?;
-        let k_norm = Some((lw.k_norm.as_slice(), eps));
-        d.head_norm_rope(
-            keys.slice_mut(new_kv.clone())?,
-            kvd,
-            n,
-            cfg.n_kv_head,
-            cfg.head_dim,
-            k_norm,
-            pos0,
-            inv_freq,
-        )?;
+        let rope_pos0 = seeded::rope_pos0(self.defect, pos0);
+        let q_norm = self.qk_norm(lw.q_norm.as_slice(), eps);
+        let hd = cfg.head_dim;
+        d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, inv_freq)?;
+        let k_norm = self.qk_norm(lw.k_norm.as_slice(), eps);
+        d.head_norm_rope(keys.slice_mut(new_kv.clone())?, kvd, n, cfg.n_kv_head, hd, k_norm, rope_pos0, inv_freq)?;
+        self.stale_kv(keys, values, pos0, n)?;
         if let Some(t) = taps.as_deref_mut() {
             t.q = d.download(q.slice(0..n * qd)?)?;
             t.k = d.download(keys.slice(new_kv.clone())?)?;
             t.v = d.download(values.slice(new_kv)?)?;
         }
         let shape = self.attention_shape(n, pos0);
-        let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
+        let scale = self.attention_scale();
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
-        d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
+        match self.defect == Some(Defect::CudaExactAttentionOrder) {
+            true => {
+                d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?
+            }
+            false => d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?,
+        }
+        let seeded_heads = self.o_proj_input(attn.slice(0..n * qd)?)?;
+        let heads = || seeded_heads.as_ref().map_or(attn.slice(0..n * qd), |b| Ok(b.as_slice()));
         if let Some(t) = taps.as_deref_mut() {
             t.attn_out = d.download(attn.slice(0..n * qd)?)?;
             // The projection alone, into the normed buffer (no longer read): the addend of the
             // accumulating launch below, which computes the same dot products and adds them once.
-            d.matvec(&lw.o, attn.slice(0..n * qd)?, n, h.slice_mut(xs.clone())?, false)?;
+            d.matvec(&lw.o, heads()?, n, h.slice_mut(xs.clone())?, false)?;
             t.attn_proj = d.download(h.slice(xs.clone())?)?;
         }
-        d.matvec(&lw.o, attn.slice(0..n * qd)?, n, x.slice_mut(xs.clone())?, true)?;
+        d.matvec(&lw.o, heads()?, n, x.slice_mut(xs.clone())?, self.attn_residual())?;
         if let Some(t) = taps.as_deref_mut() {
             t.attn_residual = d.download(x.slice(xs)?)?;
         }
@@ -723,7 +766,7 @@ impl Layer<'_> {
         capacity: usize,
         mut taps: Option<(&mut DeviceTaps, usize)>,
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
@@ -774,6 +817,82 @@ impl Layer<'_> {
         self.moe(work, 1, taps.map(|(t, _)| t))
     }
 
+    /// RMSNorm of `rows` rows of `x` by `w` into `out`: the fast kernel, or the exact one's reduction
+    /// tree under [`Defect::CudaExactNormTree`].
+    fn rmsnorm(
+        &self,
+        x: DevSlice<'_, f32>,
+        w: DevSlice<'_, f32>,
+        rows: usize,
+        out: moe_kernels::cuda::DevSliceMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let (hidden, eps) = (self.cfg.hidden, self.cfg.rms_eps as f32);
+        match self.defect == Some(Defect::CudaExactNormTree) {
+            true => self.d.rmsnorm_exact(x, w, rows, hidden, eps, out),
+            false => self.d.rmsnorm(x, w, rows, hidden, eps, out),
+        }
+    }
+
+    /// The q / k head-norm weights, or none when the norm is skipped.
+    fn qk_norm<'w>(&self, norm: DevSlice<'w, f32>, eps: f32) -> Option<(DevSlice<'w, f32>, f32)> {
+        (self.defect != Some(Defect::QkNormSkipped)).then_some((norm, eps))
+    }
+
+    /// In a decode step (`pos0 > 0`) of the stale-row layer, the new cache rows hold the previous row.
+    fn stale_kv(
+        &self,
+        keys: &mut DeviceBuffer<f32>,
+        values: &mut DeviceBuffer<f32>,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        if pos0 == 0 || !seeded::in_layer(self.defect, Defect::KvStaleRow, self.l, self.cfg) {
+            return Ok(());
+        }
+        let kvd = self.cfg.kv_dim();
+        seeded::stale_rows(self.d, keys, kvd, pos0, n)?;
+        seeded::stale_rows(self.d, values, kvd, pos0, n)
+    }
+
+    /// The attention score scale: `head_dim^-0.5`, or `1 / head_dim`.
+    fn attention_scale(&self) -> f32 {
+        let hd = self.cfg.head_dim as f64;
+        match self.defect == Some(Defect::AttentionScaleInvHeadDim) {
+            true => (1.0 / hd) as f32,
+            false => (1.0 / hd.sqrt()) as f32,
+        }
+    }
+
+    /// The heads' output rounded to f16 (a copy) under [`Defect::F16OutputProjectionInput`]; `None`: use
+    /// the heads as they are.
+    fn o_proj_input(&self, heads: DevSlice<'_, f32>) -> Result<Option<DeviceBuffer<f32>>, CudaError> {
+        if self.defect != Some(Defect::F16OutputProjectionInput) {
+            return Ok(None);
+        }
+        let mut copy = seeded::copy_of(self.d, heads)?;
+        self.d.seeded_round_f16(copy.as_mut())?;
+        Ok(Some(copy))
+    }
+
+    /// Whether the output projection is added to the residual stream (not in the dropped layer).
+    fn attn_residual(&self) -> bool {
+        !seeded::in_layer(self.defect, Defect::AttnResidualDropped, self.l, self.cfg)
+    }
+
+    /// Whether the router weights are renormalised.
+    fn norm_topk(&self) -> bool {
+        self.cfg.norm_topk_prob && self.defect != Some(Defect::RouterWeightsNotRenormalised)
+    }
+
+    /// The experts' input (`n` normalised rows) rounded to a Q8 grid (a copy) under a Q8 defect; `None`:
+    /// use the rows as they are.
+    fn expert_input(&self, h: DevSlice<'_, f32>, n: usize) -> Result<Option<DeviceBuffer<f32>>, CudaError> {
+        let Some(block) = seeded::q8_block(self.defect) else { return Ok(None) };
+        let mut copy = seeded::copy_of(self.d, h)?;
+        self.d.seeded_round_q8(copy.as_mut(), n, self.cfg.hidden, block)?;
+        Ok(Some(copy))
+    }
+
     fn attention_shape(&self, n_tok: usize, pos0: usize) -> AttentionShape {
         let cfg = self.cfg;
         AttentionShape { n_tok, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, pos0 }
@@ -789,11 +908,10 @@ impl Layer<'_> {
         n: usize,
         mut taps: Option<&mut DeviceTaps>,
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let hidden = cfg.hidden;
         let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
-        let eps = cfg.rms_eps as f32;
         let Workspace {
             x,
             h,
@@ -808,15 +926,20 @@ impl Layer<'_> {
             ..
         } = work;
         let xs = 0..n * hidden;
-        d.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, hidden, eps, h.slice_mut(xs.clone())?)?;
+        self.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
         if let Some(t) = taps.as_deref_mut() {
             t.ffn_norm = d.download(h.slice(xs.clone())?)?;
         }
         let hn = h.slice(xs.clone())?;
         let slots = n * k;
-        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, cfg.norm_topk_prob);
+        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, self.norm_topk());
         let (out_ids, out_w) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
-        if n == 1 {
+        if let Some(router) = model.f32_routers.get(l) {
+            let shape = (n_exp, hidden, n);
+            d.seeded_matvec_bf16acc(router.as_slice(), hn, shape, logits)?;
+            let logits = router_logits.slice(0..n * n_exp)?;
+            d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+        } else if n == 1 {
             // One token: router, softmax and top-k in one launch (the values of the two below).
             d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
         } else {
@@ -824,6 +947,13 @@ impl Layer<'_> {
             let logits = router_logits.slice(0..n * n_exp)?;
             d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
         }
+        if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
+            let logits = router_logits.slice(0..n * n_exp)?;
+            let (ids, wts) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
+            seeded::next_expert_routing(d, cfg, logits, ids, wts)?;
+        }
+        let rounded = self.expert_input(h.slice(xs.clone())?, n)?;
+        let hn = rounded.as_ref().map_or(h.slice(xs.clone()), |b| Ok(b.as_slice()))?;
         let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
         let routing = if slots < n_exp {
             Routing::PerSlot { ids }
@@ -874,7 +1004,7 @@ impl Layer<'_> {
         rope: (DevSlice<'_, f32>, DevSlice<'_, f32>),
         mut taps: Option<&mut DeviceTaps>,
     ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l } = *self;
+        let Layer { d, cfg, model, l, .. } = *self;
         let lw = &model.layers[l];
         let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
@@ -904,7 +1034,8 @@ impl Layer<'_> {
         d.matvec_exact(&lw.k, hn, tokens, keys.slice_mut(new_kv.clone())?, None, false)?;
         d.matvec_exact(&lw.v, hn, tokens, values.slice_mut(new_kv.clone())?, None, false)?;
         let (hd, q_norm, k_norm) = (cfg.head_dim, (lw.q_norm.as_slice(), eps), (lw.k_norm.as_slice(), eps));
-        d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, pos0, rope)?;
+        let rope_pos0 = seeded::rope_pos0(self.defect, pos0);
+        d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, rope)?;
         d.head_norm_rope_exact(
             keys.slice_mut(new_kv.clone())?,
             kvd,
@@ -912,9 +1043,10 @@ impl Layer<'_> {
             cfg.n_kv_head,
             hd,
             k_norm,
-            pos0,
+            rope_pos0,
             rope,
         )?;
+        self.stale_kv(keys, values, pos0, n)?;
         if let Some(t) = taps.as_deref_mut() {
             t.q = d.download(q.slice(0..n * qd)?)?;
             t.k = d.download(keys.slice(new_kv.clone())?)?;
@@ -922,17 +1054,20 @@ impl Layer<'_> {
         }
         let shape =
             AttentionShape { n_tok: n, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd, pos0 };
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let scale = self.attention_scale();
         let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
         d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
+        let seeded_heads = self.o_proj_input(attn.slice(0..n * qd)?)?;
+        let heads = || seeded_heads.as_ref().map_or(attn.slice(0..n * qd), |b| Ok(b.as_slice()));
         if let Some(t) = taps.as_deref_mut() {
             t.attn_out = d.download(attn.slice(0..n * qd)?)?;
             // The projection alone into the normed buffer (no longer read): the addend of the
             // accumulating launch below (`y = y + W x`, one rounding).
-            d.matvec_exact(&lw.o, attn.slice(0..n * qd)?, tokens, h.slice_mut(xs.clone())?, None, false)?;
+            d.matvec_exact(&lw.o, heads()?, tokens, h.slice_mut(xs.clone())?, None, false)?;
             t.attn_proj = d.download(h.slice(xs.clone())?)?;
         }
-        d.matvec_exact(&lw.o, attn.slice(0..n * qd)?, tokens, x.slice_mut(xs.clone())?, None, true)?;
+        let residual = self.attn_residual();
+        d.matvec_exact(&lw.o, heads()?, tokens, x.slice_mut(xs.clone())?, None, residual)?;
         if let Some(t) = taps.as_deref_mut() {
             t.attn_residual = d.download(x.slice(xs.clone())?)?;
         }
@@ -950,17 +1085,28 @@ impl Layer<'_> {
             t.ffn_norm = d.download(h.slice(xs.clone())?)?;
         }
         let hn = h.slice(xs.clone())?;
-        d.matvec_exact(&lw.router, hn, tokens, router_logits.slice_mut(0..n * n_exp)?, None, false)?;
+        let logits = router_logits.slice_mut(0..n * n_exp)?;
+        match model.f32_routers.get(l) {
+            Some(router) => d.seeded_matvec_bf16acc(router.as_slice(), hn, (n_exp, hidden, n), logits)?,
+            None => d.matvec_exact(&lw.router, hn, tokens, logits, None, false)?,
+        }
         let slots = n * k;
         d.softmax_topk_exact(
             router_logits.slice(0..n * n_exp)?,
             n,
             n_exp,
             k,
-            cfg.norm_topk_prob,
+            self.norm_topk(),
             expert_ids.slice_mut(0..slots)?,
             expert_weights.slice_mut(0..slots)?,
         )?;
+        if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
+            let logits = router_logits.slice(0..n * n_exp)?;
+            let (ids, wts) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
+            seeded::next_expert_routing(d, cfg, logits, ids, wts)?;
+        }
+        let rounded = self.expert_input(h.slice(xs.clone())?, n)?;
+        let hn = rounded.as_ref().map_or(h.slice(xs.clone()), |b| Ok(b.as_slice()))?;
         let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
         let ffn = cfg.expert_ffn;
         let per_token = ExactRows::Slots { ids, in_div: k };
@@ -1006,6 +1152,10 @@ impl Forward for CudaForward {
         self.run(&[token], None)
     }
 
+    fn defect(&self) -> Option<Defect> {
+        self.defect
+    }
+
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
         Ok(self.layer_alone(layer, input, false)?.0)
     }
@@ -1022,9 +1172,11 @@ impl Forward for CudaForward {
     fn step_traced(&mut self, token: u32, trace: &mut Trace) -> Result<Vec<f32>, EngineError> {
         match self.policy {
             // `fast` decodes through the kernels of the captured graph: run those, launched one by one.
-            Policy::Fast => self.decode_traced(token, trace),
+            // A seeded defect keeps the graph out of its steps (`run` carries the defect), so its traced
+            // step is `run` too.
+            Policy::Fast if self.defect.is_none() => self.decode_traced(token, trace),
             // `exact` has no graph: its steps are `run` on one token.
-            Policy::Exact => self.run(&[token], Some(trace)),
+            Policy::Fast | Policy::Exact => self.run(&[token], Some(trace)),
         }
     }
 }
@@ -1064,7 +1216,7 @@ impl CudaForward {
             let mut keys = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             d.copy_to_device(&x, work.x.slice_mut(0..n * hidden)?)?;
-            let run = Layer { d, cfg: &cfg, model: &self.model, l: layer };
+            let run = Layer { d, cfg: &cfg, model: &self.model, l: layer, defect: self.defect };
             match &self.exact_rope {
                 None => run.run(work, &mut keys, &mut values, n, 0, taps)?,
                 Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices(), taps)?,

@@ -19,16 +19,19 @@
 //! gives alone. The arithmetic that touches quantised weights comes from the backend's [`Numerics`];
 //! everything else is `moe_kernels::cpu`.
 
+pub(super) mod seeded;
+
 use std::ops::Range;
 use std::sync::Arc;
 
-use moe_kernels::cpu::{KvView, Real, RopeTable, causal_attention_head, rms_norm, route, swiglu};
+use moe_kernels::cpu::{KvView, Real, RopeTable, rms_norm, swiglu};
 use rayon::prelude::*;
 
 use super::check_tokens;
 use super::numerics::{Mat, Numerics};
 use crate::backend::{BackendKind, Forward, Policy};
 use crate::config::ModelConfig;
+use crate::defect::Defect;
 use crate::error::EngineError;
 use crate::trace::{LayerTrace, Matrix, SubLayerTaps, Trace};
 use crate::weights::{LayerWeights, ModelWeights, WeightTensor};
@@ -51,6 +54,8 @@ struct Model<N: Numerics> {
     norms: Vec<LayerNorms<N::F>>,
     output_norm: Vec<N::F>,
     eps: N::F,
+    /// The seeded defect of `cargo moe-gate selftest` (`seeded`); `None` in every normal forward.
+    defect: Option<Defect>,
 }
 
 /// A layer's RMSNorm weights, converted to the working type once.
@@ -199,8 +204,17 @@ impl<N: Numerics> Qwen3Moe<N> {
         let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta);
         let eps = N::F::from_f64(cfg.rms_eps);
         let seqs = vec![Sequence::new(cfg.n_layer)];
-        let model = Model { kind, policy, weights, numerics, norms, output_norm, eps };
+        let model = Model { kind, policy, weights, numerics, norms, output_norm, eps, defect: None };
         Self { model, rope, seqs }
+    }
+
+    /// The same forward with `defect` seeded into it (`cargo moe-gate selftest` only, through the `cpu`
+    /// backend's options; the reference never calls this).
+    pub fn with_defect(mut self, defect: Option<Defect>) -> Self {
+        self.model.defect = defect;
+        let cfg = self.model.config();
+        self.rope = RopeTable::new(cfg.head_dim, self.model.rope_theta());
+        self
     }
 
     /// Drops every cache and holds `n` empty sequences.
@@ -219,7 +233,7 @@ impl<N: Numerics> Qwen3Moe<N> {
         }
         let batch = Batch::new(new.iter().map(|t| t.len()), self.seqs.iter().map(|s| s.n_cached));
         let n_pos = batch.pos.iter().max().map_or(0, |&p| p + 1);
-        self.rope.ensure(n_pos);
+        self.rope.ensure(n_pos + self.model.rope_lead());
 
         let mut x = self.model.embed(&new.concat());
         let n_layer = self.model.config().n_layer;
@@ -345,6 +359,10 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         usize::MAX
     }
 
+    fn defect(&self) -> Option<Defect> {
+        self.model.defect
+    }
+
     fn run_layer(&mut self, layer: usize, input: &Matrix) -> Result<LayerTrace, EngineError> {
         Ok(self.layer_alone(layer, input, false)?.0)
     }
@@ -432,14 +450,14 @@ impl<N: Numerics> Model<N> {
     ) -> (Routing<N::F>, Option<RawTaps<N::F>>) {
         let (w, norms) = (&self.weights.layers[l], &self.norms[l]);
         let attn_norm = self.rms_norm_rows(x, &norms.attn);
-        let attn = self.attention(w, norms, &attn_norm, batch, rope, caches);
-        add_in_place(x, &attn.proj);
+        let attn = self.attention(l, w, norms, &attn_norm, batch, rope, caches);
+        self.attn_residual(l, x, &attn.proj);
         // Kept only for the taps: a forward without them frees the attention buffers here.
         let attn = record.then_some((attn, x.to_vec()));
 
         let ffn_norm = self.rms_norm_rows(x, &norms.ffn);
-        let routing = self.route(w, &ffn_norm);
-        let (moe, expert_out) = self.experts(w, &ffn_norm, &routing, record);
+        let routing = self.route(l, w, &ffn_norm);
+        let (moe, expert_out) = self.experts(l, w, &ffn_norm, &routing, record);
         add_in_place(x, &moe);
         let taps = attn.zip(expert_out).map(|((attn, attn_residual), expert_out)| RawTaps {
             attn_norm,
@@ -457,8 +475,10 @@ impl<N: Numerics> Model<N> {
     }
 
     /// Self-attention of the normalised rows `h` of `batch`, each row over its own sequence's cache.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        l: usize,
         w: &LayerWeights,
         norms: &LayerNorms<N::F>,
         h: &[N::F],
@@ -468,18 +488,20 @@ impl<N: Numerics> Model<N> {
     ) -> AttentionOut<N::F> {
         let cfg = self.config();
         let (hd, q_dim, kv_dim) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
-        let mut q = self.matmul(&w.attn_q, h);
-        let mut k = self.matmul(&w.attn_k, h);
-        let v = self.matmul(&w.attn_v, h);
-        self.norm_and_rotate_heads(&mut q, cfg.n_head, &norms.q, &batch.pos, rope);
-        self.norm_and_rotate_heads(&mut k, cfg.n_kv_head, &norms.k, &batch.pos, rope);
+        let mut q = self.attn_matmul(&w.attn_q, h);
+        let mut k = self.attn_matmul(&w.attn_k, h);
+        let v = self.attn_matmul(&w.attn_v, h);
+        let rope_pos = self.rope_positions(batch);
+        self.norm_and_rotate_heads(&mut q, cfg.n_head, self.qk_norm(&norms.q), &rope_pos, rope);
+        self.norm_and_rotate_heads(&mut k, cfg.n_kv_head, self.qk_norm(&norms.k), &rope_pos, rope);
         for (cache, span) in caches.iter_mut().zip(&batch.spans) {
             cache.keys.extend_from_slice(&k[span.start * kv_dim..span.end * kv_dim]);
             cache.values.extend_from_slice(&v[span.start * kv_dim..span.end * kv_dim]);
         }
+        self.stale_kv_rows(l, caches, batch);
 
         let group = cfg.n_head / cfg.n_kv_head;
-        let scale = N::F::from_f64(1.0 / (hd as f64).sqrt());
+        let scale = N::F::from_f64(self.attention_scale());
         let kv: Vec<&LayerCache<N::F>> = caches.iter().map(|c| &**c).collect();
         let mut out = vec![N::F::ZERO; batch.rows() * q_dim];
         out.par_chunks_mut(hd).zip(q.par_chunks(hd)).enumerate().for_each_init(
@@ -489,20 +511,20 @@ impl<N: Numerics> Model<N> {
                 let cache = kv[batch.seq[t]];
                 let (keys, values) = (&cache.keys[..], &cache.values[..]);
                 let view = KvView { keys, values, row_width: kv_dim, offset: (head / group) * hd };
-                causal_attention_head(qh, view, batch.pos[t] + 1, scale, scores, o);
+                self.attention_head(qh, view, batch.pos[t] + 1, scale, scores, o);
             },
         );
-        let proj = self.matmul(&w.attn_output, &out);
+        let proj = self.attn_matmul(&w.attn_output, &self.o_proj_input(&out));
         AttentionOut { q, k, v, heads: out, proj }
     }
 
-    /// Per-head RMSNorm (weights `norm`, one head long) then RoPE of every head of the rows of `x`
-    /// (`n_heads` heads per row, row `t` at position `pos[t]`).
+    /// Per-head RMSNorm (weights `norm`, one head long; `None` only under a seeded defect) then RoPE of
+    /// every head of the rows of `x` (`n_heads` heads per row, row `t` at position `pos[t]`).
     fn norm_and_rotate_heads(
         &self,
         x: &mut [N::F],
         n_heads: usize,
-        norm: &[N::F],
+        norm: Option<&[N::F]>,
         pos: &[usize],
         rope: &RopeTable<N::F>,
     ) {
@@ -511,8 +533,10 @@ impl<N: Numerics> Model<N> {
             || vec![N::F::ZERO; hd],
             |normed, (row, &p)| {
                 for head in row.chunks_exact_mut(hd) {
-                    rms_norm(head, norm, self.eps, normed);
-                    head.copy_from_slice(normed);
+                    if let Some(norm) = norm {
+                        rms_norm(head, norm, self.eps, normed);
+                        head.copy_from_slice(normed);
+                    }
                     rope.apply(head, p);
                 }
             },
@@ -520,10 +544,10 @@ impl<N: Numerics> Model<N> {
     }
 
     /// The router's logits and decisions for the T normalised rows `h`.
-    fn route(&self, w: &LayerWeights, h: &[N::F]) -> Routing<N::F> {
+    fn route(&self, l: usize, w: &LayerWeights, h: &[N::F]) -> Routing<N::F> {
         let cfg = self.config();
         let (n_expert, k) = (cfg.n_expert, cfg.n_expert_used);
-        let logits = self.matmul(&w.ffn_gate_inp, h);
+        let logits = self.router_logits(w, h);
         let n_tok = logits.len() / n_expert;
         let mut experts = vec![0u32; n_tok * k];
         let mut weights = vec![N::F::ZERO; n_tok * k];
@@ -533,7 +557,7 @@ impl<N: Numerics> Model<N> {
             .zip(weights.par_chunks_exact_mut(k))
             .for_each_init(
                 || vec![N::F::ZERO; n_expert],
-                |probs, ((row, e), wt)| route(row, cfg.norm_topk_prob, probs, e, wt),
+                |probs, ((row, e), wt)| self.route_row(l, row, probs, e, wt),
             );
         Routing { logits, experts, weights }
     }
@@ -546,12 +570,14 @@ impl<N: Numerics> Model<N> {
     /// expert output, `[T][k][hidden]`.
     fn experts(
         &self,
+        l: usize,
         w: &LayerWeights,
         h: &[N::F],
         routing: &Routing<N::F>,
         record: bool,
     ) -> (Vec<N::F>, Option<Vec<N::F>>) {
         let cfg = self.config();
+        let h = &self.expert_input(h)[..];
         let (hidden, k) = (cfg.hidden, cfg.n_expert_used);
         // For every expert, the (token, slot) pairs that chose it, in token order.
         let mut chosen_by: Vec<Vec<(usize, usize)>> = vec![Vec::new(); cfg.n_expert];
@@ -567,7 +593,7 @@ impl<N: Numerics> Model<N> {
                     .flat_map(|&(t, _)| &h[t * hidden..(t + 1) * hidden])
                     .copied()
                     .collect();
-                self.expert_ffn(w, e, &rows)
+                self.expert_ffn(w, self.expert_weights_of(l, e), &rows)
             })
             .collect();
 
@@ -582,12 +608,10 @@ impl<N: Numerics> Model<N> {
         moe.par_chunks_exact_mut(hidden)
             .zip(slot_out.par_chunks_exact(k))
             .zip(routing.weights.par_chunks_exact(k))
-            .for_each(|((m, ys), ws)| {
-                for (y, &weight) in ys.iter().zip(ws) {
-                    for (m, &v) in m.iter_mut().zip(y.iter()) {
-                        *m += v * weight;
-                    }
-                }
+            .zip(routing.experts.par_chunks_exact(k))
+            .for_each(|(((m, ys), ws), ids)| match self.defect {
+                None => combine(m, ys, ws),
+                Some(_) => self.seeded_combine(m, ys, ws, ids),
             });
         let slots = record.then(|| slot_out.concat());
         (moe, slots)
@@ -650,6 +674,16 @@ impl<N: Numerics> Model<N> {
             ),
             router_experts: routing.experts[rows.start * k..rows.end * k].to_vec(),
             router_weights: to_matrix(n_tok, k, &routing.weights[rows.start * k..rows.end * k]),
+        }
+    }
+}
+
+/// One token's MoE output `m` (zero on entry): `sum ys[s] * ws[s]` in choice order from zero
+/// (docs/numerics.md item 9).
+fn combine<F: Real>(m: &mut [F], ys: &[&[F]], ws: &[F]) {
+    for (y, &weight) in ys.iter().zip(ws) {
+        for (m, &v) in m.iter_mut().zip(y.iter()) {
+            *m += v * weight;
         }
     }
 }

@@ -86,6 +86,16 @@ pub(crate) struct Kernels<F = CudaFunction> {
     pub(crate) moe_combine: F,
     /// The `exact` policy's kernels (`exact.cu`).
     pub(crate) exact: ExactKernels<F>,
+    /// The seeded defects' kernels (`seeded.cu`), launched by no normal forward.
+    pub(crate) seeded: SeededKernels<F>,
+}
+
+/// The kernels of `seeded.cu`.
+#[derive(Clone)]
+pub(crate) struct SeededKernels<F = CudaFunction> {
+    pub(crate) round_q8: F,
+    pub(crate) round_f16: F,
+    pub(crate) matvec_bf16acc: F,
 }
 
 /// The kernels of `exact.cu` that do not depend on a block format.
@@ -113,6 +123,10 @@ pub struct CudaDevice {
 
 /// Devices opened so far, by ordinal. Holding the lock while opening makes the NVRTC compile happen once.
 static DEVICES: Mutex<Vec<Arc<CudaDevice>>> = Mutex::new(Vec::new());
+/// A compile variant opened by [`CudaDevice::get_variant`]: its ordinal, its extra NVRTC options, the device.
+type Variant = (usize, Vec<String>, Arc<CudaDevice>);
+/// Compile variants opened so far, by ordinal and extra NVRTC options.
+static VARIANTS: Mutex<Vec<Variant>> = Mutex::new(Vec::new());
 
 impl CudaDevice {
     /// The device `ordinal`, opened (and its kernels compiled) on first use.
@@ -127,6 +141,36 @@ impl CudaDevice {
         }
         let device = Arc::new(Self::open(ordinal)?);
         devices.push(device.clone());
+        Ok(device)
+    }
+
+    /// The device `ordinal` with the kernels compiled with the extra NVRTC `options` (a `-D` define or a
+    /// flag only a seeded defect asks for: `seeded::SEEDED_*`), opened and compiled on first use. No
+    /// normal forward asks for one: [`CudaDevice::get`] compiles the kernels as they ship.
+    pub fn get_variant(ordinal: usize, options: &[&str]) -> Result<Arc<CudaDevice>, CudaError> {
+        let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+        let mut variants = VARIANTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, _, d)) = variants.iter().find(|(o, opts, _)| *o == ordinal && *opts == options) {
+            return Ok(d.clone());
+        }
+        let base = Self::get(ordinal)?;
+        base.bind()?;
+        let arch = format!("compute_{}{}", base.info.compute_capability.0, base.info.compute_capability.1);
+        let ptx = compile_named_with(KERNELS_PROGRAM, program_source(), &arch, &options)?;
+        let module = base.ctx.load_module(ptx).map_err(|e| {
+            CudaError::driver(format!("loading the kernels compiled for {arch} with {options:?}"), e)
+        })?;
+        let kernels = load_kernels(&module)?;
+        let stream = base.ctx.new_stream().map_err(|e| CudaError::driver("creating the stream", e))?;
+        let device = Arc::new(CudaDevice {
+            stream,
+            kernels,
+            sync_each_launch: base.sync_each_launch,
+            info: base.info.clone(),
+            _module: module,
+            ctx: base.ctx.clone(),
+        });
+        variants.push((ordinal, options, device.clone()));
         Ok(device)
     }
 
@@ -463,6 +507,19 @@ pub fn compile_program(arch: &str) -> Result<String, CudaError> {
     compile_source(KERNELS_PROGRAM, &program_source(), arch)
 }
 
+/// [`compile_program`] with the extra NVRTC `options` of a seeded defect's compile variant
+/// ([`CudaDevice::get_variant`]): checks without a device that each variant compiles.
+pub fn compile_program_variant(arch: &str, options: &[&str]) -> Result<String, CudaError> {
+    // SAFETY: only tries to dlopen the library under its usual names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc {
+            reason: "libnvrtc.so was not found by the dynamic loader".to_string(),
+        });
+    }
+    let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+    Ok(compile_named_with(KERNELS_PROGRAM, program_source(), arch, &options)?.to_src())
+}
+
 fn compile_ptx(arch: &str) -> Result<Ptx, CudaError> {
     compile_named(KERNELS_PROGRAM, program_source(), arch)
 }
@@ -485,11 +542,14 @@ pub fn compile_source(name: &str, src: &str, arch: &str) -> Result<String, CudaE
 }
 
 fn compile_named(name: &str, src: String, arch: &str) -> Result<Ptx, CudaError> {
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()],
-        name: Some(name.to_string()),
-        ..Default::default()
-    };
+    compile_named_with(name, src, arch, &[])
+}
+
+/// Compiles `src` with the kernels' options and the `extra` ones (a compile variant: `seeded::SEEDED_*`).
+fn compile_named_with(name: &str, src: String, arch: &str, extra: &[String]) -> Result<Ptx, CudaError> {
+    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    options.extend(extra.iter().cloned());
+    let opts = CompileOptions { options, name: Some(name.to_string()), ..Default::default() };
     let failed = |status: String, log: String| CudaError::Compile {
         program: name.to_string(),
         arch: arch.to_string(),
@@ -547,6 +607,11 @@ fn look_up_kernels<F, E>(mut load: impl FnMut(&str) -> Result<F, E>) -> Result<K
             attention: load("attention_exact")?,
             softmax_topk: load("softmax_topk_exact")?,
             moe_combine: load("moe_combine_exact")?,
+        },
+        seeded: SeededKernels {
+            round_q8: load("seeded_round_q8")?,
+            round_f16: load("seeded_round_f16")?,
+            matvec_bf16acc: load("seeded_matvec_bf16acc")?,
         },
     })
 }

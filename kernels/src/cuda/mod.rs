@@ -18,6 +18,9 @@
 //!   operation order of `docs/numerics.md`, the CPU kernels' order, with every operation explicitly
 //!   rounded: their results are the CPU's bits.
 //!
+//! - The seeded defects' kernels (`seeded.cu`, launched by `CudaDevice::seeded_*`) and compile variants
+//!   (`CudaDevice::get_variant`): `cargo moe-gate selftest` only (`moe_engine::defect`).
+//!
 //! Everything is enqueued on the device's stream (one per `CudaDevice`; [`CudaDevice::fork`] gives another);
 //! only downloads wait for it.
 
@@ -25,14 +28,16 @@ mod device;
 mod error;
 mod exact;
 mod ops;
+mod seeded;
 
 pub use device::{
     CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceGraph, DeviceInfo, DeviceMatrix, DeviceScalar,
-    compile_program, compile_source, kernel_entry_names,
+    compile_program, compile_program_variant, compile_source, kernel_entry_names,
 };
 pub use error::CudaError;
 pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
 pub use ops::{AttentionShape, ExpertGroups, FUSED_MAX_SLOTS, RopePosition, Routing};
+pub use seeded::{SEEDED_NO_FMA_CONTRACTION, SEEDED_SOFTMAX_NO_MAX};
 
 /// Environment variable that makes every launch wait for the kernel and check its status, so an
 /// asynchronous fault (an illegal address, say) is reported at the operation that caused it. Any value
@@ -45,13 +50,14 @@ pub const SYNC_EACH_LAUNCH_ENV: &str = "MOE_GATE_CUDA_SYNC";
 pub const REQUIRE_NVRTC_ENV: &str = "MOE_GATE_REQUIRE_NVRTC";
 
 /// The CUDA C program, in the order its parts depend on each other.
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("common.cuh")),
     ("quant.cu", include_str!("quant.cu")),
     ("norm_rope.cu", include_str!("norm_rope.cu")),
     ("attention.cu", include_str!("attention.cu")),
     ("moe.cu", include_str!("moe.cu")),
     ("exact.cu", include_str!("exact.cu")),
+    ("seeded.cu", include_str!("seeded.cu")),
 ];
 
 /// The whole program as NVRTC compiles it: the parts concatenated, each preceded by a `#line` directive
