@@ -137,22 +137,32 @@ impl Diagnoser<'_> {
         } else {
             d.first_divergent_layer = self.first_routing_difference(&criterion, &prompt_id);
         }
-        if let Some(layer) = d.first_divergent_layer {
-            for run in &candidates {
-                let key = (run.clone(), prompt.id.clone(), layer);
-                let iso = match self.isolated_cache.get(&key) {
-                    Some(cached) => cached.clone(),
-                    None => {
-                        let iso = self.isolated(run, &reference, &prompt, layer).unwrap_or_else(|e| {
-                            d.notes.push(format!("isolated layer unavailable: {e}"));
-                            None
-                        });
-                        self.isolated_cache.insert(key, iso.clone());
-                        iso
-                    }
-                };
-                d.isolated.extend(iso);
+        if let Some(first_failing) = d.first_divergent_layer {
+            let bound = self.contract.ties.isolated_nmse;
+            let defective = |iso: &[IsolatedError]| iso.iter().any(|i| i.nmse > bound || i.nmse.is_nan());
+            // An accumulated criterion crosses its bound some layers after a small defect starts: the
+            // earliest layer that is wrong on the reference's input (if any) is where the divergence
+            // starts, else the first failing layer.
+            let scan = if criterion.is_isolated() { 0..0 } else { 0..first_failing };
+            let mut earliest = None;
+            for earlier in scan {
+                let iso = self.isolated_layer(&candidates, &reference, &prompt, earlier, &mut d.notes);
+                if defective(&iso) {
+                    earliest = Some((earlier, iso));
+                    break;
+                }
             }
+            match earliest {
+                Some((layer, iso)) => {
+                    (d.first_divergent_layer, d.isolated, d.end_to_end) = (Some(layer), iso, None)
+                }
+                None => {
+                    d.isolated =
+                        self.isolated_layer(&candidates, &reference, &prompt, first_failing, &mut d.notes);
+                }
+            }
+        }
+        if let Some(layer) = d.first_divergent_layer {
             d.router_margin = self
                 .swap_margin(&criterion, &reference, &prompt_id, layer)
                 .or_else(|| self.router_margin(&reference, &prompt_id, layer));
@@ -171,6 +181,11 @@ impl Diagnoser<'_> {
             d.notes.extend(notes);
             let named = bisections.iter().find(|b| b.op.is_some());
             (d.op, d.step) = (named.and_then(|b| b.op), named.and_then(|b| b.step));
+            // A defect of the decode path: the prefill agrees, and the bisection names the step's first
+            // differing layer.
+            if let Some(b) = named.filter(|b| b.step.is_some() && d.first_divergent_layer.is_none()) {
+                d.first_divergent_layer = Some(b.layer);
+            }
             d.bisections = bisections;
         }
         d.summary = self.summarize(&criterion, &d, &reference, &prompt_id);
@@ -221,6 +236,35 @@ impl Diagnoser<'_> {
     }
 
     /// Layer `layer` of `run` fed the reference's input, compared to the reference's output.
+    /// Layer `layer` of each of `runs` alone on the reference's input (cached per run, prompt and layer);
+    /// what cannot be run becomes a note.
+    fn isolated_layer(
+        &mut self,
+        runs: &[String],
+        reference: &str,
+        prompt: &Prompt,
+        layer: usize,
+        notes: &mut Vec<String>,
+    ) -> Vec<IsolatedError> {
+        let mut out = Vec::new();
+        for run in runs {
+            let key = (run.clone(), prompt.id.clone(), layer);
+            let iso = match self.isolated_cache.get(&key) {
+                Some(cached) => cached.clone(),
+                None => {
+                    let iso = self.isolated(run, reference, prompt, layer).unwrap_or_else(|e| {
+                        notes.push(format!("isolated layer unavailable: {e}"));
+                        None
+                    });
+                    self.isolated_cache.insert(key, iso.clone());
+                    iso
+                }
+            };
+            out.extend(iso);
+        }
+        out
+    }
+
     fn isolated(
         &mut self,
         run: &str,
@@ -336,8 +380,12 @@ impl Diagnoser<'_> {
         }
         if let Some(b) = d.bisections.iter().find(|b| b.step.is_some() && b.op.is_some()) {
             return format!(
-                "the prefill agrees layer by layer, but the decode path of `{}` differs: {}{closer}",
-                b.run, b.sentence
+                "the prefill agrees layer by layer, but the decode path of `{}` differs at layer {} of decode step \
+                 {}: a defect of its decode path, not accumulated error or a tie: {}{closer}",
+                b.run,
+                b.layer,
+                b.step.unwrap_or_default(),
+                b.sentence
             );
         }
         let tie_margin = criterion.tie_margin.unwrap_or(self.contract.ties.margin);

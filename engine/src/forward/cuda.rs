@@ -721,7 +721,16 @@ impl Layer<'_> {
         let hd = cfg.head_dim;
         d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, inv_freq)?;
         let k_norm = self.qk_norm(lw.k_norm.as_slice(), eps);
-        d.head_norm_rope(keys.slice_mut(new_kv.clone())?, kvd, n, cfg.n_kv_head, hd, k_norm, rope_pos0, inv_freq)?;
+        d.head_norm_rope(
+            keys.slice_mut(new_kv.clone())?,
+            kvd,
+            n,
+            cfg.n_kv_head,
+            hd,
+            k_norm,
+            rope_pos0,
+            inv_freq,
+        )?;
         self.stale_kv(keys, values, pos0, n)?;
         if let Some(t) = taps.as_deref_mut() {
             t.q = d.download(q.slice(0..n * qd)?)?;
