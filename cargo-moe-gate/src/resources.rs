@@ -136,7 +136,8 @@ fn prompt_bytes(d: &PromptDemand, len: usize, c: &ModelConfig) -> (u128, u128) {
 
 /// Whether a criterion reads a run on the CUDA backend (its trials are ignored where CUDA is unusable).
 pub fn needs_cuda(contract: &Contract, criterion: &moe_contracts::Criterion) -> bool {
-    let cuda = |run: &str| contract.runs.get(run).is_some_and(|s| s.backend == moe_contracts::BackendKind::Cuda);
+    let cuda =
+        |run: &str| contract.runs.get(run).is_some_and(|s| s.backend == moe_contracts::BackendKind::Cuda);
     criterion.compare.iter().any(|r| cuda(r)) || criterion.metric_reference().is_some_and(cuda)
 }
 
@@ -277,6 +278,77 @@ mod tests {
         assert!(message.contains("10000 forwards (40960000 prompt tokens"), "{message}");
         assert!(message.contains("record 46706.5 GiB of traces"), "{message}");
         assert!(message.contains("--partition"), "{message}");
+    }
+
+    /// The issue's example as a contract: `count` generated prompts of `min..=max` tokens, forwarded on
+    /// cpu and the reference, judged per prompt and position (`argmax`) and decoded 4096 steps (`greedy`).
+    fn huge(count: usize, min: usize, max: usize) -> Contract {
+        let yaml = format!(
+            "contract: huge\nversion: 1.0.0\nstatus: draft\ntitle: t\nmodel: synth:tiny\nsmoke_model: synth:tiny
+prompts:
+  - {{id: gen, count: {count}, min_len: {min}, max_len: {max}, seed: 1}}
+runs:
+  cpu: {{backend: cpu}}
+  cpu2: {{backend: cpu}}
+  reference: {{backend: reference}}
+criteria:
+  - {{id: POS, title: t, compare: [cpu, reference], tap: logits, metric: argmax, per: [prompt, position], gate: all}}
+  - {{id: DEC, title: t, compare: [cpu, cpu2], tap: logits, metric: greedy, steps: 4096, per: [prompt], gate: all}}
+amendments:
+  - {{version: 1.0.0, date: 2026-12-03, kind: created, summary: s}}
+"
+        );
+        moe_contracts::parse(&yaml, std::path::Path::new("huge.yaml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_issue_s_example_is_refused_before_its_prompts_or_trials_exist() {
+        // 10,000 x 4096 tokens on three runs: 122,880,000 prompt tokens, 40,960,000 per-position trials
+        // and 20,000 greedy decodes of 4096 steps. Before this check ran first, the gate generated the
+        // 40,960,000 tokens several times, planned the 40,960,000 trials (11 GB resident after 100 s) and,
+        // with a greedy criterion, scanned every prompt once per trial; now it is refused from the
+        // contract alone.
+        let tiny = moe_engine::synth::Preset::Tiny.config();
+        let c = huge(10_000, 4096, 4096);
+        let bounds = estimate_contract(&c, &tiny, None, |_| true);
+        assert_eq!(bounds.least, bounds.most, "one length: the bounds are exact");
+        assert_eq!(bounds.trials, (40_960_000 + 10_000, 40_960_000 + 10_000));
+        assert_eq!((bounds.least.forwards, bounds.least.tokens), (30_000, 122_880_000));
+        let per_token = 4 * ((256 + 16 + 4) * 8 + 4 * 4) + 151_936 * 8;
+        let greedy = 2 * 10_000 * 4096 * 6 * 8;
+        assert_eq!(bounds.least.bytes, 122_880_000 * per_token + greedy + 40_970_000 * TRIAL_BYTES);
+        let message = check_contract_within(&c, &tiny, None, |_| true, 64 << 30).unwrap_err().to_string();
+        assert!(message.contains("the contract's 30000 forwards (122880000 prompt tokens"), "{message}");
+        assert!(message.contains("plan 40970000 trials in 140142.8 GiB"), "{message}");
+        assert!(message.contains("this machine has 64.0 GiB available"), "{message}");
+        assert!(message.contains("at least 2190 shards with --partition"), "{message}");
+    }
+
+    #[test]
+    fn lengths_are_drawn_only_between_the_bounds_and_partitions_count_their_own_prompts() {
+        let tiny = moe_engine::synth::Preset::Tiny.config();
+        let c = huge(20, 1, 64);
+        let bounds = estimate_contract(&c, &tiny, None, |_| true);
+        assert_eq!((bounds.least.tokens, bounds.most.tokens), (60, 64 * 60));
+        // The exact need, from the planned run: the forwards' recordings and the trials.
+        let prompts = c.expand_prompts();
+        let plans = c.plan(tiny.n_layer);
+        let selection = vec![crate::trials::Selection::Run; plans.len()];
+        let jobs = crate::trials::jobs(&c, &plans, &selection, &prompts);
+        let exact = estimate(&jobs, &tiny).bytes + plans.len() as u128 * TRIAL_BYTES;
+        assert!(bounds.least.bytes < exact && exact < bounds.most.bytes);
+        // Just above and just below the exact need, within the bounds: the drawn lengths decide.
+        assert!(check_contract_within(&c, &tiny, None, |_| true, exact).is_ok());
+        let message = check_contract_within(&c, &tiny, None, |_| true, exact - 1).unwrap_err().to_string();
+        assert!(message.contains(&format!("plan {} trials", plans.len())), "{message}");
+        assert!(message.contains("(1464 prompt tokens"), "exact, not a bound: {message}");
+        // A shard counts its own prompts: 1/2 holds prompts 0, 2, 4, ...
+        let half = estimate_contract(&c, &tiny, Some(Partition { index: 1, count: 2 }), |_| true);
+        assert_eq!(half.least.forwards, 30);
+        assert_eq!(half.least.tokens, 30);
+        // Criteria left out (CUDA trials where there is no CUDA) are not counted.
+        let none = estimate_contract(&c, &tiny, None, |_| false);
+        assert_eq!((none.most.bytes, none.trials), (0, (0, 0)));
     }
 
     #[test]

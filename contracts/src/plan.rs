@@ -153,11 +153,8 @@ impl Contract {
     /// ratios).
     /// A criterion's reference is used for diagnosis where it was recorded for that prompt anyway.
     pub fn needed_forwards(&self) -> Vec<(String, String)> {
-        let selected: Vec<(&Criterion, BTreeSet<String>)> = self
-            .criteria
-            .iter()
-            .map(|c| (c, self.prompt_ids_of(c).into_iter().collect()))
-            .collect();
+        let selected: Vec<(&Criterion, BTreeSet<String>)> =
+            self.criteria.iter().map(|c| (c, self.prompt_ids_of(c).into_iter().collect())).collect();
         let prompts = self.prompt_ids();
         let mut needed: Vec<(String, String)> = Vec::new();
         for run in self.runs.keys() {

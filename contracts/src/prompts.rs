@@ -115,7 +115,9 @@ impl PromptSet {
     pub fn ids(&self) -> Vec<String> {
         match self {
             PromptSet::Explicit { id, .. } | PromptSet::Text { id, .. } => vec![id.clone()],
-            PromptSet::Generated { id, count, .. } => (0..*count).map(|i| generated_id(id, i, *count)).collect(),
+            PromptSet::Generated { id, count, .. } => {
+                (0..*count).map(|i| generated_id(id, i, *count)).collect()
+            }
         }
     }
 
@@ -143,7 +145,9 @@ impl PromptSet {
     /// Each prompt's token count, in order: what [`PromptSet::expand`] gives, without holding the tokens.
     pub fn lengths(&self) -> Vec<usize> {
         match self {
-            PromptSet::Generated { count, min_len, max_len, .. } if min_len == max_len => vec![*min_len; *count],
+            PromptSet::Generated { count, min_len, max_len, .. } if min_len == max_len => {
+                vec![*min_len; *count]
+            }
             PromptSet::Generated { count, min_len, max_len, seed, vocab, .. } => {
                 generated_lengths(*count, *min_len, *max_len, *seed, vocab.unwrap_or(QWEN3_VOCAB))
             }

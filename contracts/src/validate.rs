@@ -864,8 +864,7 @@ impl Validator<'_> {
             );
         }
         let Some(selected) = &criterion.prompts else { return Ok(()) };
-        let set_of =
-            |prompt: &str| sets.iter().find(|s| s.ids().iter().any(|e| e == prompt)).map(|s| s.id());
+        let set_of = |prompt: &str| sets.iter().find(|s| s.ids().iter().any(|e| e == prompt)).map(|s| s.id());
         let covered = selected.iter().any(|sel| {
             sel == &p.value || set_of(&p.value) == Some(sel.as_str()) || set_of(sel) == Some(p.value.as_str())
         });

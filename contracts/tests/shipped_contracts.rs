@@ -181,7 +181,10 @@ fn the_demand_measured_before_planning_is_what_planning_makes() {
             for n_layer in [1, 4] {
                 let demand = c.demand(n_layer, |_| true);
                 let prompts = c.expand_prompts();
-                assert_eq!(demand.iter().map(|d| &d.id).collect::<Vec<_>>(), prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
+                assert_eq!(
+                    demand.iter().map(|d| &d.id).collect::<Vec<_>>(),
+                    prompts.iter().map(|p| &p.id).collect::<Vec<_>>()
+                );
                 let mut forwards = Vec::new();
                 let mut trials = 0;
                 for (d, p) in demand.iter().zip(&prompts) {

@@ -748,3 +748,40 @@ amendments:
     assert_eq!(out.code, 2, "{}", out.all());
     assert!(out.stderr.contains("prompt `fib` has an empty `text`"), "{}", out.all());
 }
+
+/// Issue 13 item 6 through the binary: the issue's example (10,000 generated prompts of 4096 tokens on
+/// the smoke model), judged per position and decoded 4096 greedy steps, is refused with the estimate
+/// before its prompts are generated or its trials planned. Before the check ran first, the gate planned
+/// 40,960,000 trials (11 GB resident after 100 s) or, with the greedy criterion, scanned every generated
+/// prompt once per trial, and never reached its refusal.
+#[test]
+fn a_contract_beyond_the_machine_is_refused_before_it_is_planned() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "contract: e2e-huge-v1\nversion: 1.0.0\nstatus: draft\ntitle: t\nmodel: synth:tiny
+smoke_model: synth:tiny
+prompts:
+  - {id: gen, count: 10000, min_len: 4096, max_len: 4096, seed: 1}
+runs:
+  cpu: {backend: cpu}
+  cpu2: {backend: cpu}
+  reference: {backend: reference}
+criteria:
+  - {id: POS, title: t, compare: [cpu, reference], tap: logits, metric: argmax, per: [prompt, position], gate: all}
+  - {id: DEC, title: t, compare: [cpu, cpu2], tap: logits, metric: greedy, steps: 4096, per: [prompt], gate: all}
+amendments:
+  - {version: 1.0.0, date: 2026-12-03, kind: created, summary: s}
+";
+    let path = dir.path().join("e2e-huge-v1.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let started = std::time::Instant::now();
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap(), "--report-dir", "reports"]);
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("error: refused before running: the contract's 30000 forwards (122880000 prompt tokens on a model of 4 layers"), "{}", out.all());
+    assert!(out.stderr.contains("plan 40970000 trials in 140142.8 GiB"), "{}", out.all());
+    assert!(out.stderr.contains("--partition K/N"), "{}", out.all());
+    // Refused from the contract: nothing was recorded, so no report was started either.
+    assert!(!dir.path().join("reports").exists(), "{}", out.all());
+    // Generous on a loaded machine; the refusal takes about a second here (the planned run never ended).
+    assert!(seconds < 60.0, "refused after {seconds:.1} s");
+}
