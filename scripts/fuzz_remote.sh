@@ -4,9 +4,10 @@
 #
 #   scripts/fuzz_remote.sh [--runs N] [--seconds S] [--workers W] [--flavour F] [TARGET...]
 #
-# TARGETs: gguf contract trace report (default: all four, one after another, each on W workers).
+# TARGETs: gguf trace report contract (default: all four, one after another, each on W workers; S,
+# default 240, caps each).
 # Binaries: .devbin/fuzz/F/TARGET (F = none, the default: no sanitizer, debug assertions on; or asan),
-# built by `cargo xtask fuzz-bundle`. Inputs: fuzz/corpus/TARGET and fuzz/regressions/TARGET (read only).
+# built by scripts/fuzz_bundle.sh. Inputs: fuzz/corpus/TARGET and fuzz/regressions/TARGET (read only).
 # Output, under $OUT/fuzz (OUT defaults to ./fuzz-out): TARGET/log (libFuzzer's), TARGET/artifacts/
 # (crash-*, timeout-*, oom-* inputs), TARGET/corpus/ (the new units), and counts.tsv: per target the
 # executions libFuzzer counted (the `#N` of its last status line: finished jobs only, so a lower bound),
@@ -26,7 +27,7 @@ usage() { sed -n '4,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 runs=10000000
-seconds=75
+seconds=240
 workers=$(nproc)
 flavour=none
 targets=()
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     *) echo "fuzz_remote: unknown argument \`$1\`" >&2; usage ;;
   esac
 done
-[ ${#targets[@]} -eq 0 ] && targets=(gguf contract trace report)
+[ ${#targets[@]} -eq 0 ] && targets=(gguf trace report contract)
 for n in "$runs" "$seconds" "$workers"; do
   case "$n" in ''|*[!0-9]*) echo "fuzz_remote: \`$n\` is not a whole number" >&2; exit 2 ;; esac
 done
@@ -51,7 +52,7 @@ out=${OUT:-$root/fuzz-out}/fuzz
 mkdir -p "$out" || { echo "fuzz_remote: cannot create $out" >&2; exit 2; }
 for t in "${targets[@]}"; do
   if [ ! -x "$bin/$t" ]; then
-    echo "fuzz_remote: no binary $bin/$t: build the bundle with \`cargo xtask fuzz-bundle\` and carry .devbin/fuzz" >&2
+    echo "fuzz_remote: no binary $bin/$t: build them with scripts/fuzz_bundle.sh and carry .devbin/fuzz" >&2
     exit 2
   fi
   if [ ! -d "$root/fuzz/corpus/$t" ]; then

@@ -785,3 +785,56 @@ amendments:
     // Generous on a loaded machine; the refusal takes about a second here (the planned run never ended).
     assert!(seconds < 60.0, "refused after {seconds:.1} s");
 }
+
+/// Issue 13 item 3 through the binary: a known divergence without `where` (masking every trial of its
+/// criterion) is refused, exit 2, unless it says `where: all` with a `reason`; then the run shows it in
+/// the `!!` lines right above the verdict. (A `where.prompt` naming a whole set: `contracts/tests/errors.rs`.)
+#[test]
+fn broad_masks_are_refused_unless_explicit_and_then_shown_above_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = "  - {criterion: ARG, status: investigating, strict: false, note: masks everything}";
+    let path = write_contract(dir.path(), "e2e-broad-v1", CPU_REF_RUNS, PASSING_CRITERIA, bare);
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("where: all") && out.stderr.contains("reason"), "{}", out.all());
+
+    let explicit = "  - {criterion: ARG, where: all, reason: every prompt is affected, status: investigating,
+     strict: false, note: masks everything}";
+    let path = write_contract(dir.path(), "e2e-broad-v2", CPU_REF_RUNS, PASSING_CRITERIA, explicit);
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    // The summary goes to stdout (stderr under `--format json`).
+    let lenient = out.stdout.find("!! 1 non-strict known divergence").expect(&out.all());
+    let verdict = out.stdout.find("gate: PASSED").expect(&out.all());
+    assert!(lenient < verdict, "the !! lines come right above the verdict: {}", out.all());
+    assert!(out.stdout.contains("!!   ") && out.stdout.contains("every prompt is affected"), "{}", out.all());
+}
+
+/// Issue 13 item 7 through the binary: `cargo moe-gate valdate` (a typo of `validate`) filters every
+/// trial out and exits 2 with "NOT JUDGED" and a "did you mean", unless `--allow-empty`; `merge` of such
+/// a run's report exits 2 the same way.
+#[test]
+fn a_run_or_merge_that_judges_nothing_does_not_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_contract(dir.path(), "e2e-empty-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let contract = path.to_str().unwrap();
+    let out = gate_in(dir.path(), &["--contract", contract, "valdate"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stdout.contains("gate: NOT JUDGED"), "{}", out.all());
+    assert!(out.stderr.contains("did you mean `cargo moe-gate validate`?"), "{}", out.all());
+
+    let out = gate_in(
+        dir.path(),
+        &["--contract", contract, "--allow-empty", "--partition", "1/1", "--report-dir", "empty", "valdate"],
+    );
+    assert_eq!(out.code, 0, "{}", out.all());
+    let shard = dir.path().join("empty/report.json");
+    assert!(shard.is_file(), "{}", out.all());
+
+    let out = gate_in(dir.path(), &["merge", shard.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stdout.contains("NOT JUDGED"), "{}", out.all());
+    assert!(out.stderr.contains("--allow-empty"), "{}", out.all());
+    let out = gate_in(dir.path(), &["merge", shard.to_str().unwrap(), "--allow-empty"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+}
