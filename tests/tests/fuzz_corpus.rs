@@ -191,7 +191,9 @@ fn absurd_but_well_formed_models_exit_2_naming_the_key_and_value() {
         "",
     );
     let big = GgufValue::U32(1 << 31);
-    let cases: Vec<(&str, usize, Vec<(&str, GgufValue)>, &str)> = vec![
+    // (what, vocabulary, metadata overrides, expected in the error)
+    type Case<'a> = (&'a str, usize, Vec<(&'a str, GgufValue)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("0 experts", 3, vec![("expert_count", GgufValue::U32(0))], "\"qwen3moe.expert_count\" = 0"),
         (
             "top-k above the experts",
