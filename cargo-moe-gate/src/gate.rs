@@ -91,6 +91,11 @@ pub fn run_gate_with(args: &GateArgs, mode: &GateMode) -> Result<Option<GateRepo
         false => resolve_for_model(contract, choice.source, &choice.spec),
     };
     let (contract, tokenizer) = crate::text::tokenize_prompts(contract, &weights, &choice.spec)?;
+    // The contract measured before its prompts are generated or its trials planned: one too large for
+    // this machine is refused here, not after building a plan that may itself not fit.
+    let cuda_usable = cuda.unavailable.is_none();
+    let counted = |c: &moe_contracts::Criterion| cuda_usable || !crate::resources::needs_cuda(&contract, c);
+    crate::resources::check_contract(&contract, &weights.config, args.partition, counted)?;
     incomplete::watch(args, &contract, &choice, weights.config.n_layer);
     let mut prompts = contract.expand_prompts();
     let mut plans = contract.plan(weights.config.n_layer);

@@ -28,8 +28,8 @@ use std::path::Path;
 
 pub use error::{ContractError, SourceLocation};
 pub use evaluate::evaluate;
-pub use plan::{TrialPlan, trial_name};
-pub use prompts::{TextPromptError, generate_prompts, generated_id};
+pub use plan::{PromptDemand, TrialPlan, trial_name};
+pub use prompts::{TextPromptError, generate_prompts, generated_id, generated_lengths};
 pub use record::{GreedyStep, Recorded, TrialOutcome};
 pub use schema::{
     Amendment, AmendmentKind, BackendKind, Bound, Contract, Criterion, DIVERGENCE_STATUSES, Gate,

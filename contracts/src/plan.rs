@@ -3,9 +3,10 @@
 //! select them naturally; and what the gate must record to judge them (which forwards, how many greedy
 //! steps), so that each (run, prompt) forward runs exactly once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::schema::{BackendKind, Contract, Criterion, KnownDivergence, Metric, Per};
+use crate::prompts::is_generated_id;
+use crate::schema::{BackendKind, Contract, Criterion, KnownDivergence, Metric, Per, PromptSet};
 
 /// One trial: a criterion judged on one prompt (and one layer or position where `per` says so).
 #[derive(Debug, Clone, PartialEq)]
@@ -27,32 +28,100 @@ pub struct TrialPlan {
     pub expected: Option<KnownDivergence>,
 }
 
+/// What one prompt asks of the gate, known from the contract before any trial is planned or any token
+/// generated: the runs that forward it (each with the greedy steps it decodes after it) and its trials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptDemand {
+    /// The prompt id.
+    pub id: String,
+    /// Which set of `prompts` it belongs to.
+    pub set: usize,
+    /// Its place within that set.
+    pub index: usize,
+    /// Its token count, as bounded by its set (equal for explicit and text prompts).
+    pub min_len: usize,
+    /// See `min_len`.
+    pub max_len: usize,
+    /// Each run forwarding it, with the greedy steps decoded after it (0 = none).
+    pub runs: BTreeMap<String, usize>,
+    /// Its trials that do not depend on its length.
+    pub trials: usize,
+    /// Its trials per token (criteria judged `per: position`).
+    pub trials_per_token: usize,
+}
+
 impl Contract {
+    /// What every prompt of the contract asks of the gate on a model of `n_layer` layers, in prompt order
+    /// (every prompt, read or not, so that indices are the ones `--partition` deals by), counting only
+    /// the criteria `counted` keeps: each criterion's compared runs and metric reference on its prompts,
+    /// the most greedy steps any greedy criterion asks of a run on a prompt, and the trials [`Contract::plan`]
+    /// would make. Nothing is generated or planned: a contract too large to plan is measured first.
+    pub fn demand(&self, n_layer: usize, counted: impl Fn(&Criterion) -> bool) -> Vec<PromptDemand> {
+        let criteria: Vec<(&Criterion, Vec<String>)> =
+            self.criteria.iter().filter(|c| counted(c)).map(|c| (c, trial_runs(c))).collect();
+        let mut out = Vec::new();
+        for (set_index, set) in self.prompts.iter().enumerate() {
+            let (min_len, max_len) = set.length_bounds();
+            for (index, id) in set.ids().into_iter().enumerate() {
+                let mut demand = PromptDemand {
+                    id,
+                    set: set_index,
+                    index,
+                    min_len,
+                    max_len,
+                    runs: BTreeMap::new(),
+                    trials: 0,
+                    trials_per_token: 0,
+                };
+                for (c, runs) in &criteria {
+                    if !(c.selects(set.id()) || c.selects(&demand.id)) {
+                        continue;
+                    }
+                    let steps = if c.metric == Metric::Greedy { c.steps.unwrap_or(0) } else { 0 };
+                    for run in runs {
+                        let wanted = demand.runs.entry(run.clone()).or_default();
+                        // A greedy criterion decodes its compared runs only (not a metric reference).
+                        if c.compare.contains(run) {
+                            *wanted = (*wanted).max(steps);
+                        }
+                    }
+                    let layers = if c.is_per(Per::Layer) { n_layer } else { 1 };
+                    match c.is_per(Per::Position) {
+                        true => demand.trials_per_token += layers,
+                        false => demand.trials += layers,
+                    }
+                }
+                out.push(demand);
+            }
+        }
+        out
+    }
+
     /// Every trial of the contract on a model with `n_layer` decoder layers, in criterion order, then
     /// prompt order, then layer, then position.
     pub fn plan(&self, n_layer: usize) -> Vec<TrialPlan> {
         let mut trials = Vec::new();
         for criterion in &self.criteria {
             let runs = trial_runs(criterion);
-            for (set, prompt) in self.prompts_of(criterion) {
+            for (set, prompt, len) in self.prompts_of(criterion) {
                 let layers: Vec<Option<usize>> = match criterion.is_per(Per::Layer) {
                     true => (0..n_layer).map(Some).collect(),
                     false => vec![None],
                 };
                 let positions: Vec<Option<usize>> = match criterion.is_per(Per::Position) {
-                    true => (0..prompt.tokens.len()).map(Some).collect(),
+                    true => (0..len).map(Some).collect(),
                     false => vec![None],
                 };
                 for &layer in &layers {
                     for &position in &positions {
                         trials.push(TrialPlan {
-                            name: trial_name(&self.contract, &criterion.id, &prompt.id, layer, position),
+                            name: trial_name(&self.contract, &criterion.id, &prompt, layer, position),
                             criterion: criterion.id.clone(),
-                            prompt: prompt.id.clone(),
+                            prompt: prompt.clone(),
                             layer,
                             position,
                             runs: runs.clone(),
-                            expected: self.expected(&criterion.id, &set, &prompt.id, layer).cloned(),
+                            expected: self.expected(&criterion.id, &set, &prompt, layer).cloned(),
                         });
                     }
                 }
@@ -84,21 +153,18 @@ impl Contract {
     /// ratios).
     /// A criterion's reference is used for diagnosis where it was recorded for that prompt anyway.
     pub fn needed_forwards(&self) -> Vec<(String, String)> {
-        let selected: Vec<(&Criterion, BTreeSet<String>)> = self
-            .criteria
-            .iter()
-            .map(|c| (c, self.prompts_of(c).into_iter().map(|(_, p)| p.id).collect()))
-            .collect();
-        let prompts = self.expand_prompts();
+        let selected: Vec<(&Criterion, BTreeSet<String>)> =
+            self.criteria.iter().map(|c| (c, self.prompt_ids_of(c).into_iter().collect())).collect();
+        let prompts = self.prompt_ids();
         let mut needed: Vec<(String, String)> = Vec::new();
         for run in self.runs.keys() {
             for prompt in &prompts {
                 let reads = |(c, ids): &(&Criterion, BTreeSet<String>)| {
                     (c.compare.contains(run) || c.metric_reference() == Some(run.as_str()))
-                        && ids.contains(&prompt.id)
+                        && ids.contains(prompt)
                 };
                 if selected.iter().any(reads) {
-                    needed.push((run.clone(), prompt.id.clone()));
+                    needed.push((run.clone(), prompt.clone()));
                 }
             }
         }
@@ -120,10 +186,22 @@ impl Contract {
     /// The greedy decode steps to record for `run` on `prompt` (0 = none).
     pub fn greedy_steps_for(&self, run: &str, prompt: &str) -> usize {
         self.greedy_criteria(run)
-            .filter(|c| self.prompts_of(c).iter().any(|(_, p)| p.id == prompt))
+            .filter(|c| self.reads_prompt(c, prompt))
             .filter_map(|c| c.steps)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Whether `criterion` runs `prompt` (a prompt id): named itself, or by its set, or every prompt.
+    pub fn reads_prompt(&self, criterion: &Criterion, prompt: &str) -> bool {
+        criterion.selects(prompt)
+            || self.prompts.iter().any(|set| {
+                criterion.selects(set.id())
+                    && match set {
+                        PromptSet::Generated { id, count, .. } => is_generated_id(id, *count, prompt),
+                        _ => set.id() == prompt,
+                    }
+            })
     }
 
     fn greedy_criteria<'a>(&'a self, run: &'a str) -> impl Iterator<Item = &'a Criterion> + 'a {

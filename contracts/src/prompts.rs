@@ -31,11 +31,35 @@ pub fn generate_prompts(
         .collect()
 }
 
+/// The token count of each prompt of a generated set, exactly as [`generate_prompts`] draws them (the
+/// same stream, every token drawn and dropped), without holding the tokens.
+pub fn generated_lengths(count: usize, min_len: usize, max_len: usize, seed: u64, vocab: u32) -> Vec<usize> {
+    let mut rng = stream(seed);
+    let span = (max_len.saturating_sub(min_len) as u64) + 1;
+    (0..count)
+        .map(|_| {
+            let len = min_len + uniform_below(&mut rng, span) as usize;
+            for _ in 0..len {
+                uniform_below(&mut rng, u64::from(vocab.max(1)));
+            }
+            len
+        })
+        .collect()
+}
+
 /// The id of prompt `index` of a generated set of `count`: `{set}_{NN}`, zero-padded to at least two
 /// digits and to the width of the largest index, so ids sort in order.
 pub fn generated_id(set: &str, index: usize, count: usize) -> String {
     let width = count.saturating_sub(1).to_string().len().max(2);
     format!("{set}_{index:0width$}")
+}
+
+/// Whether `prompt` is the id of one of the `count` prompts of generated set `set` (as
+/// [`generated_id`] names them), decided without listing them.
+pub(crate) fn is_generated_id(set: &str, count: usize, prompt: &str) -> bool {
+    let Some(index) = prompt.strip_prefix(set).and_then(|rest| rest.strip_prefix('_')) else { return false };
+    index.bytes().all(|b| b.is_ascii_digit())
+        && index.parse::<usize>().is_ok_and(|i| i < count && generated_id(set, i, count) == prompt)
 }
 
 /// ChaCha8 keyed by the seed: key bytes 0..8 = `seed` little-endian, the rest zero; nonce and counter 0.
@@ -86,7 +110,58 @@ impl PromptSet {
     }
 }
 
+impl PromptSet {
+    /// The ids of this set's prompts, in order, without generating any token.
+    pub fn ids(&self) -> Vec<String> {
+        match self {
+            PromptSet::Explicit { id, .. } | PromptSet::Text { id, .. } => vec![id.clone()],
+            PromptSet::Generated { id, count, .. } => {
+                (0..*count).map(|i| generated_id(id, i, *count)).collect()
+            }
+        }
+    }
+
+    /// How many prompts this set holds.
+    pub fn count(&self) -> usize {
+        match self {
+            PromptSet::Generated { count, .. } => *count,
+            _ => 1,
+        }
+    }
+
+    /// The fewest and the most tokens any prompt of this set has, known without drawing a generated
+    /// set's stream (a text prompt not yet tokenised has none).
+    pub fn length_bounds(&self) -> (usize, usize) {
+        match self {
+            PromptSet::Explicit { tokens, .. } => (tokens.len(), tokens.len()),
+            PromptSet::Text { tokens, .. } => {
+                let n = tokens.as_ref().map_or(0, Vec::len);
+                (n, n)
+            }
+            PromptSet::Generated { min_len, max_len, .. } => (*min_len, *max_len),
+        }
+    }
+
+    /// Each prompt's token count, in order: what [`PromptSet::expand`] gives, without holding the tokens.
+    pub fn lengths(&self) -> Vec<usize> {
+        match self {
+            PromptSet::Generated { count, min_len, max_len, .. } if min_len == max_len => {
+                vec![*min_len; *count]
+            }
+            PromptSet::Generated { count, min_len, max_len, seed, vocab, .. } => {
+                generated_lengths(*count, *min_len, *max_len, *seed, vocab.unwrap_or(QWEN3_VOCAB))
+            }
+            _ => vec![self.length_bounds().0],
+        }
+    }
+}
+
 impl Contract {
+    /// The id of every prompt of every set, in file order, without generating any token.
+    pub fn prompt_ids(&self) -> Vec<String> {
+        self.prompts.iter().flat_map(PromptSet::ids).collect()
+    }
+
     /// Every prompt of every set, in file order.
     pub fn expand_prompts(&self) -> Vec<Prompt> {
         self.prompts.iter().flat_map(PromptSet::expand).collect()
@@ -142,9 +217,9 @@ impl Contract {
             return out;
         }
         out.prompts.retain(|set| set.only_on() != Some(OnlyOn::Model));
-        let kept = out.expand_prompts();
+        let kept = out.prompt_ids();
         let still_exists =
-            |name: &String| out.prompts.iter().any(|s| s.id() == name) || kept.iter().any(|p| &p.id == name);
+            |name: &String| out.prompts.iter().any(|s| s.id() == name) || kept.iter().any(|p| p == name);
         let criteria = out
             .criteria
             .iter()
@@ -160,14 +235,31 @@ impl Contract {
         out
     }
 
-    /// The prompts a criterion applies to, in file order, each with the id of its set.
-    pub(crate) fn prompts_of(&self, criterion: &crate::Criterion) -> Vec<(String, Prompt)> {
-        let all =
-            self.prompts.iter().flat_map(|set| set.expand().into_iter().map(|p| (set.id().to_string(), p)));
-        match &criterion.prompts {
-            None => all.collect(),
-            Some(names) => all.filter(|(set, p)| names.iter().any(|n| n == set || n == &p.id)).collect(),
+    /// The prompts a criterion applies to, in file order, each with the id of its set and its token
+    /// count (no token is kept: planning needs only how many there are).
+    pub(crate) fn prompts_of(&self, criterion: &crate::Criterion) -> Vec<(String, String, usize)> {
+        let mut out = Vec::new();
+        for set in &self.prompts {
+            let whole = criterion.selects(set.id());
+            let ids: Vec<(usize, String)> =
+                set.ids().into_iter().enumerate().filter(|(_, id)| whole || criterion.selects(id)).collect();
+            if ids.is_empty() {
+                continue; // a generated set none of whose prompts is selected: its stream is not drawn
+            }
+            let lengths = set.lengths();
+            out.extend(ids.into_iter().map(|(i, id)| (set.id().to_string(), id, lengths[i])));
         }
+        out
+    }
+
+    /// The ids of the prompts a criterion applies to, in file order (no token generated).
+    pub(crate) fn prompt_ids_of(&self, criterion: &crate::Criterion) -> Vec<String> {
+        let mut out = Vec::new();
+        for set in &self.prompts {
+            let whole = criterion.selects(set.id());
+            out.extend(set.ids().into_iter().filter(|id| whole || criterion.selects(id)));
+        }
+        out
     }
 }
 
@@ -239,6 +331,37 @@ mod tests {
         let mut rng = stream(seed);
         let words: Vec<u32> = (0..16).map(|_| rng.next_u32()).collect();
         assert_eq!(words, block);
+    }
+
+    #[test]
+    fn ids_and_lengths_are_the_expanded_prompts_without_their_tokens() {
+        let set = PromptSet::Generated {
+            id: "gen".into(),
+            count: 150,
+            min_len: 1,
+            max_len: 40,
+            seed: 9,
+            vocab: Some(1000),
+            only_on: None,
+        };
+        let expanded = set.expand();
+        assert_eq!(set.ids(), expanded.iter().map(|p| p.id.clone()).collect::<Vec<_>>());
+        assert_eq!(set.lengths(), expanded.iter().map(|p| p.tokens.len()).collect::<Vec<_>>());
+        assert_eq!((set.count(), set.length_bounds()), (150, (1, 40)));
+        assert!(is_generated_id("gen", 150, "gen_007") && is_generated_id("gen", 150, "gen_149"));
+        for other in ["gen_150", "gen_07", "gen_0007", "gen_", "gen", "gen_+07", "ge_007", "gen_-01"] {
+            assert!(!is_generated_id("gen", 150, other), "{other}");
+        }
+        let fixed = PromptSet::Generated {
+            id: "fixed".into(),
+            count: 150,
+            min_len: 7,
+            max_len: 7,
+            seed: 9,
+            vocab: None,
+            only_on: None,
+        };
+        assert_eq!(fixed.lengths(), vec![7; 150]);
     }
 
     #[test]

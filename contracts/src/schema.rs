@@ -190,6 +190,11 @@ pub struct Criterion {
 }
 
 impl Criterion {
+    /// Whether this criterion runs the prompt or prompt set named `name` (every one without `prompts`).
+    pub fn selects(&self, name: &str) -> bool {
+        self.prompts.as_ref().is_none_or(|names| names.iter().any(|n| n == name))
+    }
+
     /// Whether one trial is run per `per`.
     pub fn is_per(&self, per: Per) -> bool {
         self.per.contains(&per)

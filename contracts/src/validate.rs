@@ -67,7 +67,7 @@ pub(crate) fn validate(raw: RawContract, src: &str, path: &Path) -> Result<Contr
 /// Whether `name` is the id of a prompt set that holds more than the one prompt of that id (a generated
 /// set), rather than one prompt.
 fn is_set_name(name: &str, sets: &[PromptSet]) -> bool {
-    sets.iter().any(|s| s.id() == name && s.expand().iter().all(|p| p.id != name))
+    sets.iter().any(|s| s.id() == name && matches!(s, PromptSet::Generated { .. }))
 }
 
 /// What a broad known divergence masks, for its note.
@@ -91,7 +91,7 @@ impl PromptNames {
     fn of(sets: &[PromptSet]) -> Self {
         Self {
             sets: sets.iter().map(|s| s.id().to_string()).collect(),
-            prompts: sets.iter().flat_map(PromptSet::expand).map(|p| p.id).collect(),
+            prompts: sets.iter().flat_map(PromptSet::ids).collect(),
         }
     }
 
@@ -168,7 +168,7 @@ impl Validator<'_> {
             // A generated set's own id is a name too (criteria may select the whole set); an explicit
             // prompt's set id is its prompt id.
             let own = matches!(set, PromptSet::Generated { .. }).then(|| set.id().to_string());
-            for name in own.into_iter().chain(set.expand().into_iter().map(|p| p.id)) {
+            for name in own.into_iter().chain(set.ids()) {
                 if !ids.insert(name.clone()) {
                     return self.fail(
                         &raw.id,
@@ -870,8 +870,7 @@ impl Validator<'_> {
             );
         }
         let Some(selected) = &criterion.prompts else { return Ok(()) };
-        let set_of =
-            |prompt: &str| sets.iter().find(|s| s.expand().iter().any(|e| e.id == prompt)).map(|s| s.id());
+        let set_of = |prompt: &str| sets.iter().find(|s| s.ids().iter().any(|e| e == prompt)).map(|s| s.id());
         let covered = selected.iter().any(|sel| {
             sel == &p.value || set_of(&p.value) == Some(sel.as_str()) || set_of(sel) == Some(p.value.as_str())
         });

@@ -117,3 +117,34 @@ fn known_divergences_match_layer_ranges() {
     assert_eq!(with("{from: 5, to: 5}"), [5]);
     assert_eq!(with("{from: 6}"), Vec::<usize>::new(), "a range past the model's layers matches nothing");
 }
+
+/// Issue 13 item 3: masks too broad to be safe are refused unless the entry says so. A `where.prompt`
+/// naming a generated set, `where: all` or no `where` at all needs a `reason`; a `reason` on a narrow
+/// entry is refused too, so the word always marks a broad mask (which the gate then lists in its `!!`
+/// lines: tests/tests/end_to_end.rs `broad_masks_are_refused_unless_explicit_and_then_shown_above_the_verdict`).
+#[test]
+fn broad_masks_need_a_reason_and_narrow_ones_must_not_have_one() {
+    let no_reason = ",\n     reason: every generated prompt diverges there";
+    let cases = [
+        (
+            CONTRACT.replace(no_reason, ""),
+            "`where.prompt: gen` names a prompt set, so the entry masks every prompt of it",
+        ),
+        (
+            CONTRACT.replace(no_reason, "").replace("where: {prompt: gen, layer: 1}, ", ""),
+            "without `where` would mask every trial of it",
+        ),
+        (
+            CONTRACT.replace(no_reason, "").replace("where: {prompt: gen, layer: 1}", "where: all"),
+            "`where: all` masks every trial of `L`",
+        ),
+        (CONTRACT.replace("note: one prompt}", "note: one prompt, reason: why}"), "this entry is narrow"),
+    ];
+    for (src, expected) in cases {
+        let e = parse(&src, Path::new("pl.yaml")).expect_err(expected).to_string();
+        assert!(e.contains(expected), "{e}\nshould contain {expected:?}");
+    }
+    let all = CONTRACT.replace("where: {prompt: gen, layer: 1}", "where: all");
+    let c = parse(&all, Path::new("pl.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.plan(2).iter().filter(|t| t.criterion == "L").all(|t| t.expected.is_some()));
+}

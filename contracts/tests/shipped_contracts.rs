@@ -169,3 +169,46 @@ fn the_contract_of_record_judges_every_layer_in_isolation_and_expects_no_failure
     assert_eq!(isolated, ["AC-GPU-MOE-009", "AC-GPU-MOE-010"]);
     assert!(c.plan(48).iter().all(|t| t.expected.is_none()), "no hand-written known divergence");
 }
+
+/// `Contract::demand` (what the gate measures before planning) counts what planning makes: per prompt,
+/// the forwards `needed_forwards` lists, the greedy steps `greedy_steps_for` asks and the trials `plan`
+/// makes, on every shipped contract, for the model and the smoke model.
+#[test]
+fn the_demand_measured_before_planning_is_what_planning_makes() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let full = load(&path).unwrap();
+        for c in [full.for_model(&full.model), full.for_model(&full.smoke_model)] {
+            for n_layer in [1, 4] {
+                let demand = c.demand(n_layer, |_| true);
+                let prompts = c.expand_prompts();
+                assert_eq!(
+                    demand.iter().map(|d| &d.id).collect::<Vec<_>>(),
+                    prompts.iter().map(|p| &p.id).collect::<Vec<_>>()
+                );
+                let mut forwards = Vec::new();
+                let mut trials = 0;
+                for (d, p) in demand.iter().zip(&prompts) {
+                    assert!((d.min_len..=d.max_len).contains(&p.tokens.len()), "{}", d.id);
+                    trials += d.trials + d.trials_per_token * p.tokens.len();
+                    for (run, steps) in &d.runs {
+                        forwards.push((run.clone(), d.id.clone()));
+                        assert_eq!(*steps, c.greedy_steps_for(run, &d.id), "{} {run} {}", c.contract, d.id);
+                    }
+                }
+                let mut needed = c.needed_forwards();
+                needed.sort();
+                forwards.sort();
+                assert_eq!(forwards, needed, "{}", c.contract);
+                assert_eq!(trials, c.plan(n_layer).len(), "{}", c.contract);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "{checked}");
+}

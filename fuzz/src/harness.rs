@@ -5,8 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use cargo_moe_gate::resources::check_contract_within;
 use moe_contracts::Contract;
 use moe_engine::gguf::GgufFile;
+use moe_engine::synth::Preset;
 use moe_engine::trace::Trace;
 use moe_engine::weights::{ModelWeights, WeightTensor};
 
@@ -20,8 +22,9 @@ pub const TARGETS: [Target; 4] =
 /// The contract `report` merges shards of (its seed reports are runs of it).
 const MERGE_CONTRACT: &str = include_str!("../seeds/fuzz-merge-v1.yaml");
 
-/// Layers a contract is planned over in `contract`: the production depth.
-const PLAN_LAYERS: usize = 48;
+/// The memory the `contract` target plans within, as the gate plans within the machine's available
+/// memory: fixed, so that an input does the same on every machine.
+const AVAILABLE: u128 = 4 << 30;
 
 /// The GGUF reader (header, metadata, tensor table), then the model loader (configuration and every
 /// tensor's shape and type), then the bytes of each tensor's first and last row, dequantised.
@@ -60,8 +63,10 @@ fn touch_rows(t: &WeightTensor) {
     std::hint::black_box(&row);
 }
 
-/// The contract parser and validator, then what the gate derives from a valid contract: the prompts,
-/// the trial plan and the forwards it needs.
+/// The contract parser and validator, then what the gate derives from a valid contract, in the gate's
+/// order (`run_gate`): the contract resolved for the model, its resource estimate before anything is
+/// generated or planned (a refusal is an answer, rendered), then the prompts, the trial plan and the
+/// forwards it needs. Once on the smoke model's shape (synth:tiny) and once on the production shape.
 pub fn contract(data: &[u8]) {
     let Ok(src) = std::str::from_utf8(data) else { return };
     let contract = match moe_contracts::parse(src, Path::new("fuzz.yaml")) {
@@ -72,10 +77,20 @@ pub fn contract(data: &[u8]) {
             return;
         }
     };
-    for model in [&contract.smoke_model, &contract.model] {
+    let models = [
+        (&contract.smoke_model, Preset::Tiny.config()),
+        (&contract.model, Preset::Qwen3Coder30bA3b.config()),
+    ];
+    for (model, config) in models {
         let resolved = contract.for_model(model);
-        let plans = resolved.plan(PLAN_LAYERS);
-        std::hint::black_box((plans.len(), resolved.needed_forwards()));
+        let counted = |_: &moe_contracts::Criterion| true;
+        if let Err(e) = check_contract_within(&resolved, &config, None, counted, AVAILABLE) {
+            drop(e.to_string());
+            continue;
+        }
+        let prompts = resolved.expand_prompts();
+        let plans = resolved.plan(config.n_layer);
+        std::hint::black_box((prompts.len(), plans.len(), resolved.needed_forwards()));
     }
 }
 

@@ -868,3 +868,94 @@ amendments:
     assert_eq!(out.code, 2, "{}", out.all());
     assert!(out.stderr.contains("prompt `fib` has an empty `text`"), "{}", out.all());
 }
+
+/// Issue 13 item 6 through the binary: the issue's example (10,000 generated prompts of 4096 tokens on
+/// the smoke model), judged per position and decoded 4096 greedy steps, is refused with the estimate
+/// before its prompts are generated or its trials planned. Before the check ran first, the gate planned
+/// 40,960,000 trials (11 GB resident after 100 s) or, with the greedy criterion, scanned every generated
+/// prompt once per trial, and never reached its refusal.
+#[test]
+fn a_contract_beyond_the_machine_is_refused_before_it_is_planned() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "contract: e2e-huge-v1\nversion: 1.0.0\nstatus: draft\ntitle: t\nmodel: synth:tiny
+smoke_model: synth:tiny
+prompts:
+  - {id: gen, count: 10000, min_len: 4096, max_len: 4096, seed: 1}
+runs:
+  cpu: {backend: cpu}
+  cpu2: {backend: cpu}
+  reference: {backend: reference}
+criteria:
+  - {id: POS, title: t, compare: [cpu, reference], tap: logits, metric: argmax, per: [prompt, position], gate: all}
+  - {id: DEC, title: t, compare: [cpu, cpu2], tap: logits, metric: greedy, steps: 4096, per: [prompt], gate: all}
+amendments:
+  - {version: 1.0.0, date: 2026-12-03, kind: created, summary: s}
+";
+    let path = dir.path().join("e2e-huge-v1.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let started = std::time::Instant::now();
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap(), "--report-dir", "reports"]);
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("error: refused before running: the contract's 30000 forwards (122880000 prompt tokens on a model of 4 layers"), "{}", out.all());
+    assert!(out.stderr.contains("plan 40970000 trials in 140142.8 GiB"), "{}", out.all());
+    assert!(out.stderr.contains("--partition K/N"), "{}", out.all());
+    // Refused from the contract: nothing was recorded, so no report was started either.
+    assert!(!dir.path().join("reports").exists(), "{}", out.all());
+    // Generous on a loaded machine; the refusal takes about a second here (the planned run never ended).
+    assert!(seconds < 60.0, "refused after {seconds:.1} s");
+}
+
+/// Issue 13 item 3 through the binary: a known divergence without `where` (masking every trial of its
+/// criterion) is refused, exit 2, unless it says `where: all` with a `reason`; then the run shows it in
+/// the `!!` lines right above the verdict. (A `where.prompt` naming a whole set: `contracts/tests/errors.rs`.)
+#[test]
+fn broad_masks_are_refused_unless_explicit_and_then_shown_above_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = "  - {criterion: ARG, status: investigating, strict: false, note: masks everything}";
+    let path = write_contract(dir.path(), "e2e-broad-v1", CPU_REF_RUNS, PASSING_CRITERIA, bare);
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("where: all") && out.stderr.contains("reason"), "{}", out.all());
+
+    let explicit = "  - {criterion: ARG, where: all, reason: every prompt is affected, status: investigating,
+     strict: false, note: masks everything}";
+    let path = write_contract(dir.path(), "e2e-broad-v2", CPU_REF_RUNS, PASSING_CRITERIA, explicit);
+    let out = gate_in(dir.path(), &["--contract", path.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    // The summary goes to stdout (stderr under `--format json`).
+    let lenient =
+        out.stdout.find("!! 1 non-strict known divergence").unwrap_or_else(|| panic!("{}", out.all()));
+    let verdict = out.stdout.find("gate: PASSED").unwrap_or_else(|| panic!("{}", out.all()));
+    assert!(lenient < verdict, "the !! lines come right above the verdict: {}", out.all());
+    assert!(out.stdout.contains("!!   ") && out.stdout.contains("every prompt is affected"), "{}", out.all());
+}
+
+/// Issue 13 item 7 through the binary: `cargo moe-gate valdate` (a typo of `validate`) filters every
+/// trial out and exits 2 with "NOT JUDGED" and a "did you mean", unless `--allow-empty`; `merge` of such
+/// a run's report exits 2 the same way.
+#[test]
+fn a_run_or_merge_that_judges_nothing_does_not_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_contract(dir.path(), "e2e-empty-v1", CPU_REF_RUNS, PASSING_CRITERIA, "");
+    let contract = path.to_str().unwrap();
+    let out = gate_in(dir.path(), &["--contract", contract, "valdate"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stdout.contains("gate: NOT JUDGED"), "{}", out.all());
+    assert!(out.stderr.contains("did you mean `cargo moe-gate validate`?"), "{}", out.all());
+
+    let out = gate_in(
+        dir.path(),
+        &["--contract", contract, "--allow-empty", "--partition", "1/1", "--report-dir", "empty", "valdate"],
+    );
+    assert_eq!(out.code, 0, "{}", out.all());
+    let shard = dir.path().join("empty/report.json");
+    assert!(shard.is_file(), "{}", out.all());
+
+    let out = gate_in(dir.path(), &["merge", shard.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stdout.contains("NOT JUDGED"), "{}", out.all());
+    assert!(out.stderr.contains("--allow-empty"), "{}", out.all());
+    let out = gate_in(dir.path(), &["merge", shard.to_str().unwrap(), "--allow-empty"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+}

@@ -104,10 +104,20 @@ fn write_seeds() {
 /// A complete qwen3moe model of the smallest shapes (hidden 32, one layer, two experts, vocabulary 3),
 /// its matrices in `matrix_type`, every weight 0.5 (whatever the encoding, a valid one).
 fn micro_model(matrix_type: GgmlType) -> Vec<u8> {
-    let (hidden, n_head, n_kv, head_dim, n_exp, ffn, vocab) = (32, 2, 1, 4, 2, 32, 3);
+    micro_model_with(matrix_type, 3, &[])
+}
+
+/// [`micro_model`] with a vocabulary of `vocab` and the metadata values of `overrides` (keys without the
+/// `qwen3moe.` prefix) in place of its own.
+fn micro_model_with(matrix_type: GgmlType, vocab: usize, overrides: &[(&str, GgufValue)]) -> Vec<u8> {
+    let (hidden, n_head, n_kv, head_dim, n_exp, ffn) = (32, 2, 1, 4, 2, 32);
     let mut w = GgufWriter::new(32);
     let arch = |k: &str| format!("qwen3moe.{k}");
     w.add_metadata("general.architecture", GgufValue::from("qwen3moe"));
+    let mut metadata: Vec<(&str, GgufValue)> = vec![
+        ("attention.layer_norm_rms_epsilon", GgufValue::F32(1e-6)),
+        ("rope.freq_base", GgufValue::F32(1e4)),
+    ];
     for (k, v) in [
         ("block_count", 1),
         ("context_length", 64),
@@ -120,10 +130,12 @@ fn micro_model(matrix_type: GgmlType) -> Vec<u8> {
         ("expert_used_count", 1),
         ("expert_feed_forward_length", ffn),
     ] {
-        w.add_metadata(&arch(k), GgufValue::U32(v as u32));
+        metadata.push((k, GgufValue::U32(v as u32)));
     }
-    w.add_metadata(&arch("attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6));
-    w.add_metadata(&arch("rope.freq_base"), GgufValue::F32(1e4));
+    for (k, v) in metadata {
+        let v = overrides.iter().find(|(o, _)| *o == k).map_or(v, |(_, o)| o.clone());
+        w.add_metadata(&arch(k), v);
+    }
     let (q, kv) = (n_head * head_dim, n_kv * head_dim);
     let m = matrix_type;
     let f = GgmlType::F32;
@@ -164,6 +176,140 @@ fn micro_model(matrix_type: GgmlType) -> Vec<u8> {
         sink.write_all(&row.repeat(rows))
     })
     .unwrap()
+}
+
+/// Issue 13 item 2 through the gate binary: a well-formed GGUF whose metadata is absurd exits 2 with an
+/// error naming the key and the value, before any tensor is used (no panic, no overflow).
+#[test]
+fn absurd_but_well_formed_models_exit_2_naming_the_key_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let contract = common::write_contract(
+        dir.path(),
+        "absurd-v1",
+        common::CPU_REF_RUNS,
+        "  - {id: L, title: l, compare: [cpu, reference], tap: logits, metric: argmax, per: [prompt], gate: all}",
+        "",
+    );
+    let big = GgufValue::U32(1 << 31);
+    // (what, vocabulary, metadata overrides, expected in the error)
+    type Case<'a> = (&'a str, usize, Vec<(&'a str, GgufValue)>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("0 experts", 3, vec![("expert_count", GgufValue::U32(0))], "\"qwen3moe.expert_count\" = 0"),
+        (
+            "top-k above the experts",
+            3,
+            vec![("expert_used_count", GgufValue::U32(3))],
+            "\"qwen3moe.expert_used_count\" = 3",
+        ),
+        (
+            "0 heads",
+            3,
+            vec![("attention.head_count", GgufValue::U32(0))],
+            "\"qwen3moe.attention.head_count\" = 0",
+        ),
+        (
+            "kv heads not dividing the heads",
+            3,
+            vec![("attention.head_count_kv", GgufValue::U32(3))],
+            "\"qwen3moe.attention.head_count_kv\" = 3",
+        ),
+        (
+            "a head size of 0",
+            3,
+            vec![("attention.key_length", GgufValue::U32(0)), ("attention.value_length", GgufValue::U32(0))],
+            "\"qwen3moe.attention.key_length\" = 0",
+        ),
+        (
+            "key and value sizes differ",
+            3,
+            vec![("attention.value_length", GgufValue::U32(8))],
+            "\"qwen3moe.attention.value_length\" = 8",
+        ),
+        (
+            "heads x head size overflowing",
+            3,
+            vec![
+                ("attention.head_count", big.clone()),
+                ("attention.key_length", big.clone()),
+                ("attention.value_length", big),
+            ],
+            "\"qwen3moe.attention.head_count\" = 2147483648",
+        ),
+        (
+            "a head size not fitting the hidden size's tensors",
+            3,
+            vec![("attention.key_length", GgufValue::U32(8)), ("attention.value_length", GgufValue::U32(8))],
+            "attn_q",
+        ),
+        (
+            "context length 0",
+            3,
+            vec![("context_length", GgufValue::U32(0))],
+            "\"qwen3moe.context_length\" = 0",
+        ),
+        (
+            "RoPE base negative",
+            3,
+            vec![("rope.freq_base", GgufValue::F32(-1.0))],
+            "\"qwen3moe.rope.freq_base\" = -1",
+        ),
+        (
+            "RoPE base NaN",
+            3,
+            vec![("rope.freq_base", GgufValue::F32(f32::NAN))],
+            "\"qwen3moe.rope.freq_base\" = NaN",
+        ),
+        (
+            "RoPE base infinite",
+            3,
+            vec![("rope.freq_base", GgufValue::F32(f32::INFINITY))],
+            "\"qwen3moe.rope.freq_base\" = inf",
+        ),
+        (
+            "eps 0",
+            3,
+            vec![("attention.layer_norm_rms_epsilon", GgufValue::F32(0.0))],
+            "\"qwen3moe.attention.layer_norm_rms_epsilon\" = 0",
+        ),
+        (
+            "eps negative",
+            3,
+            vec![("attention.layer_norm_rms_epsilon", GgufValue::F32(-1e-6))],
+            "\"qwen3moe.attention.layer_norm_rms_epsilon\" = -0.00000099",
+        ),
+        ("vocabulary 0", 0, vec![], "token_embd.weight"),
+    ];
+    let mut failures = Vec::new();
+    for (what, vocab, overrides, expected) in cases {
+        let model = dir.path().join("absurd.gguf");
+        let bytes = match vocab {
+            // The writer refuses a zero dimension: write a vocabulary of 1, then make it 0 in the header.
+            0 => zero_vocabulary(micro_model_with(GgmlType::F32, 1, &overrides)),
+            _ => micro_model_with(GgmlType::F32, vocab, &overrides),
+        };
+        std::fs::write(&model, bytes).unwrap();
+        let out = common::gate_in(
+            dir.path(),
+            &["--contract", contract.to_str().unwrap(), "--model", model.to_str().unwrap()],
+        );
+        let panicked = out.stderr.contains("panicked");
+        if out.code != 2 || panicked || !out.stderr.contains(expected) {
+            failures.push(format!("{what}: expected exit 2 with {expected:?}\n{}", out.all()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// `model` (of vocabulary 1) with the vocabulary dimension of `token_embd.weight` set to 0 in its tensor
+/// table (name, 2 dimensions, 32, 1).
+fn zero_vocabulary(mut model: Vec<u8>) -> Vec<u8> {
+    let mut info = b"token_embd.weight".to_vec();
+    info.extend(2u32.to_le_bytes());
+    info.extend(32u64.to_le_bytes());
+    let at = model.windows(info.len()).position(|w| w == info).expect("the tensor's entry") + info.len();
+    assert_eq!(model[at..at + 8], 1u64.to_le_bytes());
+    model[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    model
 }
 
 /// A two-layer trace of two tokens (hidden 3, four experts top-2, vocabulary 5).

@@ -1237,3 +1237,54 @@ impl CudaForward {
         Ok((trace, taps.map(|t| t.into_taps(&cfg, n))))
     }
 }
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    /// Issue 13 item 5 without a GPU: a fault mid-run (out of device memory, an NVRTC compile failure, a
+    /// driver error) becomes an engine failure (not "CUDA unavailable", which would make the gate ignore
+    /// the trials) whose message says what happened, where, and what to do; the gate wraps it with the
+    /// forward it was running and exits 2 (`cargo_moe_gate::run_code`).
+    #[test]
+    fn device_faults_are_failures_that_say_what_happened_and_what_to_do() {
+        let cases = [
+            (
+                CudaError::OutOfMemory {
+                    stage: "allocating the KV cache".into(),
+                    bytes: 1 << 30,
+                    free: 4096,
+                    total: 1 << 34,
+                },
+                "CUDA failed while the forward: out of device memory while allocating the KV cache: 1073741824 bytes \
+                 requested, 4096 of 17179869184 bytes free; use a smaller model or prompt, or a device with more memory",
+            ),
+            (
+                CudaError::Compile {
+                    program: "forward.cu".into(),
+                    arch: "compute_90".into(),
+                    status: "NVRTC_ERROR_COMPILATION".into(),
+                    log: "forward.cu(12): error".into(),
+                },
+                "CUDA failed while the forward: NVRTC could not compile forward.cu for compute_90 \
+                 (NVRTC_ERROR_COMPILATION); the kernels' sources are kernels/src/cuda/*.cu, and the log names \
+                 the file and line. Compiler log:\nforward.cu(12): error",
+            ),
+            (
+                CudaError::Driver {
+                    stage: "copying the logits".into(),
+                    message: "CUDA_ERROR_LAUNCH_FAILED".into(),
+                },
+                "CUDA failed while the forward: CUDA driver call failed while copying the logits: CUDA_ERROR_LAUNCH_FAILED",
+            ),
+        ];
+        for (fault, expected) in cases {
+            let e = engine_error("the forward", fault);
+            assert!(matches!(e, EngineError::Cuda { .. }), "{e:?}");
+            assert_eq!(e.to_string(), expected);
+        }
+        let absent =
+            engine_error("opening the CUDA device", CudaError::NoDriver { reason: "no libcuda".into() });
+        assert!(matches!(absent, EngineError::CudaUnavailable { .. }), "{absent:?}");
+    }
+}
