@@ -959,3 +959,36 @@ fn a_run_or_merge_that_judges_nothing_does_not_pass() {
     let out = gate_in(dir.path(), &["merge", shard.to_str().unwrap(), "--allow-empty"]);
     assert_eq!(out.code, 0, "{}", out.all());
 }
+
+/// Issue 13 item 5, through the binary: SIGTERM in the middle of a run ends it with exit 143, a message on
+/// stderr, and report.json / junit.xml written with what was judged so far and marked incomplete (a
+/// later `merge` refuses them). The breadth contract (512 prompts on synth:tiny) runs for seconds, so the
+/// signal lands while the forwards are being recorded.
+#[test]
+fn sigterm_mid_run_leaves_reports_marked_incomplete_and_exit_143() {
+    let dir = tempfile::tempdir().unwrap();
+    let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../contracts/cpu-vs-reference-breadth-v1.yaml");
+    let reports = dir.path().join("reports");
+    let child = std::process::Command::new(common::GATE)
+        .args(["--contract", contract.to_str().unwrap(), "--report-dir", reports.to_str().unwrap(), "-q"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the gate binary starts");
+    // Long enough for the model and the signal handler to be set up, far shorter than the run (~20 s on
+    // 2 cores).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {}", child.id());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "SIGTERM is exit 143: {stderr}");
+    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
+    let report = report_json(&reports);
+    let why = report["verdict"]["incomplete"].as_str().expect("report.json marked incomplete");
+    assert!(why.contains("SIGTERM"), "{why}");
+    let junit = std::fs::read_to_string(reports.join("junit.xml")).expect("junit.xml written");
+    assert!(junit.contains("::incomplete") && junit.contains("SIGTERM"), "{junit}");
+}
