@@ -188,6 +188,22 @@ mod cases {
                 on_device(|d| moe_case(d, MoeShape { ty_gu, ty_down, hidden, ffn, n_expert, k, n_tok }))
             }));
         }
+        let qkv_cases = [
+            ("q4_k_m_mix", GgmlType::Q4_K, GgmlType::Q6_K, 512, 272, 40),
+            ("q8_0", GgmlType::Q8_0, GgmlType::Q8_0, 256, 64, 33),
+            ("f32_odd", GgmlType::F32, GgmlType::F32, 300, 48, 17),
+        ];
+        for (name, ty_qk, ty_v, hidden, nq, nkv) in qkv_cases {
+            t.push(Trial::ignorable_test(format!("decode_fused::norm_qkv::{name}"), move || {
+                on_device(|d| norm_qkv_case(d, (ty_qk, ty_v), hidden, nq, nkv))
+            }));
+        }
+        for (ty, hidden, n_expert, k) in [(GgmlType::F32, 512, 128, 8), (GgmlType::Q8_0, 256, 37, 5)] {
+            t.push(Trial::ignorable_test(
+                format!("decode_fused::norm_router_topk::{ty}_e{n_expert}_k{k}"),
+                move || on_device(|d| norm_router_case(d, ty, hidden, n_expert, k)),
+            ));
+        }
         if let Err(reason) = device() {
             eprintln!("CUDA kernel tests: no usable CUDA here, the device cases are ignored: {reason}");
         } else if let Ok(d) = device() {
@@ -275,6 +291,11 @@ mod cases {
             return Err(format!("the PTX lacks the entries {missing:?}").into());
         }
         println!("    compute_90: {} kernels compiled, {} bytes of PTX", names.len(), ptx.len());
+        // For kernel tuning: `ptxas -arch=sm_90 -v FILE` on a machine with the CUDA toolkit then lists each
+        // kernel's registers and spills (docs/benchmarks.md).
+        if let Some(path) = std::env::var_os("MOE_GATE_PTX_OUT") {
+            std::fs::write(&path, &ptx).map_err(|e| format!("writing the PTX to {path:?}: {e}"))?;
+        }
         Ok(Completion::Completed)
     }
 
@@ -399,6 +420,147 @@ mod cases {
             rms_norm(xr, &w, eps, o);
         }
         check_nmse(&format!("rmsnorm {rows}x{n}"), &got, &want, NMSE_ELEMENTWISE)
+    }
+
+    /// Fails unless `a` and `b` are the same bits, naming the first difference.
+    fn check_bits(case: &str, a: &[f32], b: &[f32]) -> Result<(), String> {
+        match a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+            None if a.len() == b.len() => Ok(()),
+            None => Err(format!("{case}: {} values against {}", a.len(), b.len())),
+            Some(i) => Err(format!("{case}: value {i} is {} fused against {} unfused", a[i], b[i])),
+        }
+    }
+
+    /// The fused decode kernel `norm_qkv` against the four launches it replaces (rmsnorm, matvec of q,
+    /// matvec_to_row of k and v at cache row 5 of 7): the same bits, by construction (same code paths).
+    fn norm_qkv_case(
+        d: &CudaDevice,
+        (ty_qk, ty_v): (GgmlType, GgmlType),
+        hidden: usize,
+        nq: usize,
+        nkv: usize,
+    ) -> Result<(), String> {
+        let (max_pos, pos) = (7, 5);
+        let mut r = rng((hidden * 31 + nq * 7 + nkv) as u64 + ty_v.ggml_id() as u64);
+        let x = normal_ish(&mut r, hidden, 2.0);
+        let norm: Vec<f32> = normal_ish(&mut r, hidden, 0.2).iter().map(|v| 1.0 + v).collect();
+        let q_w =
+            d.upload_matrix(ty_qk, hidden, nq, 1, &random_matrix(&mut r, ty_qk, nq, hidden)).map_err(cuda)?;
+        let k_w = d
+            .upload_matrix(ty_qk, hidden, nkv, 1, &random_matrix(&mut r, ty_qk, nkv, hidden))
+            .map_err(cuda)?;
+        let v_w =
+            d.upload_matrix(ty_v, hidden, nkv, 1, &random_matrix(&mut r, ty_v, nkv, hidden)).map_err(cuda)?;
+        let (xd, nd) = (d.upload(&x).map_err(cuda)?, d.upload(&norm).map_err(cuda)?);
+        let pos_d = d.upload(&[pos as i32]).map_err(cuda)?;
+        let eps = 1e-6f32;
+        let run = |fused: bool| -> Result<Vec<Vec<f32>>, CudaError> {
+            let mut h = d.alloc_zeros::<f32>(hidden)?;
+            let mut q = d.alloc_zeros::<f32>(nq)?;
+            let (mut kc, mut vc) =
+                (d.alloc_zeros::<f32>(max_pos * nkv)?, d.alloc_zeros::<f32>(max_pos * nkv)?);
+            if fused {
+                let caches = (kc.as_mut(), vc.as_mut());
+                let w = (&q_w, &k_w, &v_w);
+                d.norm_qkv(
+                    xd.as_slice(),
+                    nd.as_slice(),
+                    eps,
+                    h.as_mut(),
+                    w,
+                    q.as_mut(),
+                    caches,
+                    max_pos,
+                    pos_d.as_slice(),
+                )?;
+            } else {
+                d.rmsnorm(xd.as_slice(), nd.as_slice(), 1, hidden, eps, h.as_mut())?;
+                d.matvec(&q_w, h.as_slice(), 1, q.as_mut(), false)?;
+                d.matvec_to_row(&k_w, h.as_slice(), kc.as_mut(), max_pos, pos_d.as_slice())?;
+                d.matvec_to_row(&v_w, h.as_slice(), vc.as_mut(), max_pos, pos_d.as_slice())?;
+            }
+            [h, q, kc, vc].iter().map(|b| d.download(b.as_slice())).collect()
+        };
+        if !d.has_norm_qkv(&q_w, &k_w, &v_w) {
+            return Err(format!("no fused kernel for {ty_qk} / {ty_v}"));
+        }
+        let (fused, plain) = (run(true).map_err(cuda)?, run(false).map_err(cuda)?);
+        for (what, (a, b)) in ["h", "q", "k cache", "v cache"].iter().zip(fused.iter().zip(&plain)) {
+            check_bits(&format!("norm_qkv {ty_qk}/{ty_v} {what}"), a, b)?;
+        }
+        if plain[2][pos * nkv..(pos + 1) * nkv].iter().all(|&v| v == 0.0) {
+            return Err("the k row was not written".into());
+        }
+        Ok(())
+    }
+
+    /// h, logits, expert ids and weights of one router launch.
+    type RouterOutputs = (Vec<f32>, Vec<f32>, Vec<i32>, Vec<f32>);
+
+    /// The fused decode kernel `norm_router_topk` against rmsnorm then router_topk: the same bits in h,
+    /// the logits, the chosen experts and their weights; run twice, so its counter was left at 0.
+    fn norm_router_case(
+        d: &CudaDevice,
+        ty: GgmlType,
+        hidden: usize,
+        n_expert: usize,
+        k: usize,
+    ) -> Result<(), String> {
+        let mut r = rng((hidden * 13 + n_expert * 3 + k) as u64);
+        let x = normal_ish(&mut r, hidden, 2.0);
+        let norm: Vec<f32> = normal_ish(&mut r, hidden, 0.2).iter().map(|v| 1.0 + v).collect();
+        let w = d
+            .upload_matrix(ty, hidden, n_expert, 1, &random_matrix(&mut r, ty, n_expert, hidden))
+            .map_err(cuda)?;
+        let (xd, nd) = (d.upload(&x).map_err(cuda)?, d.upload(&norm).map_err(cuda)?);
+        let eps = 1e-6f32;
+        let mut counter = d.alloc_zeros::<i32>(1).map_err(cuda)?;
+        let mut run = |fused: bool| -> Result<RouterOutputs, CudaError> {
+            let mut h = d.alloc_zeros::<f32>(hidden)?;
+            let mut logits = d.alloc_zeros::<f32>(n_expert)?;
+            let (mut ids, mut wts) = (d.alloc_zeros::<i32>(k)?, d.alloc_zeros::<f32>(k)?);
+            if fused {
+                let (x, n) = (xd.as_slice(), nd.as_slice());
+                d.norm_router_topk(
+                    x,
+                    n,
+                    eps,
+                    h.as_mut(),
+                    &w,
+                    logits.as_mut(),
+                    (k, true),
+                    ids.as_mut(),
+                    wts.as_mut(),
+                    counter.as_mut(),
+                )?;
+            } else {
+                d.rmsnorm(xd.as_slice(), nd.as_slice(), 1, hidden, eps, h.as_mut())?;
+                d.router_topk(
+                    &w,
+                    h.as_slice(),
+                    logits.as_mut(),
+                    k,
+                    true,
+                    ids.as_mut(),
+                    wts.as_mut(),
+                    counter.as_mut(),
+                )?;
+            }
+            let got = (d.download(h.as_slice())?, d.download(logits.as_slice())?);
+            Ok((got.0, got.1, d.download(ids.as_slice())?, d.download(wts.as_slice())?))
+        };
+        let plain = run(false).map_err(cuda)?;
+        for round in 0..2 {
+            let fused = run(true).map_err(cuda)?;
+            let case = format!("norm_router_topk {ty} e{n_expert} k{k} round {round}");
+            check_bits(&format!("{case} h"), &fused.0, &plain.0)?;
+            check_bits(&format!("{case} logits"), &fused.1, &plain.1)?;
+            check_bits(&format!("{case} weights"), &fused.3, &plain.3)?;
+            if fused.2 != plain.2 {
+                return Err(format!("{case}: experts {:?} against {:?}", fused.2, plain.2));
+            }
+        }
+        Ok(())
     }
 
     fn rope_case(

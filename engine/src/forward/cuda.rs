@@ -783,14 +783,28 @@ impl Layer<'_> {
         let pos = pos.slice(0..1)?;
         let (xs, all_kv) = (0..hidden, 0..capacity * kvd);
 
-        d.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), 1, hidden, eps, h.slice_mut(xs.clone())?)?;
+        if self.defect.is_none() && d.has_norm_qkv(&lw.q, &lw.k, &lw.v) {
+            // Norm, q, k and v in one launch (the values of the four below).
+            let (x, norm, h) = (x.slice(xs.clone())?, lw.attn_norm.as_slice(), h.slice_mut(xs.clone())?);
+            let caches = (keys.slice_mut(all_kv.clone())?, values.slice_mut(all_kv.clone())?);
+            d.norm_qkv(x, norm, eps, h, (&lw.q, &lw.k, &lw.v), q.slice_mut(0..qd)?, caches, capacity, pos)?;
+        } else {
+            d.rmsnorm(
+                x.slice(xs.clone())?,
+                lw.attn_norm.as_slice(),
+                1,
+                hidden,
+                eps,
+                h.slice_mut(xs.clone())?,
+            )?;
+            let hn = h.slice(xs.clone())?;
+            d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
+            d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
+            d.matvec_to_row(&lw.v, hn, values.slice_mut(all_kv.clone())?, capacity, pos)?;
+        }
         if let Some((t, _)) = taps.as_mut() {
             t.attn_norm = d.download(h.slice(xs.clone())?)?;
         }
-        let hn = h.slice(xs.clone())?;
-        d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
-        d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
-        d.matvec_to_row(&lw.v, hn, values.slice_mut(all_kv.clone())?, capacity, pos)?;
         let (inv_freq, hd) = (model.inv_freq.as_slice(), cfg.head_dim);
         d.head_norm_rope_qk(
             q.slice_mut(0..qd)?,
@@ -935,26 +949,34 @@ impl Layer<'_> {
             ..
         } = work;
         let xs = 0..n * hidden;
-        self.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.ffn_norm = d.download(h.slice(xs.clone())?)?;
-        }
-        let hn = h.slice(xs.clone())?;
         let slots = n * k;
         let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, self.norm_topk());
         let (out_ids, out_w) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
-        if let Some(router) = model.f32_routers.get(l) {
-            let shape = (n_exp, hidden, n);
-            d.seeded_matvec_bf16acc(router.as_slice(), hn, shape, logits)?;
-            let logits = router_logits.slice(0..n * n_exp)?;
-            d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
-        } else if n == 1 {
-            // One token: router, softmax and top-k in one launch (the values of the two below).
-            d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
+        let eps = cfg.rms_eps as f32;
+        if n == 1 && self.defect.is_none() && d.has_norm_router(hidden, n_exp) {
+            // One token: norm, router, softmax and top-k in one launch (the values of the launches below).
+            let (x, norm, h) = (x.slice(xs.clone())?, lw.ffn_norm.as_slice(), h.slice_mut(xs.clone())?);
+            let (choice, counter) = ((k, norm_topk), router_counter.as_mut());
+            d.norm_router_topk(x, norm, eps, h, &lw.router, logits, choice, out_ids, out_w, counter)?;
         } else {
-            d.matvec(&lw.router, hn, n, logits, false)?;
-            let logits = router_logits.slice(0..n * n_exp)?;
-            d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+            self.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
+            let hn = h.slice(xs.clone())?;
+            if let Some(router) = model.f32_routers.get(l) {
+                let shape = (n_exp, hidden, n);
+                d.seeded_matvec_bf16acc(router.as_slice(), hn, shape, logits)?;
+                let logits = router_logits.slice(0..n * n_exp)?;
+                d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+            } else if n == 1 {
+                // One token: router, softmax and top-k in one launch (the values of the two below).
+                d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
+            } else {
+                d.matvec(&lw.router, hn, n, logits, false)?;
+                let logits = router_logits.slice(0..n * n_exp)?;
+                d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
+            }
+        }
+        if let Some(t) = taps.as_deref_mut() {
+            t.ffn_norm = d.download(h.slice(xs.clone())?)?;
         }
         if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
             let logits = router_logits.slice(0..n * n_exp)?;

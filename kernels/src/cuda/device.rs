@@ -71,12 +71,21 @@ pub(crate) struct FormatKernels<F = CudaFunction> {
     pub(crate) moe_down_combine1: F,
     /// The router of one token with its softmax and top-k, `moe.cu`.
     pub(crate) router_topk1: F,
+    /// The same, normalising its input first (`decode.cu`).
+    pub(crate) norm_router_topk1: F,
 }
+
+/// Format pairs (q and k, v) of the fused decode kernel `norm_qkv1` besides one format for all three
+/// (`decode.cu`): llama.cpp's K-quant mixes promote `attn_v`.
+pub(crate) const NORM_QKV_MIXED: [(GgmlType, GgmlType); 3] =
+    [(GgmlType::Q4_K, GgmlType::Q6_K), (GgmlType::Q5_K, GgmlType::Q6_K), (GgmlType::Q4_K, GgmlType::Q5_K)];
 
 /// Every kernel of the program, looked up once.
 #[derive(Clone)]
 pub(crate) struct Kernels<F = CudaFunction> {
     pub(crate) formats: HashMap<GgmlType, FormatKernels<F>>,
+    /// The decode step's attention input (norm, q, k, v) by (q and k format, v format), `decode.cu`.
+    pub(crate) norm_qkv1: HashMap<(GgmlType, GgmlType), F>,
     pub(crate) rmsnorm: F,
     pub(crate) head_norm_rope: F,
     pub(crate) head_norm_rope_qk: F,
@@ -588,11 +597,19 @@ fn look_up_kernels<F, E>(mut load: impl FnMut(&str) -> Result<F, E>) -> Result<K
                 moe_gate_up1: load(&format!("moe_gate_up1_{suffix}"))?,
                 moe_down_combine1: load(&format!("moe_down_combine1_{suffix}"))?,
                 router_topk1: load(&format!("router_topk1_{suffix}"))?,
+                norm_router_topk1: load(&format!("norm_router_topk1_{suffix}"))?,
             },
         );
     }
+    let pairs = GgmlType::ALL.into_iter().map(|ty| (ty, ty)).chain(NORM_QKV_MIXED);
+    let mut norm_qkv1 = HashMap::new();
+    for (qk, v) in pairs {
+        let name = |ty: GgmlType| ty.name().to_ascii_lowercase();
+        norm_qkv1.insert((qk, v), load(&format!("norm_qkv1_{}_{}", name(qk), name(v)))?);
+    }
     Ok(Kernels {
         formats,
+        norm_qkv1,
         rmsnorm: load("rmsnorm")?,
         head_norm_rope: load("head_norm_rope")?,
         head_norm_rope_qk: load("head_norm_rope_qk")?,

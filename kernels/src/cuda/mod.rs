@@ -50,12 +50,13 @@ pub const SYNC_EACH_LAUNCH_ENV: &str = "MOE_GATE_CUDA_SYNC";
 pub const REQUIRE_NVRTC_ENV: &str = "MOE_GATE_REQUIRE_NVRTC";
 
 /// The CUDA C program, in the order its parts depend on each other.
-const SOURCES: [(&str, &str); 7] = [
+const SOURCES: [(&str, &str); 8] = [
     ("common.cuh", include_str!("common.cuh")),
     ("quant.cu", include_str!("quant.cu")),
     ("norm_rope.cu", include_str!("norm_rope.cu")),
     ("attention.cu", include_str!("attention.cu")),
     ("moe.cu", include_str!("moe.cu")),
+    ("decode.cu", include_str!("decode.cu")),
     ("exact.cu", include_str!("exact.cu")),
     ("seeded.cu", include_str!("seeded.cu")),
 ];

@@ -7,11 +7,12 @@
 // values are read once, into registers (one round of loads instead of one per pass).
 #define RMS_THREADS 256
 #define RMS_HELD 8
-extern "C" __global__ void __launch_bounds__(RMS_THREADS)
-    rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
-    __shared__ float scratch[32];
-    const float* xr = x + (u64)blockIdx.x * n;
-    float* o = out + (u64)blockIdx.x * n;
+
+// One row: o[i] = (xr[i] * r) * w[i] with r = 1 / sqrt(mean(xr^2) + eps), by a block of RMS_THREADS threads
+// (the `rmsnorm` kernel's body, also run by the decode kernels that normalise their own input: every
+// caller gets the same bits). `scratch` holds 32 floats of shared memory; `o` may be shared memory.
+__device__ __forceinline__ void rmsnorm_row(const float* xr, const float* w, int n, float eps, float* o,
+                                            float* scratch) {
     const int tid = threadIdx.x;
     float ss = 0.0f;
     if (n <= RMS_THREADS * RMS_HELD) {
@@ -40,6 +41,12 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS)
     ss = block_sum(ss, scratch);
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = tid; i < n; i += RMS_THREADS) o[i] = __fmul_rn(__fmul_rn(xr[i], r), w[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(RMS_THREADS)
+    rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
+    __shared__ float scratch[32];
+    rmsnorm_row(x + (u64)blockIdx.x * n, w, n, eps, out + (u64)blockIdx.x * n, scratch);
 }
 
 // In place on x [n_tok, n_head, head_dim] (rows `row_stride` floats apart, head h at h * head_dim):

@@ -618,6 +618,134 @@ impl CudaDevice {
         })
     }
 
+    /// Whether [`CudaDevice::norm_qkv`] has a kernel for these weights: q and k of one format, v of the
+    /// same or a K-quant mix's (see `decode.cu`), all of one row length.
+    pub fn has_norm_qkv(&self, q: &DeviceMatrix, k: &DeviceMatrix, v: &DeviceMatrix) -> bool {
+        q.ty == k.ty
+            && (q.cols, q.experts) == (k.cols, 1)
+            && (v.cols, k.experts, v.experts) == (q.cols, 1, 1)
+            && self.kernels.norm_qkv1.contains_key(&(q.ty, v.ty))
+    }
+
+    /// The attention input of one decode step in one launch: `h = rmsnorm(x) * norm` (as
+    /// [`CudaDevice::rmsnorm`]), `q = Wq h` and, into row `pos[0]` of caches of `max_pos` rows, `Wk h` and
+    /// `Wv h` (as [`CudaDevice::matvec`] and [`CudaDevice::matvec_to_row`]): the same values as those four
+    /// launches. A position outside `0..max_pos` writes only `h`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_qkv(
+        &self,
+        x: DevSlice<'_, f32>,
+        norm: DevSlice<'_, f32>,
+        eps: f32,
+        h: DevSliceMut<'_, f32>,
+        (wq, wk, wv): (&DeviceMatrix, &DeviceMatrix, &DeviceMatrix),
+        q: DevSliceMut<'_, f32>,
+        (k_cache, v_cache): (DevSliceMut<'_, f32>, DevSliceMut<'_, f32>),
+        max_pos: usize,
+        pos: DevSlice<'_, i32>,
+    ) -> Result<(), CudaError> {
+        let op = "norm_qkv";
+        if !self.has_norm_qkv(wq, wk, wv) {
+            return Err(CudaError::invalid(
+                op,
+                format!(
+                    "no fused kernel for q {} [{}], k {} [{}], v {} [{}]: use rmsnorm and matvec",
+                    wq.ty, wq.cols, wk.ty, wk.cols, wv.ty, wv.cols
+                ),
+            ));
+        }
+        let hidden = wq.cols;
+        if hidden == 0 || hidden * 4 > MAX_DYNAMIC_SHARED {
+            return Err(CudaError::invalid(op, format!("a row of {hidden} does not fit shared memory")));
+        }
+        need(op, "x", x.len, hidden)?;
+        need(op, "norm", norm.len, hidden)?;
+        need(op, "h", h.len, hidden)?;
+        need(op, "q", q.len, wq.rows)?;
+        need(op, "k_cache", k_cache.len, max_pos * wk.rows)?;
+        need(op, "v_cache", v_cache.len, max_pos * wv.rows)?;
+        need(op, "pos", pos.len, 1)?;
+        let per_block = DEC_WARPS * DEC_ROWS;
+        let blocks: u32 = [wq.rows, wk.rows, wv.rows].iter().map(|&r| (r as u32).div_ceil(per_block)).sum();
+        let (k, nq, nk, nv) = (
+            to_i32(op, "cols", hidden)?,
+            to_i32(op, "q rows", wq.rows)?,
+            to_i32(op, "k rows", wk.rows)?,
+            to_i32(op, "v rows", wv.rows)?,
+        );
+        let mp = to_i32(op, "positions", max_pos)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (32 * DEC_WARPS, 1, 1),
+            shared_mem_bytes: (hidden * 4) as u32,
+        };
+        let f = &self.kernels.norm_qkv1[&(wq.ty, wv.ty)];
+        let (qp, kp, vp) = (wq.data.as_slice().ptr, wk.data.as_slice().ptr, wv.data.as_slice().ptr);
+        let (qb, kb, vb) = (wq.row_bytes as u64, wk.row_bytes as u64, wv.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&x.ptr).arg(&norm.ptr).arg(&k).arg(&eps).arg(&h.ptr);
+            b.arg(&qp).arg(&qb).arg(&nq).arg(&q.ptr);
+            b.arg(&kp).arg(&kb).arg(&nk).arg(&k_cache.ptr);
+            b.arg(&vp).arg(&vb).arg(&nv).arg(&v_cache.ptr);
+            b.arg(&pos.ptr).arg(&mp);
+        })
+    }
+
+    /// Whether [`CudaDevice::norm_router_topk`] takes a router of `n_expert` rows of `hidden`: its input
+    /// row and probabilities fit shared memory.
+    pub fn has_norm_router(&self, hidden: usize, n_expert: usize) -> bool {
+        (hidden.next_multiple_of(4) + n_expert) * 4 <= MAX_DYNAMIC_SHARED
+    }
+
+    /// The router of one token from the residual stream in one launch: `h = rmsnorm(x) * norm` (as
+    /// [`CudaDevice::rmsnorm`]), then what [`CudaDevice::router_topk`] makes of `h`: the same values as
+    /// those two launches. `counter` is one device int that must hold 0 (the kernel leaves it at 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_router_topk(
+        &self,
+        x: DevSlice<'_, f32>,
+        norm: DevSlice<'_, f32>,
+        eps: f32,
+        h: DevSliceMut<'_, f32>,
+        w: &DeviceMatrix,
+        logits: DevSliceMut<'_, f32>,
+        (k, renormalise): (usize, bool),
+        ids: DevSliceMut<'_, i32>,
+        weights: DevSliceMut<'_, f32>,
+        counter: DevSliceMut<'_, i32>,
+    ) -> Result<(), CudaError> {
+        let op = "norm_router_topk";
+        let (n_expert, hidden) = (w.rows, w.cols);
+        if w.experts != 1 || k == 0 || k > n_expert || hidden == 0 || !self.has_norm_router(hidden, n_expert)
+        {
+            return Err(CudaError::invalid(
+                op,
+                format!("top-{k} of {n_expert} experts over rows of {hidden}"),
+            ));
+        }
+        need(op, "x", x.len, hidden)?;
+        need(op, "norm", norm.len, hidden)?;
+        need(op, "h", h.len, hidden)?;
+        need(op, "logits", logits.len, n_expert)?;
+        need(op, "ids", ids.len, k)?;
+        need(op, "weights", weights.len, k)?;
+        need(op, "counter", counter.len, 1)?;
+        let (cols, e, k_i, norm_i) =
+            (to_i32(op, "cols", hidden)?, to_i32(op, "n_expert", n_expert)?, k as i32, renormalise as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_expert as u32).div_ceil(DEC_WARPS), 1, 1),
+            block_dim: (32 * DEC_WARPS, 1, 1),
+            shared_mem_bytes: ((hidden.next_multiple_of(4) + n_expert) * 4) as u32,
+        };
+        let f = &self.kernels.formats[&w.ty].norm_router_topk1;
+        let (wp, rb) = (w.data.as_slice().ptr, w.row_bytes as u64);
+        self.launch(op, f, cfg, |b| {
+            b.arg(&x.ptr).arg(&norm.ptr).arg(&cols).arg(&eps).arg(&h.ptr);
+            b.arg(&wp).arg(&rb).arg(&e).arg(&logits.ptr).arg(&k_i).arg(&norm_i);
+            b.arg(&ids.ptr).arg(&weights.ptr).arg(&counter.ptr);
+        })
+    }
+
     /// Room to group up to `max_slots` routed slots over `n_expert` experts.
     pub fn expert_groups(&self, n_expert: usize, max_slots: usize) -> Result<ExpertGroups, CudaError> {
         Ok(ExpertGroups {
