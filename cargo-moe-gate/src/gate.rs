@@ -41,9 +41,10 @@ pub fn run_gate(args: &GateArgs) -> Result<u8, GateError> {
 /// `cargo moe-gate selftest` sets anything else.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GateMode {
-    /// The seeded defect built into every run whose backend and policy it applies to
-    /// (`moe_engine::defect`; the selftest's, never a normal run's).
-    pub defect: Option<Defect>,
+    /// The seeded defect and the backend it is built into: every run of that backend whose policy it
+    /// applies to gets it, runs of other backends stay clean (`moe_engine::defect`; the selftest's, never a
+    /// normal run's).
+    pub defect: Option<(Defect, BackendKind)>,
     /// No libtest lines, summary or notes: the caller reports the returned report its own way.
     pub quiet: bool,
     /// Resolve the contract's prompts as for its smoke model (prompt sets marked `only_on: model` dropped)
@@ -127,12 +128,12 @@ pub fn run_gate_with(args: &GateArgs, mode: &GateMode) -> Result<Option<GateRepo
     {
         ready.insert(job.run.clone(), probe);
     }
-    if let Some(defect) = mode.defect {
-        crate::selftest::seed_backends(&mut ready, &contract, &weights, defect)?;
+    if let Some(seeded) = mode.defect {
+        crate::selftest::seed_backends(&mut ready, &contract, &weights, seeded)?;
     }
     let mut recording = record::record(&choice.spec, &weights, jobs, ready)?;
-    if let Some(defect) = mode.defect {
-        crate::selftest::seed_backends(&mut recording.backends, &contract, &weights, defect)?;
+    if let Some(seeded) = mode.defect {
+        crate::selftest::seed_backends(&mut recording.backends, &contract, &weights, seeded)?;
     }
 
     let ties_started = Instant::now();

@@ -66,7 +66,7 @@ pub fn run_selftest(args: &SelftestArgs) -> Result<u8, GateError> {
     let mut rows = Vec::with_capacity(runnable.len());
     for (i, &defect) in runnable.iter().enumerate() {
         note(&format!("[{}/{}] {defect}", i + 1, runnable.len()));
-        let (report, seconds) = run_once(&gate_args, Some(defect))?;
+        let (report, seconds) = run_once(&gate_args, Some((defect, backend)))?;
         rows.push(Row::judge(defect, backend, &contract, &report, seconds));
     }
     let outcome = Outcome {
@@ -92,18 +92,21 @@ pub fn run_selftest(args: &SelftestArgs) -> Result<u8, GateError> {
     })
 }
 
-/// Builds the backend of every run of `contract` that the gate forwards, whose backend and policy
-/// `defect` applies to, with `defect` seeded, unless `backends` already holds one so built. Called by the
-/// gate before recording (the runs' backends) and after (runs only the diagnosis would create).
+/// Builds the backend of every run of `contract` that the gate forwards on `backend`, whose policy
+/// `defect` applies to, with `defect` seeded, unless `backends` already holds one so built. Runs of other
+/// backends stay clean, so the contract compares the defective backend with a sound one (a defect seeded
+/// into both sides of `cuda vs cpu` would cancel out). Called by the gate before recording (the runs'
+/// backends) and after (runs only the diagnosis would create).
 pub(crate) fn seed_backends(
     backends: &mut HashMap<String, Box<dyn Forward>>,
     contract: &Contract,
     weights: &Arc<ModelWeights>,
-    defect: Defect,
+    (defect, backend): (Defect, BackendKind),
 ) -> Result<(), GateError> {
     for run in contract.needed_runs() {
         let Some(spec) = contract.runs.get(&run) else { continue };
-        if !defect.applies_to(spec.backend, spec.policy)
+        if spec.backend != backend
+            || !defect.applies_to(spec.backend, spec.policy)
             || backends.get(&run).is_some_and(|b| b.defect() == Some(defect))
         {
             continue;
@@ -188,7 +191,7 @@ fn backend_policies(contract: &Contract, backend: BackendKind) -> Result<Vec<Pol
 }
 
 /// One gate run (quiet, the contract's smoke prompts) with `defect` seeded, and its wall time.
-fn run_once(args: &GateArgs, defect: Option<Defect>) -> Result<(GateReport, f64), GateError> {
+fn run_once(args: &GateArgs, defect: Option<(Defect, BackendKind)>) -> Result<(GateReport, f64), GateError> {
     let started = Instant::now();
     let mode = GateMode { defect, quiet: true, smoke_prompts: true };
     let report = run_gate_with(args, &mode)?
@@ -560,5 +563,52 @@ impl Outcome {
         let json = dir.join("selftest.json");
         let text = serde_json::to_string_pretty(self).map_err(|e| GateError::write(&json, e))?;
         std::fs::write(&json, text).map_err(|e| GateError::write(&json, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const CONTRACT: &str = "\
+contract: seed-v1
+version: 1.0.0
+status: active
+title: seeding
+model: m.gguf
+smoke_model: m.gguf
+prompts:
+  - {id: p, tokens: [1, 2]}
+runs:
+  cpu: {backend: cpu}
+  cpu_exact: {backend: cpu, policy: exact}
+  gpu: {backend: cuda}
+  reference: {backend: reference}
+criteria:
+  - {id: A, title: a, compare: [gpu, cpu], tap: hidden, metric: cosine, per: [prompt, layer],
+     threshold: {min: 0.9999}, gate: all}
+  - {id: B, title: b, compare: [cpu_exact, reference], tap: hidden, metric: cosine, per: [prompt, layer],
+     threshold: {min: 0.9999}, gate: all}
+amendments:
+  - {version: 1.0.0, date: 2026-12-03, kind: created, summary: test}
+";
+
+    /// A defect seeded into one backend reaches every run of that backend and no other: seeded into both
+    /// sides of `gpu vs cpu` it would cancel out and the contract would pass on a broken kernel (the
+    /// selftest on the CUDA contracts once did exactly that). Seeding `cpu` must not even build the
+    /// `cuda` run's backend (there is no GPU here, so trying would fail).
+    #[test]
+    fn a_defect_is_seeded_into_its_own_backend_s_runs_only() {
+        let contract = moe_contracts::parse(CONTRACT, Path::new("seed-v1.yaml")).unwrap();
+        let weights = crate::model::resolve_model("../tests/fixtures/public-tiny/model.gguf").unwrap();
+        let mut backends = HashMap::new();
+        let seeded = (Defect::RopeWrongBase, BackendKind::Cpu);
+        seed_backends(&mut backends, &contract, &weights, seeded).unwrap();
+        let mut runs: Vec<(&str, Option<Defect>)> =
+            backends.iter().map(|(run, b)| (run.as_str(), b.defect())).collect();
+        runs.sort_by_key(|r| r.0);
+        assert_eq!(runs, [("cpu", Some(Defect::RopeWrongBase)), ("cpu_exact", Some(Defect::RopeWrongBase))]);
     }
 }
