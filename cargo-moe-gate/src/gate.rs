@@ -18,7 +18,6 @@ use moe_engine::weights::ModelWeights;
 use crate::cli::GateArgs;
 use crate::diagnose::Diagnoser;
 use crate::error::GateError;
-use crate::judged::Judged;
 use crate::model::{CudaStatus, ModelChoice, choose_model, probe_cuda, resolve_model};
 use crate::record::{self, top_logits};
 use crate::report::{
@@ -27,6 +26,7 @@ use crate::report::{
 };
 use crate::ties::{TieReport, TieWork};
 use crate::trials;
+use crate::verdict::Judged;
 
 /// libtest's exit code for failed tests, which the gate reuses for a failed blocking gate.
 pub const EXIT_FAILED: u8 = 101;

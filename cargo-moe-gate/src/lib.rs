@@ -6,7 +6,7 @@
 //! - [`cli`]: the command line; [`discover`]: workspace and contracts; [`model`]: model choice and CUDA.
 //! - [`record`]: the forwards; [`trials`]: selection, outcomes and libtest trials; [`diagnose`], with the
 //!   op-level [`bisect`]ion of a defective layer or decode step.
-//! - [`gate`]: the run itself; [`judged`]: criteria and verdict from the trials; [`commands`]: the
+//! - [`gate`]: the run itself; [`verdict`]: criteria and verdict from the trials; [`commands`]: the
 //!   subcommands; [`report`]: the report writers.
 //! - [`partition`]: `--partition K/N`; [`merge`]: `cargo moe-gate merge` of the shards' reports.
 //! - [`bench`]: `cargo moe-gate bench`, the speed measurement.
@@ -24,7 +24,6 @@ pub mod diagnose;
 pub mod discover;
 pub mod error;
 pub mod gate;
-pub mod judged;
 pub mod lengths;
 pub mod merge;
 pub mod model;
@@ -37,6 +36,7 @@ pub mod selftest;
 pub mod text;
 pub mod ties;
 pub mod trials;
+pub mod verdict;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

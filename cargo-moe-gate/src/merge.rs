@@ -20,13 +20,13 @@ use moe_contracts::{Contract, Prompt, TrialOutcome, TrialPlan};
 use crate::cli::MergeArgs;
 use crate::error::GateError;
 use crate::gate::resolve_for_model;
-use crate::judged::Judged;
 use crate::partition::Partition;
 use crate::report::{
     ArgmaxRow, CudaInfo, Diagnosis, GateReport, GreedyRow, SCHEMA_VERSION, ShardSummary, Timings,
     TrialReport, TrialStatus, terminal,
 };
 use crate::trials::{self, Selection};
+use crate::verdict::Judged;
 
 /// Why the shards' reports cannot be merged (exit 2).
 #[derive(Debug, thiserror::Error)]

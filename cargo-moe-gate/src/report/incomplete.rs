@@ -1,7 +1,7 @@
 //! The reports of a run that did not finish: interrupted (SIGINT, SIGTERM) or stopped by an error (a
 //! device out of memory, an NVRTC or driver failure). While the gate runs, [`watch`] keeps what the
 //! reports would say so far: the contract and model from the start, the judged trials once evaluation
-//! has run ([`judged`]). If the run ends early, [`abandon`] writes report.json, report.md, layers.svg and
+//! has run ([`verdict`]). If the run ends early, [`abandon`] writes report.json, report.md, layers.svg and
 //! junit.xml from it, marked incomplete ([`super::Verdict::incomplete`], an `<error>` in junit.xml), so CI
 //! shows what happened and `merge` refuses the file instead of reading it as a whole shard.
 
@@ -12,8 +12,8 @@ use moe_contracts::{Contract, CriterionSummary};
 
 use super::{ContractInfo, CudaInfo, GateReport, ModelInfo, SCHEMA_VERSION, Timings, Verdict};
 use crate::cli::GateArgs;
-use crate::judged::Judged;
 use crate::model::ModelChoice;
+use crate::verdict::Judged;
 
 /// Exit code of a run interrupted by SIGINT (the shell's 128 + 2).
 pub const EXIT_SIGINT: u8 = 130;
