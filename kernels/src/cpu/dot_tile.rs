@@ -6,8 +6,9 @@
 //! hundreds of tokens those rows no longer fit in the core's caches, and every weight row reads them again
 //! from memory. Here the products are cache-blocked the way a matrix product is: the tokens go in blocks
 //! of [`TOKEN_BLOCK`], the row length in blocks of [`K_BLOCK`] values, and within one (token block,
-//! column block) four tokens advance together through the column block of every row of the tile, so the
-//! four tokens' slices (4 KiB) stay in L1 while the tile's rows pass. Each product's sixteen lane sums
+//! column block) four tokens advance together through the column block of the tile's rows, two rows at a
+//! time (each token's values loaded once for both), so the four tokens' slices stay in L1 while the
+//! tile's rows pass. Each product's sixteen lane sums
 //! are kept in memory between column blocks and resumed where they stopped, so every lane still receives
 //! its products in increasing index, and the lanes are reduced by `dot`'s halving tree at the end: the
 //! order, and with it every bit, is `dot`'s. Rust never fuses a multiply and an add, so the portable and
@@ -19,10 +20,13 @@ use super::real::LANES;
 /// AVX-512 ones), leaving room for the row and the products.
 const TOKENS_PER_PASS: usize = 4;
 
-/// Values of a row per column block: four tokens' slices are 4 KiB, a quarter of the smallest L1 data
-/// cache of the machines this runs on, so they stay there while a tile's rows pass. A multiple of
-/// [`LANES`], so every block starts at lane 0.
-const K_BLOCK: usize = 256;
+/// Values of a row per column block: the production rows (2048 values) in one block, so a product's lane
+/// sums are resumed only for longer rows (the 4096-wide output projection). Four tokens' slices are then
+/// 32 KiB, an L1 data cache, while two rows pass them at a time. Measured (`dot_tile_16x2048` bench, AMD
+/// EPYC): with blocks of 256 values and one row per pass 15.1 and 14.1 G multiply-adds/s per core (16 and
+/// 64 tokens; AVX2: 12.3, 13.2), with 2048 and two rows 24.3 and 21.5 (AVX2: 19.3, 18.2); larger blocks
+/// alone, or two rows alone, gained nothing. A multiple of [`LANES`], so every block starts at lane 0.
+const K_BLOCK: usize = 2048;
 
 /// Tokens per token block: the lane sums of a 16-row tile's products with them are 64 KiB, held in L2
 /// between column blocks.
@@ -87,11 +91,18 @@ fn dot_tile_portable(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
             let full = tb / TOKENS_PER_PASS * TOKENS_PER_PASS;
             for t in (0..full).step_by(TOKENS_PER_PASS) {
                 let xq: [&[f32]; TOKENS_PER_PASS] = std::array::from_fn(|i| x(t + i));
-                for (r, row_lanes) in lanes.chunks_exact_mut(tb).enumerate() {
-                    let w = &rows[r * n..][k.clone()];
-                    let quad: &mut [Lanes; TOKENS_PER_PASS] =
-                        (&mut row_lanes[t..t + TOKENS_PER_PASS]).try_into().expect("four tokens");
-                    add_products(w, xq, quad);
+                // Two rows per pass: each token's slice is loaded once for both rows' products.
+                let mut pairs = lanes.chunks_exact_mut(2 * tb);
+                for (p, pair_lanes) in pairs.by_ref().enumerate() {
+                    let (a, b) = pair_lanes.split_at_mut(tb);
+                    let w = [&rows[2 * p * n..][k.clone()], &rows[(2 * p + 1) * n..][k.clone()]];
+                    let quads = [quad(a, t), quad(b, t)];
+                    add_products_rows(w, xq, quads);
+                }
+                let single = pairs.into_remainder();
+                if !single.is_empty() {
+                    let r = n_rows - 1;
+                    add_products(&rows[r * n..][k.clone()], xq, quad(single, t));
                 }
             }
             for t in full..tb {
@@ -137,6 +148,42 @@ fn add_products<const J: usize>(w: &[f32], x: [&[f32]; J], lanes: &mut [Lanes; J
     *lanes = acc;
 }
 
+/// The [`TOKENS_PER_PASS`] lane sums of one row's products starting at token `t`.
+#[inline(always)]
+fn quad(row_lanes: &mut [Lanes], t: usize) -> &mut [Lanes; TOKENS_PER_PASS] {
+    (&mut row_lanes[t..t + TOKENS_PER_PASS]).try_into().expect("four tokens")
+}
+
+/// [`add_products`] for two rows at once: each token's chunk is loaded once and multiplied with both
+/// rows' chunks; each product's lanes receive exactly what `add_products` gives them, in the same order.
+#[inline(always)]
+fn add_products_rows<const J: usize>(w: [&[f32]; 2], x: [&[f32]; J], lanes: [&mut [Lanes; J]; 2]) {
+    let (w0_chunks, w0_rest) = w[0].as_chunks::<LANES>();
+    let w1_chunks = w[1].as_chunks::<LANES>().0;
+    let x_chunks: [&[[f32; LANES]]; J] = x.map(|x| x.as_chunks::<LANES>().0);
+    let [l0, l1] = lanes;
+    let (mut acc0, mut acc1) = (*l0, *l1);
+    for (c, (w0, w1)) in w0_chunks.iter().zip(w1_chunks).enumerate() {
+        for j in 0..J {
+            let x = &x_chunks[j][c];
+            for l in 0..LANES {
+                acc0[j][l] += w0[l] * x[l];
+                acc1[j][l] += w1[l] * x[l];
+            }
+        }
+    }
+    let tail = w0_chunks.len() * LANES;
+    for (j, x) in x.iter().enumerate() {
+        for (l, (&w0, &v)) in w0_rest.iter().zip(&x[tail..]).enumerate() {
+            acc0[j][l] += w0 * v;
+        }
+        for (l, (&w1, &v)) in w[1][tail..].iter().zip(&x[tail..]).enumerate() {
+            acc1[j][l] += w1 * v;
+        }
+    }
+    (*l0, *l1) = (acc0, acc1);
+}
+
 /// `dot`'s reduction: `lane[l] += lane[l + h]` for `l < h`, `h = 8, 4, 2, 1`; then `lane[0]`.
 #[inline(always)]
 fn halving_sum(mut lanes: Lanes) -> f32 {
@@ -160,12 +207,12 @@ mod tests {
     #[test]
     fn every_product_is_dot_bit_for_bit() {
         // Values over six binades, so a different order or a fused multiply-add changes low bits. Row
-        // lengths below, at and across the column block (256) with and without a remainder of the 16
+        // lengths below, at and across the column block (K_BLOCK) with and without a remainder of the 16
         // lanes; token counts covering passes of 4 with every remainder and more than one token block
-        // (64); tiles of 1 to 3 rows.
+        // (64); tiles of 1 to 3 rows (pairs of rows and a last single one).
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let mut value = || rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..3));
-        for n in [1usize, 17, 256, 300, 513] {
+        for n in [1usize, 17, 256, 300, 513, K_BLOCK, K_BLOCK + 1, 2 * K_BLOCK + 40] {
             for n_rows in 1..4 {
                 let rows: Vec<f32> = (0..n * n_rows).map(|_| value()).collect();
                 for n_tok in [1usize, 3, 4, 7, 64, 70, 133] {
