@@ -6,13 +6,15 @@
 //! product (an expert's rows against the tokens routed to it). Throughput is in multiply-adds per second
 //! (rows x 2048 x tokens per iteration), to compare with the core's peak (docs/benchmarks.md).
 //!
+//! `dequantize_row`: one 2048-weight row per type, in weights per second.
+//!
 //! Run: `cargo bench -p moe-kernels --bench dot -- --warm-up-time 1 --measurement-time 2`.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use moe_kernels::cpu::dot_tile;
-use moe_kernels::quant::{GgmlType, dot_row, quantize_row};
+use moe_kernels::quant::{GgmlType, dequantize_row, dot_row, quantize_row};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -51,5 +53,21 @@ fn bench_dot_tile(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_dot_row, bench_dot_tile);
+/// `dequantize_row` of one 2048-weight row per type: what the batched forward pays per weight row before
+/// `dot_tile`; throughput in weights per second.
+fn bench_dequantize_row(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(4096);
+    let weights: Vec<f32> = (0..ROW).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut out = vec![0.0f32; ROW];
+    let mut group = c.benchmark_group("dequantize_row_2048");
+    for ty in GgmlType::ALL {
+        let mut row = vec![0u8; ty.row_bytes(ROW).expect("2048 is a whole number of blocks")];
+        quantize_row(ty, &weights, &mut row);
+        group.throughput(Throughput::Elements(ROW as u64));
+        group.bench_function(ty.name(), |b| b.iter(|| dequantize_row(ty, black_box(&row), &mut out)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_dot_row, bench_dot_tile, bench_dequantize_row);
 criterion_main!(benches);
