@@ -34,9 +34,11 @@ MODEL=synth:qwen3-coder-30b-a3b
 CONTRACT=${CONTRACT:-qwen3-moe-forward-gpu-v1}
 GATE=${GATE:-target/release/cargo-moe-gate}
 
-F16=$WORK/qwen3-coder-30b-a3b.f16.gguf
-Q4KM=$WORK/qwen3-coder-30b-a3b.llama-q4_k_m.gguf
-OURS=$WORK/qwen3-coder-30b-a3b.ours-q4_k_m.gguf
+# Each file can live elsewhere (F16=..., Q4KM=..., OURS=...): the F16 file in memory (/dev/shm) and the
+# others on disk, for example, when neither holds all three.
+F16=${F16:-$WORK/qwen3-coder-30b-a3b.f16.gguf}
+Q4KM=${Q4KM:-$WORK/qwen3-coder-30b-a3b.llama-q4_k_m.gguf}
+OURS=${OURS:-$WORK/qwen3-coder-30b-a3b.ours-q4_k_m.gguf}
 QUANTIZE=$WORK/llama.cpp/build/bin/llama-quantize
 
 say() { echo "llama_q4_k_m: $*" >&2; }
@@ -75,7 +77,7 @@ build() {
 }
 
 synth() {
-  mkdir -p "$WORK"
+  mkdir -p "$WORK" "$(dirname "$F16")" "$(dirname "$OURS")"
   "$GATE" synth --model "$MODEL:f16" --out "$F16"
   "$GATE" synth --model "$MODEL:q4_k_m" --out "$OURS"
 }

@@ -19,14 +19,18 @@
 //!   cosines and sines taken from the host's table (`moe_kernels::cpu::RopeTable`, uploaded). The trace
 //!   is then the `cpu` backend's bit for bit. Experts run one block row per routed slot.
 
+mod kernel_sets;
+mod layer;
 mod seeded;
+
+use kernel_sets::{Exact, Fast};
+use layer::{At, Layer};
 
 use std::sync::Arc;
 
 use moe_kernels::cpu::RopeTable;
 use moe_kernels::cuda::{
-    AttentionShape, CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceGraph, DeviceMatrix, ExactRows,
-    ExpertGroups, FUSED_MAX_SLOTS, Routing,
+    CudaDevice, CudaError, DevSlice, DeviceBuffer, DeviceGraph, DeviceMatrix, ExactRows, ExpertGroups,
 };
 use moe_kernels::quant::dequantize_row;
 
@@ -396,10 +400,12 @@ impl CudaForward {
             let stage = || format!("running layer {l}");
             let layer = Layer { d: &self.device, cfg, model: &self.model, l, defect: self.defect };
             let mut taps = record_taps.then(DeviceTaps::default);
+            let at = At::Positions { n, pos0: start };
             match &self.exact_rope {
-                None => layer.run(&mut self.work, keys, values, n, start, taps.as_mut()),
+                None => layer.run(&Fast, &mut self.work, keys, values, at, taps.as_mut()),
                 Some(rope) => {
-                    layer.run_exact(&mut self.work, keys, values, n, start, rope.slices(), taps.as_mut())
+                    let exact = Exact { rope: rope.slices() };
+                    layer.run(&exact, &mut self.work, keys, values, at, taps.as_mut())
                 }
             }
             .map_err(|e| engine_error(&stage(), e))?;
@@ -494,7 +500,8 @@ impl CudaForward {
                 let layer = Layer { d: &d, cfg, model: &self.model, l, defect: self.defect };
                 let mut taps = record_taps.then(DeviceTaps::default);
                 let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
-                layer.decode(&mut self.work, keys, values, capacity, taps.as_mut().map(|t| (t, pos)))?;
+                let at = At::DevicePosition { capacity, tap_pos: pos };
+                layer.run(&Fast, &mut self.work, keys, values, at, taps.as_mut())?;
                 layers.push(self.layer_trace(1)?);
                 if let Some(taps) = taps {
                     let mut taps = taps.into_taps(cfg, 1);
@@ -530,7 +537,8 @@ impl CudaForward {
         d.get_rows(&model.token_embd, work.tokens.slice(0..1)?, work.x.slice_mut(0..hidden)?)?;
         for l in 0..cfg.n_layer {
             let layer = Layer { d, cfg, model, l, defect: None };
-            layer.decode(work, &mut cache.keys[l], &mut cache.values[l], cache.capacity, None)?;
+            let at = At::DevicePosition { capacity: cache.capacity, tap_pos: 0 };
+            layer.run(&Fast, work, &mut cache.keys[l], &mut cache.values[l], at, None)?;
         }
         let (norm, eps) = (model.output_norm.as_slice(), cfg.rms_eps as f32);
         d.rmsnorm(work.x.slice(0..hidden)?, norm, 1, hidden, eps, work.h.slice_mut(0..hidden)?)?;
@@ -666,500 +674,6 @@ fn new_cache(device: &CudaDevice, cfg: &ModelConfig, positions: usize) -> Result
     Ok(KvCache { keys, values, capacity: positions })
 }
 
-/// Whether layer `lw`'s experts can run through the fused kernels (`moe_gate_up`, `moe_down_combine`):
-/// gate and up projections of one shape and format, at most [`FUSED_MAX_SLOTS`] experts per token.
-fn fused_experts(lw: &DeviceLayer, k: usize) -> bool {
-    let (g, u) = (&lw.gate_exps, &lw.up_exps);
-    k <= FUSED_MAX_SLOTS
-        && (g.ty(), g.cols(), g.rows(), g.experts()) == (u.ty(), u.cols(), u.rows(), u.experts())
-}
-
-/// Decoder layer `l` of a model on a device.
-struct Layer<'a> {
-    d: &'a CudaDevice,
-    cfg: &'a ModelConfig,
-    model: &'a DeviceModel,
-    l: usize,
-    /// The forward's seeded defect (`seeded`); `None` in every normal forward and in the decode graph.
-    defect: Option<Defect>,
-}
-
-impl Layer<'_> {
-    /// The layer on the `n` tokens in `work.x` at positions `pos0..pos0 + n`, whose keys and values
-    /// go to positions `pos0..` of `keys` / `values` (which hold the earlier positions already): the fast
-    /// kernels. With `taps`, each op's output is copied back into it as the layer runs (same values).
-    fn run(
-        &self,
-        work: &mut Workspace,
-        keys: &mut DeviceBuffer<f32>,
-        values: &mut DeviceBuffer<f32>,
-        n: usize,
-        pos0: usize,
-        mut taps: Option<&mut DeviceTaps>,
-    ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l, .. } = *self;
-        let lw = &model.layers[l];
-        let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let eps = cfg.rms_eps as f32;
-        let Workspace { x, h, q, attn, .. } = &mut *work;
-        let xs = 0..n * hidden;
-        let new_kv = pos0 * kvd..(pos0 + n) * kvd;
-        let all_kv = 0..(pos0 + n) * kvd;
-
-        // Attention block: x += o · attn(rope(norm(q)), rope(norm(k)), v), over norm(x).
-        self.rmsnorm(x.slice(xs.clone())?, lw.attn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.attn_norm = d.download(h.slice(xs.clone())?)?;
-        }
-        let hn = h.slice(xs.clone())?;
-        d.matvec(&lw.q, hn, n, q.slice_mut(0..n * qd)?, false)?;
-        d.matvec(&lw.k, hn, n, keys.slice_mut(new_kv.clone())?, false)?;
-        d.matvec(&lw.v, hn, n, values.slice_mut(new_kv.clone())?, false)?;
-        let inv_freq = model.inv_freq.as_slice();
-        let rope_pos0 = seeded::rope_pos0(self.defect, pos0);
-        let q_norm = self.qk_norm(lw.q_norm.as_slice(), eps);
-        let hd = cfg.head_dim;
-        d.head_norm_rope(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, inv_freq)?;
-        let k_norm = self.qk_norm(lw.k_norm.as_slice(), eps);
-        d.head_norm_rope(
-            keys.slice_mut(new_kv.clone())?,
-            kvd,
-            n,
-            cfg.n_kv_head,
-            hd,
-            k_norm,
-            rope_pos0,
-            inv_freq,
-        )?;
-        self.stale_kv(keys, values, pos0, n)?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.q = d.download(q.slice(0..n * qd)?)?;
-            t.k = d.download(keys.slice(new_kv.clone())?)?;
-            t.v = d.download(values.slice(new_kv)?)?;
-        }
-        let shape = self.attention_shape(n, pos0);
-        let scale = self.attention_scale();
-        let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
-        match self.defect == Some(Defect::CudaExactAttentionOrder) {
-            true => {
-                d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?
-            }
-            false => d.attention(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?,
-        }
-        let seeded_heads = self.o_proj_input(attn.slice(0..n * qd)?)?;
-        let heads = || seeded_heads.as_ref().map_or(attn.slice(0..n * qd), |b| Ok(b.as_slice()));
-        if let Some(t) = taps.as_deref_mut() {
-            t.attn_out = d.download(attn.slice(0..n * qd)?)?;
-            // The projection alone, into the normed buffer (no longer read): the addend of the
-            // accumulating launch below, which computes the same dot products and adds them once.
-            d.matvec(&lw.o, heads()?, n, h.slice_mut(xs.clone())?, false)?;
-            t.attn_proj = d.download(h.slice(xs.clone())?)?;
-        }
-        d.matvec(&lw.o, heads()?, n, x.slice_mut(xs.clone())?, self.attn_residual())?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.attn_residual = d.download(x.slice(xs)?)?;
-        }
-        self.moe(work, n, taps)
-    }
-
-    /// [`Layer::run`] on one token whose position is read from the device (`work.pos[0]`), over caches
-    /// of `capacity` positions: the kernels of a captured decode graph, which replays at any position. The
-    /// same kernels as `run` on one token, so the same values. With `taps` (never while capturing: it
-    /// waits for the device), each op's output is copied back into it; the `usize` is the position the
-    /// device reads, whose cache rows are the step's keys and values.
-    fn decode(
-        &self,
-        work: &mut Workspace,
-        keys: &mut DeviceBuffer<f32>,
-        values: &mut DeviceBuffer<f32>,
-        capacity: usize,
-        mut taps: Option<(&mut DeviceTaps, usize)>,
-    ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l, .. } = *self;
-        let lw = &model.layers[l];
-        let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let eps = cfg.rms_eps as f32;
-        let Workspace { x, h, q, attn, pos, .. } = &mut *work;
-        let pos = pos.slice(0..1)?;
-        let (xs, all_kv) = (0..hidden, 0..capacity * kvd);
-
-        if self.defect.is_none() && d.has_norm_qkv(&lw.q, &lw.k, &lw.v) {
-            // Norm, q, k and v in one launch (the values of the four below).
-            let (x, norm, h) = (x.slice(xs.clone())?, lw.attn_norm.as_slice(), h.slice_mut(xs.clone())?);
-            let caches = (keys.slice_mut(all_kv.clone())?, values.slice_mut(all_kv.clone())?);
-            d.norm_qkv(x, norm, eps, h, (&lw.q, &lw.k, &lw.v), q.slice_mut(0..qd)?, caches, capacity, pos)?;
-        } else {
-            d.rmsnorm(
-                x.slice(xs.clone())?,
-                lw.attn_norm.as_slice(),
-                1,
-                hidden,
-                eps,
-                h.slice_mut(xs.clone())?,
-            )?;
-            let hn = h.slice(xs.clone())?;
-            d.matvec(&lw.q, hn, 1, q.slice_mut(0..qd)?, false)?;
-            d.matvec_to_row(&lw.k, hn, keys.slice_mut(all_kv.clone())?, capacity, pos)?;
-            d.matvec_to_row(&lw.v, hn, values.slice_mut(all_kv.clone())?, capacity, pos)?;
-        }
-        if let Some((t, _)) = taps.as_mut() {
-            t.attn_norm = d.download(h.slice(xs.clone())?)?;
-        }
-        let (inv_freq, hd) = (model.inv_freq.as_slice(), cfg.head_dim);
-        d.head_norm_rope_qk(
-            q.slice_mut(0..qd)?,
-            (cfg.n_head, lw.q_norm.as_slice()),
-            keys.slice_mut(all_kv.clone())?,
-            (kvd, cfg.n_kv_head, lw.k_norm.as_slice()),
-            hd,
-            eps,
-            inv_freq,
-            (pos, capacity),
-        )?;
-        if let Some((t, row)) = taps.as_mut() {
-            let row = *row * kvd..(*row + 1) * kvd;
-            t.q = d.download(q.slice(0..qd)?)?;
-            t.k = d.download(keys.slice(row.clone())?)?;
-            t.v = d.download(values.slice(row)?)?;
-        }
-        let shape = self.attention_shape(1, 0);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
-        let out = attn.slice_mut(0..qd)?;
-        d.attention_with(q.slice(0..qd)?, kc, vc, out, shape, scale, Some((pos, capacity)))?;
-        if let Some((t, _)) = taps.as_mut() {
-            t.attn_out = d.download(attn.slice(0..qd)?)?;
-            // The projection alone into the normed buffer (no longer read): the accumulating launch's addend.
-            d.matvec(&lw.o, attn.slice(0..qd)?, 1, h.slice_mut(xs.clone())?, false)?;
-            t.attn_proj = d.download(h.slice(xs.clone())?)?;
-        }
-        d.matvec(&lw.o, attn.slice(0..qd)?, 1, x.slice_mut(xs.clone())?, true)?;
-        if let Some((t, _)) = taps.as_mut() {
-            t.attn_residual = d.download(x.slice(xs)?)?;
-        }
-        self.moe(work, 1, taps.map(|(t, _)| t))
-    }
-
-    /// RMSNorm of `rows` rows of `x` by `w` into `out`: the fast kernel, or the exact one's reduction
-    /// tree under [`Defect::CudaExactNormTree`].
-    fn rmsnorm(
-        &self,
-        x: DevSlice<'_, f32>,
-        w: DevSlice<'_, f32>,
-        rows: usize,
-        out: moe_kernels::cuda::DevSliceMut<'_, f32>,
-    ) -> Result<(), CudaError> {
-        let (hidden, eps) = (self.cfg.hidden, self.cfg.rms_eps as f32);
-        match self.defect == Some(Defect::CudaExactNormTree) {
-            true => self.d.rmsnorm_exact(x, w, rows, hidden, eps, out),
-            false => self.d.rmsnorm(x, w, rows, hidden, eps, out),
-        }
-    }
-
-    /// The q / k head-norm weights, or none when the norm is skipped.
-    fn qk_norm<'w>(&self, norm: DevSlice<'w, f32>, eps: f32) -> Option<(DevSlice<'w, f32>, f32)> {
-        (self.defect != Some(Defect::QkNormSkipped)).then_some((norm, eps))
-    }
-
-    /// In a decode step (`pos0 > 0`) of the stale-row layer, the new cache rows hold the previous row.
-    fn stale_kv(
-        &self,
-        keys: &mut DeviceBuffer<f32>,
-        values: &mut DeviceBuffer<f32>,
-        pos0: usize,
-        n: usize,
-    ) -> Result<(), CudaError> {
-        if pos0 == 0 || !seeded::in_layer(self.defect, Defect::KvStaleRow, self.l, self.cfg) {
-            return Ok(());
-        }
-        let kvd = self.cfg.kv_dim();
-        seeded::stale_rows(self.d, keys, kvd, pos0, n)?;
-        seeded::stale_rows(self.d, values, kvd, pos0, n)
-    }
-
-    /// The attention score scale: `head_dim^-0.5`, or `1 / head_dim`.
-    fn attention_scale(&self) -> f32 {
-        let hd = self.cfg.head_dim as f64;
-        match self.defect == Some(Defect::AttentionScaleInvHeadDim) {
-            true => (1.0 / hd) as f32,
-            false => (1.0 / hd.sqrt()) as f32,
-        }
-    }
-
-    /// The heads' output rounded to f16 (a copy) under [`Defect::F16OutputProjectionInput`]; `None`: use
-    /// the heads as they are.
-    fn o_proj_input(&self, heads: DevSlice<'_, f32>) -> Result<Option<DeviceBuffer<f32>>, CudaError> {
-        if self.defect != Some(Defect::F16OutputProjectionInput) {
-            return Ok(None);
-        }
-        let mut copy = seeded::copy_of(self.d, heads)?;
-        self.d.seeded_round_f16(copy.as_mut())?;
-        Ok(Some(copy))
-    }
-
-    /// Whether the output projection is added to the residual stream (not in the dropped layer).
-    fn attn_residual(&self) -> bool {
-        !seeded::in_layer(self.defect, Defect::AttnResidualDropped, self.l, self.cfg)
-    }
-
-    /// Whether the router weights are renormalised.
-    fn norm_topk(&self) -> bool {
-        self.cfg.norm_topk_prob && self.defect != Some(Defect::RouterWeightsNotRenormalised)
-    }
-
-    /// The experts' input (`n` normalised rows) rounded to a Q8 grid (a copy) under a Q8 defect; `None`:
-    /// use the rows as they are.
-    fn expert_input(&self, h: DevSlice<'_, f32>, n: usize) -> Result<Option<DeviceBuffer<f32>>, CudaError> {
-        let Some(block) = seeded::q8_block(self.defect) else { return Ok(None) };
-        let mut copy = seeded::copy_of(self.d, h)?;
-        self.d.seeded_round_q8(copy.as_mut(), n, self.cfg.hidden, block)?;
-        Ok(Some(copy))
-    }
-
-    fn attention_shape(&self, n_tok: usize, pos0: usize) -> AttentionShape {
-        let cfg = self.cfg;
-        AttentionShape { n_tok, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, pos0 }
-    }
-
-    /// The MoE block of the fast kernels on the `n` tokens in `work.x`: x += sum over the chosen experts
-    /// of weight * down(silu(gate · h) * (up · h)), over norm(x). With `taps`, the FFN norm, each slot's
-    /// expert output and their weighted sum are copied back (the experts then take the unfused launches,
-    /// which give the fused kernels' values).
-    fn moe(
-        &self,
-        work: &mut Workspace,
-        n: usize,
-        mut taps: Option<&mut DeviceTaps>,
-    ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l, .. } = *self;
-        let lw = &model.layers[l];
-        let hidden = cfg.hidden;
-        let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
-        let Workspace {
-            x,
-            h,
-            router_logits,
-            router_counter,
-            expert_ids,
-            expert_weights,
-            groups,
-            gate,
-            act,
-            expert_out,
-            ..
-        } = work;
-        let xs = 0..n * hidden;
-        let slots = n * k;
-        let (logits, norm_topk) = (router_logits.slice_mut(0..n * n_exp)?, self.norm_topk());
-        let (out_ids, out_w) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
-        let eps = cfg.rms_eps as f32;
-        if n == 1 && self.defect.is_none() && d.has_norm_router(hidden, n_exp) {
-            // One token: norm, router, softmax and top-k in one launch (the values of the launches below).
-            let (x, norm, h) = (x.slice(xs.clone())?, lw.ffn_norm.as_slice(), h.slice_mut(xs.clone())?);
-            let (choice, counter) = ((k, norm_topk), router_counter.as_mut());
-            d.norm_router_topk(x, norm, eps, h, &lw.router, logits, choice, out_ids, out_w, counter)?;
-        } else {
-            self.rmsnorm(x.slice(xs.clone())?, lw.ffn_norm.as_slice(), n, h.slice_mut(xs.clone())?)?;
-            let hn = h.slice(xs.clone())?;
-            if let Some(router) = model.f32_routers.get(l) {
-                let shape = (n_exp, hidden, n);
-                d.seeded_matvec_bf16acc(router.as_slice(), hn, shape, logits)?;
-                let logits = router_logits.slice(0..n * n_exp)?;
-                d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
-            } else if n == 1 {
-                // One token: router, softmax and top-k in one launch (the values of the two below).
-                d.router_topk(&lw.router, hn, logits, k, norm_topk, out_ids, out_w, router_counter.as_mut())?;
-            } else {
-                d.matvec(&lw.router, hn, n, logits, false)?;
-                let logits = router_logits.slice(0..n * n_exp)?;
-                d.softmax_topk(logits, n, n_exp, k, norm_topk, out_ids, out_w)?;
-            }
-        }
-        if let Some(t) = taps.as_deref_mut() {
-            t.ffn_norm = d.download(h.slice(xs.clone())?)?;
-        }
-        if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
-            let logits = router_logits.slice(0..n * n_exp)?;
-            let (ids, wts) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
-            seeded::next_expert_routing(d, cfg, logits, ids, wts)?;
-        }
-        let rounded = self.expert_input(h.slice(xs.clone())?, n)?;
-        let hn = rounded.as_ref().map_or(h.slice(xs.clone()), |b| Ok(b.as_slice()))?;
-        let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
-        let routing = if slots < n_exp {
-            Routing::PerSlot { ids }
-        } else {
-            d.moe_group(ids, slots, groups)?;
-            Routing::Grouped(&*groups)
-        };
-        let ffn = cfg.expert_ffn;
-        let wts = expert_weights.slice(0..slots)?;
-        if let Routing::PerSlot { .. } = routing
-            && fused_experts(lw, k)
-            && taps.is_none()
-        {
-            // Few slots: gate + up + SwiGLU in one pass, then down + weighted sum + residual in another
-            // (the same values as the four launches below).
-            d.moe_gate_up(&lw.gate_exps, &lw.up_exps, hn, k, ids, slots, act.slice_mut(0..slots * ffn)?)?;
-            let a = act.slice(0..slots * ffn)?;
-            return d.moe_down_combine(&lw.down_exps, a, ids, wts, n, k, x.slice_mut(xs)?);
-        }
-        d.moe_matvec(&lw.gate_exps, hn, k, routing, slots, gate.slice_mut(0..slots * ffn)?, None)?;
-        let g = Some(gate.slice(0..slots * ffn)?);
-        d.moe_matvec(&lw.up_exps, hn, k, routing, slots, act.slice_mut(0..slots * ffn)?, g)?;
-        let a = act.slice(0..slots * ffn)?;
-        d.moe_matvec(&lw.down_exps, a, 1, routing, slots, expert_out.slice_mut(0..slots * hidden)?, None)?;
-        let outs = expert_out.slice(0..slots * hidden)?;
-        if let Some(t) = taps {
-            t.expert_out = d.download(outs)?;
-            // The weighted sum alone, into the normed buffer (no longer read) zeroed: the kernel adds the
-            // sum to what is there once, and 0 + s = s.
-            d.copy_to_device(&vec![0.0f32; n * hidden], h.slice_mut(xs.clone())?)?;
-            d.moe_combine(outs, ids, wts, n, k, hidden, n_exp, h.slice_mut(xs.clone())?)?;
-            t.moe_out = d.download(h.slice(xs.clone())?)?;
-        }
-        d.moe_combine(outs, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
-    }
-
-    /// As [`Layer::run`] with the `exact` kernels (the `cpu` backend's operation order, bit for bit) and the
-    /// RoPE tables `rope` (cosines, sines). Experts run one block row per routed slot. With `taps`, each
-    /// op's output is copied back into it as the layer runs (same values).
-    #[allow(clippy::too_many_arguments)]
-    fn run_exact(
-        &self,
-        work: &mut Workspace,
-        keys: &mut DeviceBuffer<f32>,
-        values: &mut DeviceBuffer<f32>,
-        n: usize,
-        pos0: usize,
-        rope: (DevSlice<'_, f32>, DevSlice<'_, f32>),
-        mut taps: Option<&mut DeviceTaps>,
-    ) -> Result<(), CudaError> {
-        let Layer { d, cfg, model, l, .. } = *self;
-        let lw = &model.layers[l];
-        let (hidden, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let (n_exp, k) = (cfg.n_expert, cfg.n_expert_used);
-        let eps = cfg.rms_eps as f32;
-        let Workspace {
-            x, h, q, attn, router_logits, expert_ids, expert_weights, gate, act, expert_out, ..
-        } = work;
-        let xs = 0..n * hidden;
-        let new_kv = pos0 * kvd..(pos0 + n) * kvd;
-        let all_kv = 0..(pos0 + n) * kvd;
-        let tokens = ExactRows::Tokens { n_tok: n };
-
-        // Attention block.
-        d.rmsnorm_exact(
-            x.slice(xs.clone())?,
-            lw.attn_norm.as_slice(),
-            n,
-            hidden,
-            eps,
-            h.slice_mut(xs.clone())?,
-        )?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.attn_norm = d.download(h.slice(xs.clone())?)?;
-        }
-        let hn = h.slice(xs.clone())?;
-        d.matvec_exact(&lw.q, hn, tokens, q.slice_mut(0..n * qd)?, None, false)?;
-        d.matvec_exact(&lw.k, hn, tokens, keys.slice_mut(new_kv.clone())?, None, false)?;
-        d.matvec_exact(&lw.v, hn, tokens, values.slice_mut(new_kv.clone())?, None, false)?;
-        let (hd, q_norm, k_norm) = (cfg.head_dim, (lw.q_norm.as_slice(), eps), (lw.k_norm.as_slice(), eps));
-        let rope_pos0 = seeded::rope_pos0(self.defect, pos0);
-        d.head_norm_rope_exact(q.slice_mut(0..n * qd)?, qd, n, cfg.n_head, hd, q_norm, rope_pos0, rope)?;
-        d.head_norm_rope_exact(
-            keys.slice_mut(new_kv.clone())?,
-            kvd,
-            n,
-            cfg.n_kv_head,
-            hd,
-            k_norm,
-            rope_pos0,
-            rope,
-        )?;
-        self.stale_kv(keys, values, pos0, n)?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.q = d.download(q.slice(0..n * qd)?)?;
-            t.k = d.download(keys.slice(new_kv.clone())?)?;
-            t.v = d.download(values.slice(new_kv)?)?;
-        }
-        let shape =
-            AttentionShape { n_tok: n, n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd, pos0 };
-        let scale = self.attention_scale();
-        let (kc, vc) = (keys.slice(all_kv.clone())?, values.slice(all_kv)?);
-        d.attention_exact(q.slice(0..n * qd)?, kc, vc, attn.slice_mut(0..n * qd)?, shape, scale)?;
-        let seeded_heads = self.o_proj_input(attn.slice(0..n * qd)?)?;
-        let heads = || seeded_heads.as_ref().map_or(attn.slice(0..n * qd), |b| Ok(b.as_slice()));
-        if let Some(t) = taps.as_deref_mut() {
-            t.attn_out = d.download(attn.slice(0..n * qd)?)?;
-            // The projection alone into the normed buffer (no longer read): the addend of the
-            // accumulating launch below (`y = y + W x`, one rounding).
-            d.matvec_exact(&lw.o, heads()?, tokens, h.slice_mut(xs.clone())?, None, false)?;
-            t.attn_proj = d.download(h.slice(xs.clone())?)?;
-        }
-        let residual = self.attn_residual();
-        d.matvec_exact(&lw.o, heads()?, tokens, x.slice_mut(xs.clone())?, None, residual)?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.attn_residual = d.download(x.slice(xs.clone())?)?;
-        }
-
-        // MoE block.
-        d.rmsnorm_exact(
-            x.slice(xs.clone())?,
-            lw.ffn_norm.as_slice(),
-            n,
-            hidden,
-            eps,
-            h.slice_mut(xs.clone())?,
-        )?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.ffn_norm = d.download(h.slice(xs.clone())?)?;
-        }
-        let hn = h.slice(xs.clone())?;
-        let logits = router_logits.slice_mut(0..n * n_exp)?;
-        match model.f32_routers.get(l) {
-            Some(router) => d.seeded_matvec_bf16acc(router.as_slice(), hn, (n_exp, hidden, n), logits)?,
-            None => d.matvec_exact(&lw.router, hn, tokens, logits, None, false)?,
-        }
-        let slots = n * k;
-        d.softmax_topk_exact(
-            router_logits.slice(0..n * n_exp)?,
-            n,
-            n_exp,
-            k,
-            self.norm_topk(),
-            expert_ids.slice_mut(0..slots)?,
-            expert_weights.slice_mut(0..slots)?,
-        )?;
-        if seeded::in_layer(self.defect, Defect::TopkNinthExpert, l, cfg) {
-            let logits = router_logits.slice(0..n * n_exp)?;
-            let (ids, wts) = (expert_ids.slice_mut(0..slots)?, expert_weights.slice_mut(0..slots)?);
-            seeded::next_expert_routing(d, cfg, logits, ids, wts)?;
-        }
-        let rounded = self.expert_input(h.slice(xs.clone())?, n)?;
-        let hn = rounded.as_ref().map_or(h.slice(xs.clone()), |b| Ok(b.as_slice()))?;
-        let ids: DevSlice<'_, i32> = expert_ids.slice(0..slots)?;
-        let ffn = cfg.expert_ffn;
-        let per_token = ExactRows::Slots { ids, in_div: k };
-        d.matvec_exact(&lw.gate_exps, hn, per_token, gate.slice_mut(0..slots * ffn)?, None, false)?;
-        let g = Some(gate.slice(0..slots * ffn)?);
-        d.matvec_exact(&lw.up_exps, hn, per_token, act.slice_mut(0..slots * ffn)?, g, false)?;
-        let a = act.slice(0..slots * ffn)?;
-        let per_slot = ExactRows::Slots { ids, in_div: 1 };
-        d.matvec_exact(&lw.down_exps, a, per_slot, expert_out.slice_mut(0..slots * hidden)?, None, false)?;
-        let wts = expert_weights.slice(0..slots)?;
-        let outs = expert_out.slice(0..slots * hidden)?;
-        if let Some(t) = taps {
-            t.expert_out = d.download(outs)?;
-            // The weighted sum alone, into the normed buffer (no longer read) zeroed: 0 + s = s.
-            d.copy_to_device(&vec![0.0f32; n * hidden], h.slice_mut(xs.clone())?)?;
-            d.moe_combine_exact(outs, ids, wts, n, k, hidden, n_exp, h.slice_mut(xs.clone())?)?;
-            t.moe_out = d.download(h.slice(xs.clone())?)?;
-        }
-        d.moe_combine_exact(outs, ids, wts, n, k, hidden, n_exp, x.slice_mut(xs)?)
-    }
-}
-
 impl Forward for CudaForward {
     fn kind(&self) -> BackendKind {
         BackendKind::Cuda
@@ -1248,9 +762,12 @@ impl CudaForward {
             let mut values = d.alloc_zeros::<f32>(n * cfg.kv_dim())?;
             d.copy_to_device(&x, work.x.slice_mut(0..n * hidden)?)?;
             let run = Layer { d, cfg: &cfg, model: &self.model, l: layer, defect: self.defect };
+            let at = At::Positions { n, pos0: 0 };
             match &self.exact_rope {
-                None => run.run(work, &mut keys, &mut values, n, 0, taps)?,
-                Some(rope) => run.run_exact(work, &mut keys, &mut values, n, 0, rope.slices(), taps)?,
+                None => run.run(&Fast, work, &mut keys, &mut values, at, taps)?,
+                Some(rope) => {
+                    run.run(&Exact { rope: rope.slices() }, work, &mut keys, &mut values, at, taps)?
+                }
             }
             Ok(())
         };
