@@ -14,6 +14,8 @@
 //! - Few routed slots (decode, short prompts) run one block row per slot; more are first grouped by
 //!   expert on the device so each expert's rows are read once per tile of its tokens. Both schedules
 //!   compute every output with the same arithmetic.
+//! - The layer's step order is written once (`layer.rs`, `Layer::run`) for both policies, prompts,
+//!   decode steps and isolated layers; `kernel_sets.rs` says how each step is computed under each policy.
 //! - Under [`Policy::Exact`] every step runs the `*_exact` kernels instead: the canonical operation order
 //!   of `docs/numerics.md`, the `cpu` backend's, with every operation explicitly rounded, and the RoPE
 //!   cosines and sines taken from the host's table (`moe_kernels::cpu::RopeTable`, uploaded). The trace
