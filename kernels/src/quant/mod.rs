@@ -174,10 +174,33 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::Q5_0 => dequantize_blocks::<BlockQ5_0>(src, dst),
         GgmlType::Q5_1 => dequantize_blocks::<BlockQ5_1>(src, dst),
         GgmlType::Q8_0 => dequantize_blocks::<BlockQ8_0>(src, dst),
-        GgmlType::Q4_K => dequantize_blocks::<BlockQ4K>(src, dst),
+        GgmlType::Q4_K => {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                let (blocks, out) = (bytemuck::cast_slice(src), bytemuck::cast_slice_mut(dst));
+                // SAFETY: the CPU supports AVX-512F (checked by `avx512`), the callee's only requirement.
+                return unsafe { q4_k::dequantize_blocks_avx512(blocks, out) };
+            }
+            dequantize_blocks::<BlockQ4K>(src, dst)
+        }
         GgmlType::Q5_K => dequantize_blocks::<BlockQ5K>(src, dst),
-        GgmlType::Q6_K => dequantize_blocks::<BlockQ6K>(src, dst),
+        GgmlType::Q6_K => {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                let (blocks, out) = (bytemuck::cast_slice(src), bytemuck::cast_slice_mut(dst));
+                // SAFETY: the CPU supports AVX-512F (checked by `avx512`), the callee's only requirement.
+                return unsafe { q6_k::dequantize_blocks_avx512(blocks, out) };
+            }
+            dequantize_blocks::<BlockQ6K>(src, dst)
+        }
     }
+}
+
+/// Whether this CPU runs the AVX-512 decoders of Q4_K and Q6_K (the formats of Q4_K_M files' large
+/// tensors), which give the portable decoders' bits.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// Dequantises one row in f64 arithmetic from the block fields: scales, mins and quants are widened to
@@ -337,4 +360,65 @@ pub(crate) fn f16_bits_to_f32(bits: u16) -> f32 {
 #[inline]
 fn f16_le_from(value: f32) -> [u8; 2] {
     half::f16::from_f32(value).to_bits().to_le_bytes()
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod avx512_tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// Random blocks of `B` whose f16 fields (at `f16_at`) are finite: every other byte (quants, scales,
+    /// mins) takes any value, as in a file.
+    fn random_blocks<B: Block>(rng: &mut ChaCha8Rng, n: usize, f16_at: &[usize]) -> Vec<B> {
+        let mut bytes = vec![0u8; n * size_of::<B>()];
+        bytes.iter_mut().for_each(|b| *b = rng.random());
+        for block in bytes.chunks_exact_mut(size_of::<B>()) {
+            for &at in f16_at {
+                // Exponent field 31 is inf / NaN, which no quantiser writes: use 30 instead.
+                if block[at + 1] & 0x7C == 0x7C {
+                    block[at + 1] &= !0x04;
+                }
+            }
+        }
+        bytemuck::cast_slice(&bytes).to_vec()
+    }
+
+    /// The AVX-512 decoders give the portable ones' bits on every weight of 4096 random blocks (every
+    /// nibble, 6-bit scale and min, signed 8-bit scale and 6-bit quant occurs many times). Where the CPU
+    /// lacks AVX-512 there is nothing to compare: the test says so and checks nothing else.
+    #[test]
+    fn avx512_decoders_give_the_portable_bits() {
+        if !avx512() {
+            eprintln!("no AVX-512 on this CPU: the portable decoders are the only ones, nothing to compare");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(20261203);
+        let q4k: Vec<BlockQ4K> = random_blocks(&mut rng, 4096, &[0, 2]);
+        let q6k: Vec<BlockQ6K> = random_blocks(&mut rng, 4096, &[208]);
+        let (mut simd, mut portable) = (vec![[0f32; 256]; 4096], vec![[0f32; 256]; 4096]);
+
+        // SAFETY: AVX-512F and AVX2 are present (checked above).
+        unsafe { q4_k::dequantize_blocks_avx512(&q4k, &mut simd) };
+        q4k.iter().zip(&mut portable).for_each(|(b, out)| b.dequantize(out));
+        assert_same_bits("Q4_K", &simd, &portable);
+
+        // SAFETY: as above.
+        unsafe { q6_k::dequantize_blocks_avx512(&q6k, &mut simd) };
+        q6k.iter().zip(&mut portable).for_each(|(b, out)| b.dequantize(out));
+        assert_same_bits("Q6_K", &simd, &portable);
+    }
+
+    fn assert_same_bits(ty: &str, simd: &[[f32; 256]], portable: &[[f32; 256]]) {
+        for (b, (s, p)) in simd.iter().zip(portable).enumerate() {
+            for (i, (s, p)) in s.iter().zip(p).enumerate() {
+                assert_eq!(
+                    s.to_bits(),
+                    p.to_bits(),
+                    "{ty} block {b} weight {i}: AVX-512 {s} != portable {p}"
+                );
+            }
+        }
+    }
 }
