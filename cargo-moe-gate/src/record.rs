@@ -203,22 +203,29 @@ fn run_job(
     };
     let mut traces = Vec::with_capacity(job.prompts.len());
     let mut greedy = Vec::new();
-    for batch in batches(&job.prompts, backend.max_sequences()) {
-        bar.set_message(batch[0].0.id.clone());
-        let (batch_traces, lasts) = trace_batch(model_spec, backend.as_mut(), &batch, job.sub_layer_taps)
-            .map_err(|e| with_run(e, &job.run))?;
-        let steps = batch[0].1;
+    for group in decode_groups(&job.prompts, backend.max_sequences()) {
+        // Forward the group's prompts in batches of bounded size, holding every sequence, then decode all
+        // of them together: each greedy step reads every weight row once for the whole group.
+        let mut lasts = Vec::with_capacity(group.len());
+        for (b, batch) in batches(&group).into_iter().enumerate() {
+            bar.set_message(batch[0].0.id.clone());
+            let (batch_traces, batch_lasts) =
+                trace_batch(model_spec, backend.as_mut(), batch, b > 0, job.sub_layer_taps)
+                    .map_err(|e| with_run(e, &job.run))?;
+            lasts.extend(batch_lasts);
+            traces.extend(batch.iter().map(|(p, _)| p.id.clone()).zip(batch_traces));
+            bar.inc(batch.len() as u64);
+        }
+        let steps = group[0].1;
         if steps > 0 {
             let decoded = greedy_decode_many(backend.as_mut(), lasts, steps).map_err(|e| {
                 GateError::engine(
-                    format!("run `{}`: greedy decoding after prompts {}", job.run, prompt_ids(&batch)),
+                    format!("run `{}`: greedy decoding after prompts {}", job.run, prompt_ids(&group)),
                     e,
                 )
             })?;
-            greedy.extend(batch.iter().map(|(p, _)| p.id.clone()).zip(decoded));
+            greedy.extend(group.iter().map(|(p, _)| p.id.clone()).zip(decoded));
         }
-        traces.extend(batch.iter().map(|(p, _)| p.id.clone()).zip(batch_traces));
-        bar.inc(batch.len() as u64);
     }
     timing.seconds = start.elapsed().as_secs_f64();
     bar.finish_with_message(format!("{:.2} s", timing.seconds));
@@ -232,53 +239,81 @@ fn run_job(
 /// traces being built (f64, about 2 MB a token at the production shape).
 pub const BATCH_TOKENS: usize = 1024;
 
-/// The prompts of a run in batches for `forward_many`: prompts with the same number of greedy steps
-/// together (they decode together), at most `max_sequences` prompts and, where a group has more than
-/// [`BATCH_TOKENS`] tokens, split into the fewest batches of at most that many tokens (a longer prompt
-/// goes alone), of about equal size.
-fn batches(prompts: &[(Prompt, usize)], max_sequences: usize) -> Vec<Vec<(&Prompt, usize)>> {
-    let mut groups: BTreeMap<usize, Vec<(&Prompt, usize)>> = BTreeMap::new();
+/// Most KV-cache positions (prompt tokens plus greedy steps, over all sequences) one group of prompts
+/// holds while it decodes together. Decoding a group together reads every weight row once per greedy step
+/// for all its sequences: the contract of record's 260 prompts (4155 tokens, 32 steps each, 12,475
+/// positions) decode as one group instead of five, so the experts' rows are decoded 32 times instead of
+/// 160. The bound keeps the caches small: at the production shape a position holds 48 layers x 1024
+/// f32 keys and values (196 KB), so 16,384 positions are 3.2 GB.
+pub const DECODE_POSITIONS: usize = 16_384;
+
+/// The prompts of a run in groups that decode together: prompts with the same number of greedy steps,
+/// at most `max_sequences` prompts and at most [`DECODE_POSITIONS`] positions per group (a prompt that
+/// alone needs more goes alone).
+fn decode_groups(prompts: &[(Prompt, usize)], max_sequences: usize) -> Vec<Vec<(&Prompt, usize)>> {
+    let mut by_steps: BTreeMap<usize, Vec<(&Prompt, usize)>> = BTreeMap::new();
     for (p, steps) in prompts {
-        groups.entry(*steps).or_default().push((p, *steps));
+        by_steps.entry(*steps).or_default().push((p, *steps));
     }
     let mut out = Vec::new();
-    for group in groups.into_values() {
-        let tokens: usize = group.iter().map(|(p, _)| p.tokens.len()).sum();
-        let target = tokens.div_ceil(tokens.div_ceil(BATCH_TOKENS).max(1));
-        let mut batch: Vec<(&Prompt, usize)> = Vec::new();
-        let mut batch_tokens = 0;
-        for item in group {
-            let len = item.0.tokens.len();
-            if !batch.is_empty()
-                && (batch.len() == max_sequences.max(1)
-                    || batch_tokens + len > BATCH_TOKENS
-                    || batch_tokens >= target)
+    for same_steps in by_steps.into_values() {
+        let mut group: Vec<(&Prompt, usize)> = Vec::new();
+        let mut positions = 0;
+        for item in same_steps {
+            let need = item.0.tokens.len() + item.1;
+            if !group.is_empty()
+                && (group.len() == max_sequences.max(1) || positions + need > DECODE_POSITIONS)
             {
-                out.push(std::mem::take(&mut batch));
-                batch_tokens = 0;
+                out.push(std::mem::take(&mut group));
+                positions = 0;
             }
-            batch_tokens += len;
-            batch.push(item);
+            positions += need;
+            group.push(item);
         }
-        if !batch.is_empty() {
-            out.push(batch);
+        if !group.is_empty() {
+            out.push(group);
         }
     }
     out
 }
 
-/// Forwards the prompts of `batch` together with a trace each (the traces' `model` is the spec).
+/// A group's prompts in batches for `forward_many` / `add_sequences`: where the group has more than
+/// [`BATCH_TOKENS`] tokens, the fewest batches of at most that many tokens (a longer prompt goes alone),
+/// of about equal size.
+fn batches<'g, 'p>(group: &'g [(&'p Prompt, usize)]) -> Vec<&'g [(&'p Prompt, usize)]> {
+    let tokens: usize = group.iter().map(|(p, _)| p.tokens.len()).sum();
+    let target = tokens.div_ceil(tokens.div_ceil(BATCH_TOKENS).max(1));
+    let mut out = Vec::new();
+    let (mut start, mut batch_tokens) = (0, 0);
+    for (i, (p, _)) in group.iter().enumerate() {
+        let len = p.tokens.len();
+        if i > start && (batch_tokens + len > BATCH_TOKENS || batch_tokens >= target) {
+            out.push(&group[start..i]);
+            (start, batch_tokens) = (i, 0);
+        }
+        batch_tokens += len;
+    }
+    if start < group.len() {
+        out.push(&group[start..]);
+    }
+    out
+}
+
+/// Forwards the prompts of `batch` together with a trace each (the traces' `model` is the spec): as the
+/// backend's only sequences, or, when `add`, as sequences held beside those of the group's earlier
+/// batches.
 fn trace_batch(
     model_spec: &str,
     backend: &mut dyn Forward,
     batch: &[(&Prompt, usize)],
+    add: bool,
     sub_layer_taps: bool,
 ) -> Result<(Vec<Trace>, Vec<Vec<f32>>), GateError> {
     let new = |backend: &dyn Forward| {
         let trace = new_trace(model_spec, backend);
         if sub_layer_taps { trace.with_sub_layer_taps() } else { trace }
     };
-    if let [(prompt, _)] = batch {
+    if let ([(prompt, _)], false) = (batch, add) {
         let mut trace = new(backend);
         let last = backend.forward(&prompt.tokens, Some(&mut trace)).map_err(|e| {
             GateError::engine(format!("the {} forward of prompt `{}`", backend.kind(), prompt.id), e)
@@ -287,7 +322,11 @@ fn trace_batch(
     }
     let mut traces: Vec<Trace> = batch.iter().map(|_| new(backend)).collect();
     let seqs: Vec<&[u32]> = batch.iter().map(|(p, _)| &p.tokens[..]).collect();
-    let lasts = backend.forward_many(&seqs, Some(&mut traces)).map_err(|e| {
+    let lasts = match add {
+        true => backend.add_sequences(&seqs, Some(&mut traces)),
+        false => backend.forward_many(&seqs, Some(&mut traces)),
+    }
+    .map_err(|e| {
         GateError::engine(format!("the {} forward of prompts {}", backend.kind(), prompt_ids(batch)), e)
     })?;
     Ok((traces, lasts))
@@ -387,21 +426,37 @@ mod tests {
     }
 
     #[test]
-    fn batches_group_prompts_by_steps_within_the_token_bound() {
-        let prompts: Vec<(Prompt, usize)> = (0..40)
+    fn groups_decode_by_steps_within_the_bounds_and_batches_within_the_token_bound() {
+        // 400 prompts of 1..200 tokens, a third with 32 greedy steps: more positions than one group holds.
+        let prompts: Vec<(Prompt, usize)> = (0..400)
             .map(|i| (prompt(&format!("p{i}"), 1 + i * 37 % 200), if i % 3 == 0 { 32 } else { 0 }))
             .collect();
         for max_sequences in [1, 5, usize::MAX] {
-            let batches = batches(&prompts, max_sequences);
-            let mut seen: Vec<&str> = batches.iter().flatten().map(|(p, _)| p.id.as_str()).collect();
+            let groups = decode_groups(&prompts, max_sequences);
+            let mut seen: Vec<&str> = Vec::new();
+            for g in &groups {
+                assert!(g.len() <= max_sequences && g.iter().all(|(_, s)| *s == g[0].1), "{max_sequences}");
+                let positions: usize = g.iter().map(|(p, s)| p.tokens.len() + s).sum();
+                assert!(g.len() == 1 || positions <= DECODE_POSITIONS, "{positions} positions");
+                let batches = batches(g);
+                let in_order: Vec<&str> =
+                    batches.iter().copied().flatten().map(|(p, _)| p.id.as_str()).collect();
+                let group_order: Vec<&str> = g.iter().map(|(p, _)| p.id.as_str()).collect();
+                assert_eq!(in_order, group_order, "batches cover the group in order");
+                for b in &batches {
+                    let tokens: usize = b.iter().map(|(p, _)| p.tokens.len()).sum();
+                    assert!(b.len() == 1 || tokens <= BATCH_TOKENS, "{tokens} tokens in {} prompts", b.len());
+                }
+                seen.extend(group_order);
+            }
             seen.sort_unstable();
             let mut want: Vec<&str> = prompts.iter().map(|(p, _)| p.id.as_str()).collect();
             want.sort_unstable();
             assert_eq!(seen, want, "every prompt exactly once");
-            for b in &batches {
-                assert!(b.len() <= max_sequences && b.iter().all(|(_, s)| *s == b[0].1), "{max_sequences}");
-                let tokens: usize = b.iter().map(|(p, _)| p.tokens.len()).sum();
-                assert!(b.len() == 1 || tokens <= BATCH_TOKENS, "{tokens} tokens in {} prompts", b.len());
+            if max_sequences == usize::MAX {
+                // The 134 prompts with steps need 18,143 positions: two groups, no more.
+                let decoding = groups.iter().filter(|g| g[0].1 == 32).count();
+                assert_eq!(decoding, 2, "the prompts with greedy steps decode in the fewest groups");
             }
         }
     }

@@ -144,8 +144,25 @@ pub trait Forward: Send {
         Ok(last)
     }
 
-    /// Appends `tokens[s]` to sequence `s` of the last [`Forward::forward_many`] (or the one sequence of
-    /// the last `forward`), for every held sequence, and returns each one's logits: the values
+    /// Runs each of `seqs` from position 0 as new sequences held after those already held (whose caches
+    /// are kept), so that one [`Forward::step_many`] decodes them all together: prompts can be forwarded
+    /// in batches of bounded size and still decode as one batch. Returns each new sequence's last-position
+    /// logits; with `traces` (one per new sequence) fills them as `forward` does. Every value is the one
+    /// `forward` gives for that sequence alone.
+    ///
+    /// The default (a backend that holds one sequence, [`Forward::max_sequences`] 1) refuses: it cannot
+    /// keep a sequence beside the one it holds.
+    fn add_sequences(
+        &mut self,
+        _seqs: &[&[u32]],
+        _traces: Option<&mut [Trace]>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        Err(EngineError::CannotAddSequences { backend: self.kind().to_string() })
+    }
+
+    /// Appends `tokens[s]` to sequence `s` of the last [`Forward::forward_many`] and the
+    /// [`Forward::add_sequences`] after it, in order (or the one sequence of the last `forward`), for every
+    /// held sequence, and returns each one's logits: the values
     /// [`Forward::step`] gives for that sequence alone. The default holds one sequence and steps it.
     fn step_many(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
         match tokens {

@@ -33,6 +33,12 @@ pub enum EngineError {
          sequence of the last forward_many, in order (a backend whose max_sequences() is 1 holds one)"
     )]
     SequenceCount { tokens: usize, held: usize },
+    /// `add_sequences` on a backend that holds one sequence (its `max_sequences()` is 1).
+    #[error(
+        "the {backend} backend holds one sequence, so it cannot add sequences beside the one it holds: \
+         forward each prompt alone (check max_sequences() before add_sequences)"
+    )]
+    CannotAddSequences { backend: String },
     /// `forward_many` was given a trace count other than its sequence count.
     #[error(
         "forward_many got {traces} traces for {sequences} sequences: pass one trace per sequence, or none"

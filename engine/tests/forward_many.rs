@@ -95,9 +95,24 @@ fn one_at_a_time(f: &mut dyn Forward, prompts: &[Vec<u32>]) -> Vec<(Trace, Vec<V
 
 /// All prompts together: their traces, then the logits of [`STEPS`] greedy steps of each.
 fn all_together(f: &mut dyn Forward, prompts: &[Vec<u32>]) -> (Vec<Trace>, Vec<Vec<Vec<f32>>>) {
-    let seqs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    in_groups(f, prompts, &[prompts.len()])
+}
+
+/// The prompts forwarded in groups of `sizes[g]` (the first by `forward_many`, the others by
+/// `add_sequences`), then all decoded together: their traces and the logits of [`STEPS`] greedy steps.
+fn in_groups(f: &mut dyn Forward, prompts: &[Vec<u32>], sizes: &[usize]) -> (Vec<Trace>, Vec<Vec<Vec<f32>>>) {
     let mut traces: Vec<Trace> = prompts.iter().map(|_| new_trace()).collect();
-    let firsts = f.forward_many(&seqs, Some(&mut traces)).expect("forward_many");
+    let (mut firsts, mut at) = (Vec::new(), 0);
+    for (g, &size) in sizes.iter().enumerate() {
+        let seqs: Vec<&[u32]> = prompts[at..at + size].iter().map(|p| &p[..]).collect();
+        let traces = Some(&mut traces[at..at + size]);
+        firsts.extend(match g {
+            0 => f.forward_many(&seqs, traces).expect("forward_many"),
+            _ => f.add_sequences(&seqs, traces).expect("add_sequences"),
+        });
+        at += size;
+    }
+    assert_eq!(at, prompts.len(), "the groups cover every prompt");
     let mut logits: Vec<Vec<Vec<f32>>> = firsts.into_iter().map(|l| vec![l]).collect();
     for _ in 1..STEPS {
         let next: Vec<u32> = logits.iter().map(|l| argmax(l.last().expect("logits"))).collect();
@@ -133,6 +148,30 @@ fn forward_many_and_step_many_give_the_single_sequence_bits() {
     for model in MODELS {
         for kind in [BackendKind::Cpu, BackendKind::Reference] {
             check_batched_equals_single(model, kind, &prompts(), || backend(model, kind));
+        }
+    }
+}
+
+/// Prompts forwarded in three groups (`forward_many`, then `add_sequences` twice) and decoded as one
+/// batch give each prompt's bits alone: how the gate forwards a run's prompts in bounded batches and
+/// decodes all of them together.
+#[test]
+fn added_sequences_decode_with_the_held_ones_bit_for_bit() {
+    let prompts = prompts();
+    for model in MODELS {
+        for kind in [BackendKind::Cpu, BackendKind::Reference] {
+            let single = one_at_a_time(&mut *backend(model, kind), &prompts);
+            let (traces, logits) = in_groups(&mut *backend(model, kind), &prompts, &[2, 1, 2]);
+            for (p, ((want_trace, want_logits), (trace, logits))) in
+                single.iter().zip(traces.iter().zip(&logits)).enumerate()
+            {
+                let what =
+                    format!("{model} {kind}, prompt {p} ({} tokens), added in groups", prompts[p].len());
+                assert_traces_identical(trace, want_trace, &what);
+                for (s, (got, want)) in logits.iter().zip(want_logits).enumerate() {
+                    assert_logits_identical(got, want, &format!("{what}, greedy step {s}"));
+                }
+            }
         }
     }
 }
@@ -185,6 +224,9 @@ fn the_default_methods_run_one_sequence_at_a_time() {
     }
     let e = f.step_many(&[1, 2, 3, 4, 5]).expect_err("five sequences through a single-sequence backend");
     assert!(matches!(e, EngineError::SequenceCount { tokens: 5, held: 1 }), "{e}");
+    let e = f.add_sequences(&seqs[..1], None).expect_err("a sequence beside the one held");
+    assert!(matches!(e, EngineError::CannotAddSequences { .. }), "{e}");
+    assert!(e.to_string().contains("forward each prompt alone"), "{e}");
 }
 
 #[test]

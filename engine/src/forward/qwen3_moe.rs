@@ -347,6 +347,28 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         self.run(seqs, traces)
     }
 
+    fn add_sequences(
+        &mut self,
+        seqs: &[&[u32]],
+        traces: Option<&mut [Trace]>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        if let Some(traces) = &traces
+            && traces.len() != seqs.len()
+        {
+            return Err(EngineError::TraceCount { traces: traces.len(), sequences: seqs.len() });
+        }
+        for tokens in seqs {
+            check_tokens(self.model.config(), tokens, 0)?;
+        }
+        // The new sequences run alone (their values do not depend on the batch), then join the held ones.
+        let mut held = std::mem::take(&mut self.seqs);
+        self.reset(seqs.len());
+        let last = self.run(seqs, traces);
+        held.append(&mut self.seqs);
+        self.seqs = held;
+        last
+    }
+
     fn step_many(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
         if tokens.len() != self.seqs.len() {
             return Err(EngineError::SequenceCount { tokens: tokens.len(), held: self.seqs.len() });
