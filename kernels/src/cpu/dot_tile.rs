@@ -6,9 +6,10 @@
 //! hundreds of tokens those rows no longer fit in the core's caches, and every weight row reads them again
 //! from memory. Here the products are cache-blocked the way a matrix product is: the tokens go in blocks
 //! of [`TOKEN_BLOCK`], the row length in blocks of [`K_BLOCK`] values, and within one (token block,
-//! column block) four tokens advance together through the column block of the tile's rows, two rows at a
-//! time (each token's values loaded once for both), so the four tokens' slices stay in L1 while the
-//! tile's rows pass. Each product's sixteen lane sums
+//! column block) four tokens advance together through the column block of the tile's rows, four rows at a
+//! time where the CPU has AVX-512 (an intrinsics kernel whose 16 products' lanes stay in registers) and
+//! two at a time otherwise (each token's values loaded once for all of them), so the four tokens' slices
+//! stay in L1 while the tile's rows pass. Each product's sixteen lane sums
 //! are kept in memory between column blocks and resumed where they stopped, so every lane still receives
 //! its products in increasing index, and the lanes are reduced by `dot`'s halving tree at the end: the
 //! order, and with it every bit, is `dot`'s. Rust never fuses a multiply and an add, so the portable and
@@ -25,7 +26,8 @@ const TOKENS_PER_PASS: usize = 4;
 /// 32 KiB, an L1 data cache, while two rows pass them at a time. Measured (`dot_tile_16x2048` bench, AMD
 /// EPYC): with blocks of 256 values and one row per pass 15.1 and 14.1 G multiply-adds/s per core (16 and
 /// 64 tokens; AVX2: 12.3, 13.2), with 2048 and two rows 24.3 and 21.5 (AVX2: 19.3, 18.2); larger blocks
-/// alone, or two rows alone, gained nothing. A multiple of [`LANES`], so every block starts at lane 0.
+/// alone, or two rows alone, gained nothing; four rows per pass in AVX-512 registers then 30.6 and 30.0.
+/// A multiple of [`LANES`], so every block starts at lane 0.
 const K_BLOCK: usize = 2048;
 
 /// Tokens per token block: the lane sums of a 16-row tile's products with them are 64 KiB, held in L2
@@ -68,7 +70,7 @@ pub fn dot_tile(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn dot_tile_avx512(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
-    dot_tile_portable(rows, xs, n, out);
+    dot_tile_blocked(rows, xs, n, out, Some(add_products_4x4_avx512));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -79,6 +81,20 @@ fn dot_tile_avx2(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
 
 #[inline(always)]
 fn dot_tile_portable(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
+    dot_tile_blocked(rows, xs, n, out, None);
+}
+
+/// A kernel adding four rows' products with [`TOKENS_PER_PASS`] tokens to their lanes, as
+/// [`add_products`] adds each (the same products in the same order). `unsafe`: it may need CPU features
+/// its caller checked.
+type RowQuadKernel = unsafe fn([&[f32]; 4], [&[f32]; TOKENS_PER_PASS], [&mut [Lanes; TOKENS_PER_PASS]; 4]);
+
+/// The blocked loop; with `quad`, rows go four at a time through it (the rest two at a time, then one).
+///
+/// # Safety (of `quad`)
+/// `quad` is `Some` only where the CPU has what the kernel needs (`dot_tile` checks before passing it).
+#[inline(always)]
+fn dot_tile_blocked(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32], quad_rows: Option<RowQuadKernel>) {
     let (n_rows, n_tok) = (rows.len() / n, xs.len() / n);
     let mut lanes = vec![[0.0f32; LANES]; n_rows * TOKEN_BLOCK.min(n_tok)];
     for t0 in (0..n_tok).step_by(TOKEN_BLOCK) {
@@ -91,18 +107,29 @@ fn dot_tile_portable(rows: &[f32], xs: &[f32], n: usize, out: &mut [f32]) {
             let full = tb / TOKENS_PER_PASS * TOKENS_PER_PASS;
             for t in (0..full).step_by(TOKENS_PER_PASS) {
                 let xq: [&[f32]; TOKENS_PER_PASS] = std::array::from_fn(|i| x(t + i));
+                let w = |r: usize| &rows[r * n..][k.clone()];
+                let mut r = 0;
+                if let Some(kernel) = quad_rows {
+                    // Four rows per pass: each token's chunk is loaded once for the four rows' products.
+                    for group in lanes.chunks_exact_mut(4 * tb) {
+                        let (ab, cd) = group.split_at_mut(2 * tb);
+                        let ((a, b), (c, d)) = (ab.split_at_mut(tb), cd.split_at_mut(tb));
+                        let lanes = [quad(a, t), quad(b, t), quad(c, t), quad(d, t)];
+                        // SAFETY: `quad_rows` is `Some` only where the CPU has the kernel's features.
+                        unsafe { kernel([w(r), w(r + 1), w(r + 2), w(r + 3)], xq, lanes) };
+                        r += 4;
+                    }
+                }
                 // Two rows per pass: each token's slice is loaded once for both rows' products.
-                let mut pairs = lanes.chunks_exact_mut(2 * tb);
-                for (p, pair_lanes) in pairs.by_ref().enumerate() {
+                let mut pairs = lanes[r * tb..].chunks_exact_mut(2 * tb);
+                for pair_lanes in pairs.by_ref() {
                     let (a, b) = pair_lanes.split_at_mut(tb);
-                    let w = [&rows[2 * p * n..][k.clone()], &rows[(2 * p + 1) * n..][k.clone()]];
-                    let quads = [quad(a, t), quad(b, t)];
-                    add_products_rows(w, xq, quads);
+                    add_products_rows([w(r), w(r + 1)], xq, [quad(a, t), quad(b, t)]);
+                    r += 2;
                 }
                 let single = pairs.into_remainder();
                 if !single.is_empty() {
-                    let r = n_rows - 1;
-                    add_products(&rows[r * n..][k.clone()], xq, quad(single, t));
+                    add_products(w(r), xq, quad(single, t));
                 }
             }
             for t in full..tb {
@@ -184,6 +211,56 @@ fn add_products_rows<const J: usize>(w: [&[f32]; 2], x: [&[f32]; J], lanes: [&mu
     (*l0, *l1) = (acc0, acc1);
 }
 
+/// [`add_products`] for four rows at once with AVX-512: each token's chunk of 16 values is loaded once
+/// into a register and multiplied with the four rows' chunks; the 16 products' lanes stay in registers
+/// through the block. Each lane receives `w * x` (one rounded multiply, then one rounded add, never fused)
+/// in increasing index, as `add_products` adds it, so the bits are the same.
+///
+/// # Safety
+/// The CPU must support AVX-512F. Every row slice has the length of every token slice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_products_4x4_avx512(
+    w: [&[f32]; 4],
+    x: [&[f32]; TOKENS_PER_PASS],
+    lanes: [&mut [Lanes; TOKENS_PER_PASS]; 4],
+) {
+    use std::arch::x86_64::*;
+    let len = w[0].len();
+    debug_assert!(w.iter().all(|w| w.len() == len) && x.iter().all(|x| x.len() == len));
+    let chunks = len / LANES;
+    let mut acc = [[_mm512_setzero_ps(); TOKENS_PER_PASS]; 4];
+    for (acc, lanes) in acc.iter_mut().zip(&lanes) {
+        for (acc, lanes) in acc.iter_mut().zip(lanes.iter()) {
+            // SAFETY: a `Lanes` is 16 f32.
+            *acc = unsafe { _mm512_loadu_ps(lanes.as_ptr()) };
+        }
+    }
+    for c in 0..chunks {
+        let at = c * LANES;
+        // SAFETY: chunk `c` of every slice is in bounds (`at + 16 <= len`, all slices `len` long).
+        let xv: [__m512; TOKENS_PER_PASS] =
+            std::array::from_fn(|j| unsafe { _mm512_loadu_ps(x[j].as_ptr().add(at)) });
+        for (acc, w) in acc.iter_mut().zip(&w) {
+            // SAFETY: as above.
+            let wv = unsafe { _mm512_loadu_ps(w.as_ptr().add(at)) };
+            for (acc, xv) in acc.iter_mut().zip(&xv) {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(wv, *xv));
+            }
+        }
+    }
+    let tail = chunks * LANES;
+    for ((acc, lanes), w) in acc.iter().zip(lanes).zip(&w) {
+        for ((acc, lanes), x) in acc.iter().zip(lanes.iter_mut()).zip(&x) {
+            // SAFETY: a `Lanes` is 16 f32.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
+            for (l, (&w, &v)) in w[tail..].iter().zip(&x[tail..]).enumerate() {
+                lanes[l] += w * v;
+            }
+        }
+    }
+}
+
 /// `dot`'s reduction: `lane[l] += lane[l + h]` for `l < h`, `h = 8, 4, 2, 1`; then `lane[0]`.
 #[inline(always)]
 fn halving_sum(mut lanes: Lanes) -> f32 {
@@ -209,11 +286,11 @@ mod tests {
         // Values over six binades, so a different order or a fused multiply-add changes low bits. Row
         // lengths below, at and across the column block (K_BLOCK) with and without a remainder of the 16
         // lanes; token counts covering passes of 4 with every remainder and more than one token block
-        // (64); tiles of 1 to 3 rows (pairs of rows and a last single one).
+        // (64); tiles of 1 to 9 rows (groups of four rows, pairs and a last single one).
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let mut value = || rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..3));
         for n in [1usize, 17, 256, 300, 513, K_BLOCK, K_BLOCK + 1, 2 * K_BLOCK + 40] {
-            for n_rows in 1..4 {
+            for n_rows in 1..10 {
                 let rows: Vec<f32> = (0..n * n_rows).map(|_| value()).collect();
                 for n_tok in [1usize, 3, 4, 7, 64, 70, 133] {
                     let xs: Vec<f32> = (0..n * n_tok).map(|_| value()).collect();
