@@ -30,6 +30,25 @@ pub(crate) trait Decode: bytemuck::Pod {
 
     /// Writes the unit's weights to `out` (as ggml's `dequantize_row_*` computes them in f32).
     fn dequantize(&self, out: &mut Self::Weights);
+
+    /// [`Decode::dequantize`] of every unit of `units` into `out`, with an AVX-512 decoder where the type
+    /// has one (Q4_K, Q6_K: the same bits); the portable loop otherwise.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dequantize_avx512(units: &[Self], out: &mut [Self::Weights]) {
+        for (unit, out) in units.iter().zip(out) {
+            unit.dequantize(out);
+        }
+    }
+}
+
+/// Whether this CPU runs the AVX-512 decoders of [`Decode::dequantize_avx512`]: AVX-512F and AVX2.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// [`LANES`] f32 partial sums.

@@ -174,33 +174,10 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::Q5_0 => dequantize_blocks::<BlockQ5_0>(src, dst),
         GgmlType::Q5_1 => dequantize_blocks::<BlockQ5_1>(src, dst),
         GgmlType::Q8_0 => dequantize_blocks::<BlockQ8_0>(src, dst),
-        GgmlType::Q4_K => {
-            #[cfg(target_arch = "x86_64")]
-            if avx512() {
-                let (blocks, out) = (bytemuck::cast_slice(src), bytemuck::cast_slice_mut(dst));
-                // SAFETY: the CPU supports AVX-512F (checked by `avx512`), the callee's only requirement.
-                return unsafe { q4_k::dequantize_blocks_avx512(blocks, out) };
-            }
-            dequantize_blocks::<BlockQ4K>(src, dst)
-        }
+        GgmlType::Q4_K => dequantize_blocks::<BlockQ4K>(src, dst),
         GgmlType::Q5_K => dequantize_blocks::<BlockQ5K>(src, dst),
-        GgmlType::Q6_K => {
-            #[cfg(target_arch = "x86_64")]
-            if avx512() {
-                let (blocks, out) = (bytemuck::cast_slice(src), bytemuck::cast_slice_mut(dst));
-                // SAFETY: the CPU supports AVX-512F (checked by `avx512`), the callee's only requirement.
-                return unsafe { q6_k::dequantize_blocks_avx512(blocks, out) };
-            }
-            dequantize_blocks::<BlockQ6K>(src, dst)
-        }
+        GgmlType::Q6_K => dequantize_blocks::<BlockQ6K>(src, dst),
     }
-}
-
-/// Whether this CPU runs the AVX-512 decoders of Q4_K and Q6_K (the formats of Q4_K_M files' large
-/// tensors), which give the portable decoders' bits.
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// Dequantises one row in f64 arithmetic from the block fields: scales, mins and quants are widened to
@@ -307,6 +284,11 @@ pub(crate) trait Block: Decode {
 fn dequantize_blocks<B: Block>(src: &[u8], dst: &mut [f32]) {
     let blocks: &[B] = bytemuck::cast_slice(src);
     let out: &mut [B::Weights] = bytemuck::cast_slice_mut(dst);
+    #[cfg(target_arch = "x86_64")]
+    if dot::avx512() {
+        // SAFETY: the CPU supports AVX-512F and AVX2 (checked just above), the callee's requirement.
+        return unsafe { B::dequantize_avx512(blocks, out) };
+    }
     for (block, out) in blocks.iter().zip(out) {
         block.dequantize(out);
     }
@@ -390,7 +372,7 @@ mod avx512_tests {
     /// lacks AVX-512 there is nothing to compare: the test says so and checks nothing else.
     #[test]
     fn avx512_decoders_give_the_portable_bits() {
-        if !avx512() {
+        if !dot::avx512() {
             eprintln!("no AVX-512 on this CPU: the portable decoders are the only ones, nothing to compare");
             return;
         }

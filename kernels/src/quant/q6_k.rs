@@ -46,6 +46,12 @@ impl Decode for BlockQ6K {
     const WEIGHTS: usize = QK_K;
     type Weights = [f32; QK_K];
 
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dequantize_avx512(units: &[Self], out: &mut [[f32; QK_K]]) {
+        // SAFETY: the caller guarantees AVX-512F and AVX2, the decoder's requirement.
+        unsafe { dequantize_blocks_avx512(units, out) }
+    }
+
     #[inline(always)]
     fn dequantize(&self, out: &mut [f32; QK_K]) {
         let d = f16_le(self.d);
