@@ -249,21 +249,21 @@ pub const DECODE_POSITIONS: usize = 16_384;
 
 /// The prompts of a run in groups that decode together: prompts with the same number of greedy steps,
 /// at most `max_sequences` prompts and at most [`DECODE_POSITIONS`] positions per group (a prompt that
-/// alone needs more goes alone).
+/// alone needs more goes alone). Prompts without greedy steps decode nothing, so nothing is gained by
+/// holding their caches: their groups are bounded by [`BATCH_TOKENS`], one batch each.
 fn decode_groups(prompts: &[(Prompt, usize)], max_sequences: usize) -> Vec<Vec<(&Prompt, usize)>> {
     let mut by_steps: BTreeMap<usize, Vec<(&Prompt, usize)>> = BTreeMap::new();
     for (p, steps) in prompts {
         by_steps.entry(*steps).or_default().push((p, *steps));
     }
     let mut out = Vec::new();
-    for same_steps in by_steps.into_values() {
+    for (steps, same_steps) in by_steps {
+        let bound = if steps == 0 { BATCH_TOKENS } else { DECODE_POSITIONS };
         let mut group: Vec<(&Prompt, usize)> = Vec::new();
         let mut positions = 0;
         for item in same_steps {
             let need = item.0.tokens.len() + item.1;
-            if !group.is_empty()
-                && (group.len() == max_sequences.max(1) || positions + need > DECODE_POSITIONS)
-            {
+            if !group.is_empty() && (group.len() == max_sequences.max(1) || positions + need > bound) {
                 out.push(std::mem::take(&mut group));
                 positions = 0;
             }
@@ -437,7 +437,8 @@ mod tests {
             for g in &groups {
                 assert!(g.len() <= max_sequences && g.iter().all(|(_, s)| *s == g[0].1), "{max_sequences}");
                 let positions: usize = g.iter().map(|(p, s)| p.tokens.len() + s).sum();
-                assert!(g.len() == 1 || positions <= DECODE_POSITIONS, "{positions} positions");
+                let bound = if g[0].1 == 0 { BATCH_TOKENS } else { DECODE_POSITIONS };
+                assert!(g.len() == 1 || positions <= bound, "{positions} positions");
                 let batches = batches(g);
                 let in_order: Vec<&str> =
                     batches.iter().copied().flatten().map(|(p, _)| p.id.as_str()).collect();
