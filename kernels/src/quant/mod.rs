@@ -367,8 +367,9 @@ mod avx512_tests {
         bytemuck::cast_slice(&bytes).to_vec()
     }
 
-    /// The AVX-512 decoders give the portable ones' bits on every weight of 4096 random blocks (every
-    /// nibble, 6-bit scale and min, signed 8-bit scale and 6-bit quant occurs many times). Where the CPU
+    /// The AVX-512 decoders give the portable ones' bits on every weight of 4096 random blocks of each
+    /// K type and 32768 of Q8_0 (every nibble, fifth bit, 6-bit scale and min, signed 8-bit scale, 6-bit
+    /// and 8-bit quant occurs many times). Where the CPU
     /// lacks AVX-512 there is nothing to compare: the test says so and checks nothing else.
     #[test]
     fn avx512_decoders_give_the_portable_bits() {
@@ -378,7 +379,9 @@ mod avx512_tests {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(20261203);
         let q4k: Vec<BlockQ4K> = random_blocks(&mut rng, 4096, &[0, 2]);
+        let q5k: Vec<BlockQ5K> = random_blocks(&mut rng, 4096, &[0, 2]);
         let q6k: Vec<BlockQ6K> = random_blocks(&mut rng, 4096, &[208]);
+        let q8_0: Vec<BlockQ8_0> = random_blocks(&mut rng, 4096 * 8, &[0]);
         let (mut simd, mut portable) = (vec![[0f32; 256]; 4096], vec![[0f32; 256]; 4096]);
 
         // SAFETY: AVX-512F and AVX2 are present (checked above).
@@ -390,6 +393,19 @@ mod avx512_tests {
         unsafe { q6_k::dequantize_blocks_avx512(&q6k, &mut simd) };
         q6k.iter().zip(&mut portable).for_each(|(b, out)| b.dequantize(out));
         assert_same_bits("Q6_K", &simd, &portable);
+
+        // SAFETY: as above.
+        unsafe { q5_k::dequantize_blocks_avx512(&q5k, &mut simd) };
+        q5k.iter().zip(&mut portable).for_each(|(b, out)| b.dequantize(out));
+        assert_same_bits("Q5_K", &simd, &portable);
+
+        // Q8_0 blocks hold 32 weights: 8 per row of 256 here.
+        let (simd32, portable32): (&mut [[f32; 32]], &mut [[f32; 32]]) =
+            (bytemuck::cast_slice_mut(&mut simd), bytemuck::cast_slice_mut(&mut portable));
+        // SAFETY: as above.
+        unsafe { q8_0::dequantize_blocks_avx512(&q8_0, simd32) };
+        q8_0.iter().zip(portable32.iter_mut()).for_each(|(b, out)| b.dequantize(out));
+        assert_same_bits("Q8_0", &simd, &portable);
     }
 
     fn assert_same_bits(ty: &str, simd: &[[f32; 256]], portable: &[[f32; 256]]) {
