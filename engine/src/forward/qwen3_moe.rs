@@ -352,18 +352,10 @@ impl<N: Numerics> Forward for Qwen3Moe<N> {
         seqs: &[&[u32]],
         traces: Option<&mut [Trace]>,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        if let Some(traces) = &traces
-            && traces.len() != seqs.len()
-        {
-            return Err(EngineError::TraceCount { traces: traces.len(), sequences: seqs.len() });
-        }
-        for tokens in seqs {
-            check_tokens(self.model.config(), tokens, 0)?;
-        }
-        // The new sequences run alone (their values do not depend on the batch), then join the held ones.
+        // The new sequences run as a `forward_many` of their own (their values do not depend on the
+        // batch), then join the held ones; on an error the held ones are kept as they were.
         let mut held = std::mem::take(&mut self.seqs);
-        self.reset(seqs.len());
-        let last = self.run(seqs, traces);
+        let last = self.forward_many(seqs, traces);
         held.append(&mut self.seqs);
         self.seqs = held;
         last

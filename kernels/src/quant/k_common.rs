@@ -15,6 +15,31 @@ pub(crate) const K_SCALE_SIZE: usize = 12;
 /// Below this magnitude a group counts as all zero (ggml `GROUP_MAX_EPS`).
 pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 
+/// Writes one 32-weight sub-block of a Q4_K/Q5_K super-block with AVX-512: weight `l` is
+/// `scale * q[l] - offset` for the unsigned quant in byte `l` of `quants`, the product and the difference
+/// each rounded once (no FMA), as the portable decoders compute it.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+pub(crate) unsafe fn store_sub_block_avx512(
+    quants: std::arch::x86_64::__m256i,
+    scale: f32,
+    offset: f32,
+    out: &mut [f32; 32],
+) {
+    use std::arch::x86_64::*;
+    let (scale, offset) = (_mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    let halves = [_mm256_castsi256_si128(quants), _mm256_extracti128_si256::<1>(quants)];
+    for (bytes, out) in halves.into_iter().zip(out.as_chunks_mut::<16>().0) {
+        let w = _mm512_sub_ps(_mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes))), offset);
+        // SAFETY: `out` is 16 f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), w) };
+    }
+}
+
 /// The 6-bit scales and 6-bit mins of the eight sub-blocks of a Q4_K/Q5_K super-block.
 ///
 /// Layout of the 12 bytes `q` (ggml `get_scale_min_k4`): for `j < 4`, scale `j` is the low 6 bits of

@@ -66,6 +66,7 @@ impl Decode for BlockQ4K {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 pub(super) unsafe fn dequantize_blocks_avx512(blocks: &[BlockQ4K], out: &mut [[f32; QK_K]]) {
+    use super::k_common::store_sub_block_avx512;
     use std::arch::x86_64::*;
     let nibble = _mm256_set1_epi8(0x0F);
     for (block, out) in blocks.iter().zip(out) {
@@ -77,17 +78,10 @@ pub(super) unsafe fn dequantize_blocks_avx512(blocks: &[BlockQ4K], out: &mut [[f
             let lo = _mm256_and_si256(q, nibble);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nibble);
             for (sub, quants) in [(2 * pair, lo), (2 * pair + 1, hi)] {
-                let scale = _mm512_set1_ps(d * f32::from(sc[sub]));
-                let offset = _mm512_set1_ps(min * f32::from(m[sub]));
-                for (half, bytes) in [_mm256_castsi256_si128(quants), _mm256_extracti128_si256::<1>(quants)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-                    let w = _mm512_sub_ps(_mm512_mul_ps(scale, q), offset);
-                    // SAFETY: sub-block `sub` is weights 32 * sub.. 32 * sub + 32 of the 256 in `out`.
-                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(32 * sub + 16 * half), w) };
-                }
+                let (scale, offset) = (d * f32::from(sc[sub]), min * f32::from(m[sub]));
+                let out = &mut out.as_chunks_mut::<32>().0[sub];
+                // SAFETY: this function's own target features are the callee's requirement.
+                unsafe { store_sub_block_avx512(quants, scale, offset, out) };
             }
         }
     }
