@@ -26,15 +26,22 @@ __device__ __forceinline__ float* normed_row(const float* x, const float* norm_w
     return hs;
 }
 
-// y[r0 .. r0 + DEC_ROWS) = W rows . x for the rows below n (matvec1's arithmetic).
+// y[r0 .. r0 + DEC_ROWS) = W rows . rmsnorm(x) for the rows below n (matvec1's arithmetic), when `write`:
+// the warp issues its rows' first loads, then the block normalises x (normed_row: every thread of the
+// block must call this), so the norm's latency overlaps the weights'. A warp past the last row loads
+// row n - 1 and writes nothing.
 template <class F>
-__device__ __forceinline__ void dec_rows(const u8* w, u64 row_bytes, int k, int n, const float* x, float* y,
-                                         int r0) {
+__device__ __forceinline__ void norm_rows(const float* x, const float* norm_w, int hidden, float eps, float* h,
+                                          const u8* w, u64 row_bytes, int n, float* y, int r0, bool write) {
     const u8* rows[DEC_ROWS];
 #pragma unroll
     for (int r = 0; r < DEC_ROWS; ++r) rows[r] = w + (u64)min(r0 + r, n - 1) * row_bytes;
+    typename F::Raw raw[DEC_ROWS][DEC_BATCH];
+    dot_rows_start<F, DEC_ROWS, DEC_BATCH>(rows, hidden, raw);
+    const float* hs = normed_row(x, norm_w, hidden, eps, h);
+    if (!write || r0 >= n) return;
     float acc[DEC_ROWS];
-    dot_rows<F, DEC_ROWS, DEC_BATCH>(rows, k, x, acc);
+    dot_rows_finish<F, DEC_ROWS, DEC_BATCH>(rows, hidden, hs, raw, acc);
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
         for (int r = 0; r < DEC_ROWS; ++r) {
@@ -53,47 +60,48 @@ __device__ __forceinline__ void norm_qkv1_impl(const float* x, const float* norm
                                                float* h, const u8* wq, u64 q_bytes, int nq, float* q,
                                                const u8* wk, u64 k_bytes, int nk, float* k_cache, const u8* wv,
                                                u64 v_bytes, int nv, float* v_cache, const int* pos, int max_pos) {
-    const float* hs = normed_row(x, norm_w, hidden, eps, h);
     const int p = *pos;
-    if (p < 0 || p >= max_pos) return;
+    const bool write = p >= 0 && p < max_pos;
+    const u64 row = write ? (u64)p : 0;
     const int per_block = DEC_WARPS * DEC_ROWS;
     const int bq = (nq + per_block - 1) / per_block;
     const int bk = (nk + per_block - 1) / per_block;
     const int warp_r0 = (threadIdx.x >> 5) * DEC_ROWS;
     int b = blockIdx.x;
     if (b < bq) {
-        const int r0 = b * per_block + warp_r0;
-        if (r0 < nq) dec_rows<Fqk>(wq, q_bytes, hidden, nq, hs, q, r0);
+        norm_rows<Fqk>(x, norm_w, hidden, eps, h, wq, q_bytes, nq, q, b * per_block + warp_r0, write);
         return;
     }
     b -= bq;
     if (b < bk) {
-        const int r0 = b * per_block + warp_r0;
-        if (r0 < nk) dec_rows<Fqk>(wk, k_bytes, hidden, nk, hs, k_cache + (u64)p * nk, r0);
+        norm_rows<Fqk>(x, norm_w, hidden, eps, h, wk, k_bytes, nk, k_cache + row * nk, b * per_block + warp_r0,
+                       write);
         return;
     }
     b -= bk;
-    const int r0 = b * per_block + warp_r0;
-    if (r0 < nv) dec_rows<Fv>(wv, v_bytes, hidden, nv, hs, v_cache + (u64)p * nv, r0);
+    norm_rows<Fv>(x, norm_w, hidden, eps, h, wv, v_bytes, nv, v_cache + row * nv, b * per_block + warp_r0, write);
 }
 
 // The router of one token from the residual stream: h = rmsnorm(x) * norm_w, logits = W h (one row per
-// warp, ROUTER_BATCH chunks in flight), then the last block to finish (counted in *counter, which it
-// resets to 0) makes the choices with softmax_topk_row: the values of rmsnorm then router_topk1. Grid
-// ceil(n_expert / DEC_WARPS), block 32 * DEC_WARPS, dynamic shared memory hidden + n_expert floats.
+// warp, its ROUTER_BATCH chunks loaded before the norm is computed), then the last block to finish
+// (counted in *counter, which it resets to 0) makes the choices with softmax_topk_row: the values of
+// rmsnorm then router_topk1. Grid ceil(n_expert / DEC_WARPS), block 32 * DEC_WARPS, dynamic shared memory
+// hidden + n_expert floats.
 template <class F>
 __device__ __forceinline__ void norm_router_topk1_impl(const float* x, const float* norm_w, int hidden, float eps,
                                                        float* h, const u8* w, u64 row_bytes, int n_expert,
                                                        float* logits, int k, int renormalise, int* ids,
                                                        float* weights, int* counter) {
     __shared__ int is_last;
+    const int row = blockIdx.x * DEC_WARPS + (threadIdx.x >> 5);
+    const u8* rows[1] = {w + (u64)min(row, n_expert - 1) * row_bytes};
+    typename F::Raw raw[1][ROUTER_BATCH];
+    dot_rows_start<F, 1, ROUTER_BATCH>(rows, hidden, raw);
     const float* hs = normed_row(x, norm_w, hidden, eps, h);
     float* p = (float*)decode_smem + ((hidden + 3) & ~3);
-    const int row = blockIdx.x * DEC_WARPS + (threadIdx.x >> 5);
     if (row < n_expert) {
-        const u8* rows[1] = {w + (u64)row * row_bytes};
         float acc[1];
-        dot_rows<F, 1, ROUTER_BATCH>(rows, hidden, hs, acc);
+        dot_rows_finish<F, 1, ROUTER_BATCH, false>(rows, hidden, hs, raw, acc);
         if ((threadIdx.x & 31) == 0) logits[row] = acc[0];
     }
     __threadfence();

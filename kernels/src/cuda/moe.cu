@@ -29,6 +29,11 @@ __device__ __forceinline__ void softmax_topk_row(const float* l, int n_expert, i
     }
     poisoned = __any_sync(FULL_MASK, poisoned);
     __syncwarp();
+    // Every lane ends each round with the same choice (the butterfly), so every lane adds the weights in
+    // choice order from zero (the sum lane 0 used to re-read from out_w) and lane j % 32 writes choice j,
+    // keeping its weight (j < 32) for the division: no global value is read back.
+    float sum_w = 0.0f;
+    float mine = 0.0f;
     for (int j = 0; j < k; ++j) {
         // -1 marks a chosen expert: every probability is >= 0.
         float best = -1.0f;
@@ -48,22 +53,19 @@ __device__ __forceinline__ void softmax_topk_row(const float* l, int n_expert, i
                 best_i = oi;
             }
         }
-        if (lane == 0) {
-            if (poisoned || best_i >= n_expert) {
-                out_ids[j] = j % n_expert;
-                out_w[j] = F32_NAN;
-            } else {
-                out_ids[j] = best_i;
-                out_w[j] = best;
-                p[best_i] = -1.0f;
-            }
+        const bool bad = poisoned || best_i >= n_expert;
+        const float w = bad ? F32_NAN : best;
+        if (lane == (j & 31)) {
+            out_ids[j] = bad ? j % n_expert : best_i;
+            out_w[j] = w;
+            if (j < WARP_SIZE) mine = w;
         }
+        if (!bad && lane == (best_i & 31)) p[best_i] = -1.0f;
+        sum_w += w;
         __syncwarp();
     }
-    if (lane == 0 && renormalise) {
-        float s = 0.0f;
-        for (int j = 0; j < k; ++j) s += out_w[j];
-        for (int j = 0; j < k; ++j) out_w[j] = out_w[j] / s;
+    if (renormalise) {
+        for (int j = lane; j < k; j += WARP_SIZE) out_w[j] = (j < WARP_SIZE ? mine : out_w[j]) / sum_w;
     }
 }
 

@@ -12,8 +12,8 @@ const MV_WARPS: u32 = 4;
 /// Warps per block and rows per warp of the single-token kernels (`DEC_WARPS`, `DEC_ROWS`), rows per block
 /// of `moe_down_combine1` (`DC_ROWS`) and the most routed slots per token it takes (`DC_MAX_SLOTS`).
 const DEC_WARPS: u32 = 8;
-const DEC_ROWS: u32 = 2;
-const DC_ROWS: u32 = 4;
+const DEC_ROWS: u32 = 1;
+const DC_ROWS: u32 = 2;
 const DC_MAX_SLOTS: usize = 8;
 /// Most routed slots per token [`CudaDevice::moe_down_combine`] takes.
 pub const FUSED_MAX_SLOTS: usize = DC_MAX_SLOTS;

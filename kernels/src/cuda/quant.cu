@@ -12,7 +12,35 @@
 //   QK     weights per block (1 for the float formats)
 //   BYTES  bytes per block
 //   chunk(row, c, v)  v[0..8] = weights 8c .. 8c+8 of the row
+//   Raw, load(row, c), decode(raw, c, v)
+//                     chunk split in two: load reads chunk c's bytes (a Raw, held in registers), decode
+//                     turns them into chunk c's 8 weights. The products load every chunk of a batch before
+//                     they decode the first, so all of its loads are in flight together while the registers
+//                     hold raw bytes (6 words for Q4_K) instead of 8 floats. chunk == decode(load).
 //   elem(row, e)      weight e alone (used for the tail of float rows whose length is not a multiple of 8)
+
+// load / decode for a format whose chunk has no cheaper raw form: Raw is the dequantised chunk itself.
+#define MOE_GATE_RAW_IS_CHUNK                                                                                \
+    struct Raw {                                                                                             \
+        float v[8];                                                                                          \
+    };                                                                                                       \
+    __device__ static __forceinline__ Raw load(const u8* row, int c) {                                       \
+        Raw r;                                                                                               \
+        chunk(row, c, r.v);                                                                                  \
+        return r;                                                                                            \
+    }                                                                                                        \
+    __device__ static __forceinline__ void decode(const Raw& r, int c, float* v) {                           \
+        _Pragma("unroll") for (int i = 0; i < 8; ++i) v[i] = r.v[i];                                         \
+    }
+
+// Byte i (0..4) of `word`, minus `offset`, as a float, exactly: the byte becomes the low mantissa bits of
+// 2^23 (one byte permute), and 2^23 + offset is subtracted (exact: both terms and the difference are
+// integers below 2^24). The conversion instruction it replaces issues at a quarter of the FP32 rate, once
+// per weight; this is one integer and one FP32 operation. Same value as (float)(byte - offset).
+__device__ __forceinline__ float byte_minus(u32 word, int i, float two23_plus_offset) {
+    return __fsub_rn(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u + (u32)i)), two23_plus_offset);
+}
+#define TWO23 8388608.0f
 
 struct FmtF32 {
     static constexpr int QK = 1;
@@ -25,6 +53,7 @@ struct FmtF32 {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = r[i];
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 struct FmtF16 {
@@ -38,6 +67,7 @@ struct FmtF16 {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = f16_to_f32(r[i]);
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 struct FmtBF16 {
@@ -51,6 +81,7 @@ struct FmtBF16 {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = bf16_to_f32(r[i]);
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 // block_q4_0: f16 d; u8 qs[16]. Weight j < 16 is the low nibble of qs[j], weight j + 16 its high nibble;
@@ -71,6 +102,7 @@ struct FmtQ4_0 {
             v[i] = __fmul_rn((float)x, d);
         }
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 // block_q5_0: f16 d; u8 qh[4] (bit j = fifth bit of weight j); u8 qs[16] (nibbles as in q4_0);
@@ -93,6 +125,7 @@ struct FmtQ5_0 {
             v[i] = __fmul_rn((float)x, d);
         }
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 // block_q5_1: f16 d; f16 m; u8 qh[4]; u8 qs[16]; value (nibble | fifth bit << 4) * d + m.
@@ -115,6 +148,7 @@ struct FmtQ5_1 {
             v[i] = __fadd_rn(__fmul_rn((float)x, d), m);
         }
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 // block_q8_0: f16 d; i8 qs[32]; value q * d.
@@ -136,6 +170,7 @@ struct FmtQ8_0 {
             v[i] = __fmul_rn((float)x, d);
         }
     }
+    MOE_GATE_RAW_IS_CHUNK
 };
 
 // The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (ggml's get_scale_min_k4), from the
@@ -162,27 +197,39 @@ __device__ __forceinline__ int byte_of(uint2 q, int i) {
 struct FmtQ4_K {
     static constexpr int QK = 256;
     static constexpr int BYTES = 144;
+    // The super-block's 16-byte head (d, dmin, scales) and the 8 bytes holding the chunk's nibbles.
+    struct Raw {
+        uint4 head;
+        uint2 q;
+    };
     __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
-    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+    __device__ static __forceinline__ Raw load(const u8* row, int c) {
         const u8* b = row + (u64)(c >> 5) * BYTES;
         const int w = c & 31;
         const int s = w >> 2;
-        const u32* words = (const u32*)b;
-        const u32 dd = words[0];
-        const uint2 q = *(const uint2*)(b + 16 + 32 * (s >> 1) + 8 * (w & 3));
+        Raw r;
+        r.head = *(const uint4*)b;
+        r.q = *(const uint2*)(b + 16 + 32 * (s >> 1) + 8 * (w & 3));
+        return r;
+    }
+    __device__ static __forceinline__ void decode(const Raw& r, int c, float* v) {
+        const int s = (c & 31) >> 2;
         int sc, m;
-        scale_min_k4(s, words[1], words[2], words[3], &sc, &m);
-        const float d = f16_to_f32((u16)(dd & 0xFFFF));
-        const float dmin = f16_to_f32((u16)(dd >> 16));
+        scale_min_k4(s, r.head.y, r.head.z, r.head.w, &sc, &m);
+        const float d = f16_to_f32((u16)(r.head.x & 0xFFFF));
+        const float dmin = f16_to_f32((u16)(r.head.x >> 16));
         const float d1 = __fmul_rn(d, (float)sc);
         const float m1 = __fmul_rn(dmin, (float)m);
         const int shift = (s & 1) * 4;
+        const u32 lo = (r.q.x >> shift) & 0x0F0F0F0Fu;
+        const u32 hi = (r.q.y >> shift) & 0x0F0F0F0Fu;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const int x = (byte_of(q, i) >> shift) & 0x0F;
-            v[i] = __fsub_rn(__fmul_rn(d1, (float)x), m1);
+            const float x = byte_minus(i < 4 ? lo : hi, i & 3, TWO23);
+            v[i] = __fsub_rn(__fmul_rn(d1, x), m1);
         }
     }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) { decode(load(row, c), c, v); }
 };
 
 // block_q5_K: f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]. As Q4_K, plus a fifth bit: bit s of
@@ -191,67 +238,93 @@ struct FmtQ4_K {
 struct FmtQ5_K {
     static constexpr int QK = 256;
     static constexpr int BYTES = 176;
+    struct Raw {
+        uint4 head;
+        uint2 h;
+        uint2 q;
+    };
     __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
-    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+    __device__ static __forceinline__ Raw load(const u8* row, int c) {
         const u8* b = row + (u64)(c >> 5) * BYTES;
         const int w = c & 31;
         const int s = w >> 2;
         const int l0 = 8 * (w & 3);
-        const u32* words = (const u32*)b;
-        const u32 dd = words[0];
-        const uint2 h = *(const uint2*)(b + 16 + l0);
-        const uint2 q = *(const uint2*)(b + 48 + 32 * (s >> 1) + l0);
+        Raw r;
+        r.head = *(const uint4*)b;
+        r.h = *(const uint2*)(b + 16 + l0);
+        r.q = *(const uint2*)(b + 48 + 32 * (s >> 1) + l0);
+        return r;
+    }
+    __device__ static __forceinline__ void decode(const Raw& r, int c, float* v) {
+        const int s = (c & 31) >> 2;
         int sc, m;
-        scale_min_k4(s, words[1], words[2], words[3], &sc, &m);
-        const float d = f16_to_f32((u16)(dd & 0xFFFF));
-        const float dmin = f16_to_f32((u16)(dd >> 16));
+        scale_min_k4(s, r.head.y, r.head.z, r.head.w, &sc, &m);
+        const float d = f16_to_f32((u16)(r.head.x & 0xFFFF));
+        const float dmin = f16_to_f32((u16)(r.head.x >> 16));
         const float d1 = __fmul_rn(d, (float)sc);
         const float m1 = __fmul_rn(dmin, (float)m);
         const int shift = (s & 1) * 4;
+        // Each byte: its nibble, plus bit s of the matching qh byte moved to bit 4.
+        const u32 lo = ((r.q.x >> shift) & 0x0F0F0F0Fu) | (((r.h.x >> s) & 0x01010101u) << 4);
+        const u32 hi = ((r.q.y >> shift) & 0x0F0F0F0Fu) | (((r.h.y >> s) & 0x01010101u) << 4);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const int x = ((byte_of(q, i) >> shift) & 0x0F) + (((byte_of(h, i) >> s) & 1) << 4);
-            v[i] = __fsub_rn(__fmul_rn(d1, (float)x), m1);
+            const float x = byte_minus(i < 4 ? lo : hi, i & 3, TWO23);
+            v[i] = __fsub_rn(__fmul_rn(d1, x), m1);
         }
     }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) { decode(load(row, c), c, v); }
 };
+
+// 8 bytes at p (2-byte aligned) as two little-endian words: three aligned word loads around them, shifted
+// into place (a shift of 0 when p is 4-byte aligned). Never reads past p + 10.
+__device__ __forceinline__ uint2 load_8_at_2(const u8* p) {
+    const u32* a = (const u32*)((u64)p & ~(u64)3);
+    const u32 sh = ((u32)(u64)p & 3u) * 8u;
+    const u32 w0 = a[0], w1 = a[1], w2 = a[2];
+    return make_uint2(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh));
+}
 
 // block_q6_K: u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d. Weight e: half h = e / 128, r = e % 128,
 // quarter q = r / 32, l = r % 32; low 4 bits from ql[64h + 32 (q & 1) + l] (high nibble when q >= 2),
 // high 2 bits from qh[32h + l] >> 2q; scale scales[8h + l / 16 + 2q]. value (d * scale) * (bits - 32).
+// 210-byte blocks keep only 2-byte alignment: the 8 ql and 8 qh bytes of a chunk come through load_8_at_2
+// (the 8 qh bytes end at most at byte 192 + 2, inside the block).
 struct FmtQ6_K {
     static constexpr int QK = 256;
     static constexpr int BYTES = 210;
+    struct Raw {
+        uint2 ql;
+        uint2 qh;
+        u32 d;
+        int scale;
+    };
     __device__ static __forceinline__ float elem(const u8* row, int e) { return 0.0f; }
-    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) {
+    __device__ static __forceinline__ Raw load(const u8* row, int c) {
         const u8* b = row + (u64)(c >> 5) * BYTES;
         const int e0 = 8 * (c & 31);
         const int h = e0 >> 7;
-        const int r = e0 & 127;
-        const int q = r >> 5;
-        const int l0 = r & 31;
-        // 210-byte blocks keep 2-byte alignment: the 8 ql and 8 qh bytes as four 16-bit loads each.
-        const u16* ql = (const u16*)(b + 64 * h + 32 * (q & 1) + l0);
-        const u16* qh = (const u16*)(b + 128 + 32 * h + l0);
-        u16 lo[4], hi[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            lo[i] = ql[i];
-            hi[i] = qh[i];
-        }
-        const float d = f16_to_f32(*(const u16*)(b + 208));
-        const int scale = ((const i8*)(b + 192))[8 * h + (l0 >> 4) + 2 * q];
-        const float ds = __fmul_rn(d, (float)scale);
+        const int q = (e0 & 127) >> 5;
+        const int l0 = e0 & 31;
+        Raw r;
+        r.ql = load_8_at_2(b + 64 * h + 32 * (q & 1) + l0);
+        r.qh = load_8_at_2(b + 128 + 32 * h + l0);
+        r.d = *(const u16*)(b + 208);
+        r.scale = ((const i8*)(b + 192))[8 * h + (l0 >> 4) + 2 * q];
+        return r;
+    }
+    __device__ static __forceinline__ void decode(const Raw& r, int c, float* v) {
+        const int q = ((8 * (c & 31)) & 127) >> 5;
+        const float ds = __fmul_rn(f16_to_f32((u16)r.d), (float)r.scale);
         const int lshift = (q >> 1) * 4;
         const int hshift = 2 * q;
+        // Each byte: 4 low bits from ql, 2 high bits from qh, 0..63 (the - 32 is in byte_minus).
+        const u32 lo = ((r.ql.x >> lshift) & 0x0F0F0F0Fu) | (((r.qh.x >> hshift) & 0x03030303u) << 4);
+        const u32 hi = ((r.ql.y >> lshift) & 0x0F0F0F0Fu) | (((r.qh.y >> hshift) & 0x03030303u) << 4);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int lb = (lo[i >> 1] >> (8 * (i & 1))) & 0xFF;
-            const int hb = (hi[i >> 1] >> (8 * (i & 1))) & 0xFF;
-            const int x = (int)(((lb >> lshift) & 0x0F) | (((hb >> hshift) & 3) << 4)) - 32;
-            v[i] = __fmul_rn(ds, (float)x);
-        }
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(ds, byte_minus(i < 4 ? lo : hi, i & 3, TWO23 + 32.0f));
     }
+    __device__ static __forceinline__ void chunk(const u8* row, int c, float* v) { decode(load(row, c), c, v); }
 };
 
 // Token tile: how many activation rows one warp multiplies with a weight row it has dequantised once.
@@ -275,8 +348,8 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ p, float* xv) 
     }
 }
 
-// Chunks a lane dequantises before it multiplies them: their loads are independent, so all of them are in
-// flight together instead of one chunk's latency after another's.
+// Chunks a lane loads (F::load) before it dequantises and multiplies the first: their loads are
+// independent, so all of them are in flight together instead of one chunk's latency after another's.
 #define CHUNK_BATCH 4
 
 // acc[j] = dot(weight row, xs[j]) for j < nt, in the canonical order: lane l accumulates chunks
@@ -292,14 +365,19 @@ __device__ __forceinline__ void dot_tile_t(const u8* __restrict__ wrow, int k, c
 #pragma unroll
     for (int j = 0; j < TILE; ++j) acc[j] = 0.0f;
     const int n_full = k >> 3;
-    for (int c0 = lane; c0 < n_full; c0 += WARP_SIZE * BATCH) {
-        float v[BATCH][8];
+    // c0 = base + lane with base a visible multiple of 32, so the compiler knows c & 31 == lane for
+    // every chunk c of this lane and hoists the in-block offsets and shifts out of the loop.
+    for (int base = 0; base + lane < n_full; base += WARP_SIZE * BATCH) {
+        const int c0 = base + lane;
+        typename F::Raw raw[BATCH];
 #pragma unroll
-        for (int u = 0; u < BATCH; ++u) F::chunk(wrow, min(c0 + WARP_SIZE * u, n_full - 1), v[u]);
+        for (int u = 0; u < BATCH; ++u) raw[u] = F::load(wrow, min(c0 + WARP_SIZE * u, n_full - 1));
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
             const int c = c0 + WARP_SIZE * u;
             if (c < n_full) {
+                float v[8];
+                F::decode(raw[u], c, v);
 #pragma unroll
                 for (int j = 0; j < TILE; ++j) {
                     if (j < nt) {
@@ -307,7 +385,7 @@ __device__ __forceinline__ void dot_tile_t(const u8* __restrict__ wrow, int k, c
                         load_x8<F>(xs[j] + 8 * c, xv);
                         float s = acc[j];
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) s = __fmaf_rn(v[u][i], xv[i], s);
+                        for (int i = 0; i < 8; ++i) s = __fmaf_rn(v[i], xv[i], s);
                         acc[j] = s;
                     }
                 }
@@ -338,21 +416,59 @@ __device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, con
 }
 
 // acc[r] = dot(rows[r], x) for r < R: R weight rows against one activation row, each in exactly
-// dot_tile_t's order (so each result is the bits dot_tile_t gives for that row and token), with the R rows'
-// BATCH chunks all loaded before any is multiplied: the single-token (decode) kernels' dot product, which
-// keeps R * BATCH chunks of weights in flight per lane.
+// dot_tile_t's order (so each result is the bits dot_tile_t gives for that row and token): the
+// single-token (decode) kernels' dot product. Software-pipelined: the raw chunks of the next BATCH are
+// loaded before the current BATCH is dequantised and multiplied, so a lane keeps R * BATCH chunks of
+// loads in flight while it computes. Split in two so a fused kernel can issue the first batch's loads
+// before it computes its input (dot_rows_start, then dot_rows_finish).
+
+// Issues the loads of the first batch: chunks lane + 32 u of each row (u < BATCH).
 template <class F, int R, int BATCH>
-__device__ __forceinline__ void dot_rows(const u8* const* rows, int k, const float* __restrict__ x, float* acc) {
+__device__ __forceinline__ void dot_rows_start(const u8* const* rows, int k, typename F::Raw (&raw)[R][BATCH]) {
+    const int lane = threadIdx.x & 31;
+    const int n_full = k >> 3;
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(lane + WARP_SIZE * u, n_full - 1));
+    }
+}
+
+// Completes dot_rows from the batch dot_rows_start loaded into `raw`. PIPE = false loads each batch when
+// its turn comes instead (half the registers): for rows a lane covers in one batch, where there is
+// nothing to prefetch.
+template <class F, int R, int BATCH, bool PIPE = true>
+__device__ __forceinline__ void dot_rows_finish(const u8* const* rows, int k, const float* __restrict__ x,
+                                                typename F::Raw (&raw)[R][BATCH], float* acc) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
     const int n_full = k >> 3;
-    for (int c0 = lane; c0 < n_full; c0 += WARP_SIZE * BATCH) {
-        float v[R][BATCH][8];
+    // c0 = base + lane with base a visible multiple of 32, so the compiler knows c & 31 == lane for
+    // every chunk c of this lane and hoists the in-block offsets and shifts out of the loop.
+    for (int base = 0; base + lane < n_full; base += WARP_SIZE * BATCH) {
+        const int c0 = base + lane;
+        if (!PIPE && base != 0) {
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(c0 + WARP_SIZE * u, n_full - 1));
+            }
+        }
+        typename F::Raw cur[R][BATCH];
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
 #pragma unroll
-            for (int r = 0; r < R; ++r) F::chunk(rows[r], min(c0 + WARP_SIZE * u, n_full - 1), v[r][u]);
+            for (int r = 0; r < R; ++r) cur[r][u] = raw[r][u];
+        }
+        // The next batch's loads (the condition is the same in every lane of the warp).
+        const int next = base + WARP_SIZE * BATCH;
+        if (PIPE && next < n_full) {
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(next + lane + WARP_SIZE * u, n_full - 1));
+            }
         }
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
@@ -362,9 +478,11 @@ __device__ __forceinline__ void dot_rows(const u8* const* rows, int k, const flo
                 load_x8<F>(x + 8 * c, xv);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
+                    float v[8];
+                    F::decode(cur[r][u], c, v);
                     float s = acc[r];
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) s = __fmaf_rn(v[r][u][i], xv[i], s);
+                    for (int i = 0; i < 8; ++i) s = __fmaf_rn(v[i], xv[i], s);
                     acc[r] = s;
                 }
             }
@@ -382,6 +500,13 @@ __device__ __forceinline__ void dot_rows(const u8* const* rows, int k, const flo
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+}
+
+template <class F, int R, int BATCH, bool PIPE = true>
+__device__ __forceinline__ void dot_rows(const u8* const* rows, int k, const float* __restrict__ x, float* acc) {
+    typename F::Raw raw[R][BATCH];
+    dot_rows_start<F, R, BATCH>(rows, k, raw);
+    dot_rows_finish<F, R, BATCH, PIPE>(rows, k, x, raw, acc);
 }
 
 // y[t, r] (+)= dot(W row r, x[t]) for r < n, t < n_tok. W: n rows of row_bytes; x: [n_tok, k]; y: [n_tok, n].
@@ -466,8 +591,10 @@ __device__ __forceinline__ void moe_matvec_impl(const u8* w, u64 expert_bytes, u
 
 // Warps per block and rows per warp of the single-token kernels.
 #define DEC_WARPS 8
-#define DEC_ROWS 2
+#define DEC_ROWS 1
 #define DEC_BATCH 4
+// Chunks per row of the batches moe_gate_up1 pipelines (two rows per warp: gate and up).
+#define GU_BATCH 2
 
 // y[r] (+)= dot(W row r, x) for r < n: one token. With `pos` != 0 the output is row *pos of y (rows of n:
 // the KV cache row of the position a device counter holds, so a captured graph replays at any position);
@@ -478,13 +605,16 @@ __device__ __forceinline__ void matvec1_impl(const u8* w, u64 row_bytes, int k, 
                                              int accumulate, const int* pos, int max_pos) {
     const int r0 = (blockIdx.x * DEC_WARPS + (threadIdx.x >> 5)) * DEC_ROWS;
     if (r0 >= n) return;
-    const int p = pos != 0 ? *pos : 0;
-    if (p < 0 || p >= max_pos) return;
     const u8* rows[DEC_ROWS];
 #pragma unroll
     for (int r = 0; r < DEC_ROWS; ++r) rows[r] = w + (u64)min(r0 + r, n - 1) * row_bytes;
+    // The weights' first loads go out before the position's (they do not depend on it).
+    typename F::Raw raw[DEC_ROWS][DEC_BATCH];
+    dot_rows_start<F, DEC_ROWS, DEC_BATCH>(rows, k, raw);
+    const int p = pos != 0 ? *pos : 0;
+    if (p < 0 || p >= max_pos) return;
     float acc[DEC_ROWS];
-    dot_rows<F, DEC_ROWS, DEC_BATCH>(rows, k, x, acc);
+    dot_rows_finish<F, DEC_ROWS, DEC_BATCH>(rows, k, x, raw, acc);
     if ((threadIdx.x & 31) == 0) {
         float* yb = y + (u64)p * n;
 #pragma unroll
@@ -542,12 +672,15 @@ __device__ __forceinline__ void moe_gate_up1_impl(const u8* wg, const u8* wu, u6
     const u64 off = (valid ? (u64)e * expert_bytes : 0) + (u64)row * row_bytes;
     const u8* rows[2] = {wg + off, wu + off};
     float acc[2];
-    dot_rows<F, 2, DEC_BATCH>(rows, k, x + (u64)(s / in_div) * k, acc);
+    dot_rows<F, 2, GU_BATCH>(rows, k, x + (u64)(s / in_div) * k, acc);
     if ((threadIdx.x & 31) == 0) act[(u64)s * n + row] = valid ? swiglu(acc[0], acc[1]) : F32_NAN;
 }
 
 // Rows per block of moe_down_combine1.
-#define DC_ROWS 4
+#define DC_ROWS 2
+// Chunks per row each lane of moe_down_combine1 loads before it multiplies: 3 covers a row of 768 weights
+// (Qwen3-30B-A3B's expert width) in one round of loads.
+#define DC_BATCH 3
 // Most routed slots per token moe_down_combine1 takes (one warp each).
 #define DC_MAX_SLOTS 8
 
@@ -572,7 +705,7 @@ __device__ __forceinline__ void moe_down_combine1_impl(const u8* w, u64 expert_b
 #pragma unroll
     for (int r = 0; r < DC_ROWS; ++r) rows[r] = base + (u64)min(r0 + r, n - 1) * row_bytes;
     float acc[DC_ROWS];
-    dot_rows<F, DC_ROWS, 2>(rows, k, act + s * k, acc);
+    dot_rows<F, DC_ROWS, DC_BATCH, false>(rows, k, act + s * k, acc);
     if ((threadIdx.x & 31) == 0) {
 #pragma unroll
         for (int r = 0; r < DC_ROWS; ++r) part[r][j] = valid ? acc[r] : F32_NAN;
@@ -644,7 +777,7 @@ __device__ __forceinline__ void get_rows_impl(const u8* w, u64 row_bytes, int k,
                             int in_div, const int* __restrict__ ids, float* __restrict__ act) {              \
         moe_gate_up1_impl<F>(wg, wu, expert_bytes, row_bytes, k, n, n_expert, x, in_div, ids, act);          \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * DC_MAX_SLOTS)                                          \
+    extern "C" __global__ void __launch_bounds__(32 * DC_MAX_SLOTS)                                           \
         moe_down_combine1_##name(const u8* __restrict__ w, u64 expert_bytes, u64 row_bytes, int k, int n,    \
                                  int n_expert, const float* __restrict__ act, const int* __restrict__ ids,   \
                                  const float* __restrict__ weights, int k_used, float* x) {                  \
