@@ -1064,3 +1064,45 @@ impl CudaDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of `#define NAME value` in the kernels' sources.
+    fn cuda_define(name: &str) -> u64 {
+        let src = crate::cuda::program_source();
+        let prefix = format!("#define {name} ");
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in the CUDA sources"));
+        line[prefix.len()..].trim().parse().unwrap_or_else(|e| panic!("`{line}`: {e}"))
+    }
+
+    /// The launchers' block and grid shapes mirror the kernels' `#define`s: a change on one side only would
+    /// launch too few blocks (rows left unwritten, found only on a GPU) or index past a block's rows. This
+    /// holds the two together on any machine.
+    #[test]
+    fn launch_geometry_matches_the_cuda_defines() {
+        let pairs: [(&str, u64); 10] = [
+            ("MV_WARPS", MV_WARPS.into()),
+            ("DEC_WARPS", DEC_WARPS.into()),
+            ("DEC_ROWS", DEC_ROWS.into()),
+            ("DC_ROWS", DC_ROWS.into()),
+            ("DC_MAX_SLOTS", DC_MAX_SLOTS as u64),
+            ("TOKEN_TILE", TOKEN_TILE as u64),
+            ("RMS_THREADS", RMS_THREADS.into()),
+            ("ROPE_WARPS", ROPE_WARPS.into()),
+            ("ATT_WARPS", ATT_WARPS.into()),
+            ("ATT_MAX_PER_LANE", (ATT_MAX_HEAD_DIM / 32) as u64),
+        ];
+        for (name, rust) in pairs {
+            assert_eq!(
+                cuda_define(name),
+                rust,
+                "{name}: the CUDA #define and the launcher's constant differ"
+            );
+        }
+    }
+}
