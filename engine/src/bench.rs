@@ -495,7 +495,13 @@ mod device {
             Ok(d) => {
                 let info = d.info();
                 let v = info.driver_version;
-                (Some(info.name.clone()), Some(format!("{}.{}", v / 1000, v % 1000 / 10)))
+                // A variant measured under MOE_GATE_CUDA_TUNE says so wherever the machine is named.
+                let name = if info.tuning.is_default() {
+                    info.name.clone()
+                } else {
+                    format!("{} (kernels tuned: {}={})", info.name, moe_kernels::cuda::TUNE_ENV, info.tuning)
+                };
+                (Some(name), Some(format!("{}.{}", v / 1000, v % 1000 / 10)))
             }
             Err(_) => (None, None),
         }

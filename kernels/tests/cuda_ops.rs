@@ -31,7 +31,8 @@ mod cases {
     use moe_kernels::cpu::{KvView, RopeTable, causal_attention_head, rms_norm, route, silu};
     use moe_kernels::cuda::{
         AttentionShape, CudaDevice, CudaError, REQUIRE_NVRTC_ENV, Routing, SEEDED_NO_FMA_CONTRACTION,
-        SEEDED_SOFTMAX_NO_MAX, compile_program, compile_program_variant, compile_source, kernel_entry_names,
+        SEEDED_SOFTMAX_NO_MAX, Tuning, compile_program, compile_program_variant, compile_source,
+        kernel_entry_names,
     };
     use moe_kernels::quant::{dequantize_row, dot_row, quantize_row};
     use rand::{Rng, SeedableRng};
@@ -127,9 +128,16 @@ mod cases {
         for option in [SEEDED_SOFTMAX_NO_MAX, SEEDED_NO_FMA_CONTRACTION] {
             t.push(Trial::ignorable_test(
                 format!("compile::compute_90::seeded_variant::{option}"),
-                move || compile_variant_case(option),
+                move || compile_variant_case(option, vec![option.to_string()]),
             ));
         }
+        // Every tuning knob (MOE_GATE_CUDA_TUNE) away from its shipped value at once, so each loop runs
+        // with more or fewer batches than it ships with.
+        let tuned = "CHUNK_BATCH=2,DEC_BATCH=8,GU_BATCH=4,DC_BATCH=2,ROUTER_BATCH=4";
+        t.push(Trial::ignorable_test(format!("compile::compute_90::tuned::{tuned}"), move || {
+            let tuning = Tuning::parse(tuned).map_err(|e| e.to_string())?;
+            compile_variant_case(tuned, tuning.nvrtc_options())
+        }));
         for ty in GgmlType::ALL {
             for cols in widths(ty) {
                 t.push(Trial::ignorable_test(format!("get_rows::{ty}::{cols}"), move || {
@@ -299,11 +307,13 @@ mod cases {
         Ok(Completion::Completed)
     }
 
-    /// The compile variant a seeded defect asks for (`moe_engine::defect`, selftest only) compiles too,
-    /// with every entry, and differs from the shipped program's PTX (the option changed something).
-    fn compile_variant_case(option: &'static str) -> Outcome {
+    /// A compile variant (the options a seeded defect asks for, `moe_engine::defect`, selftest only; or a
+    /// tuning's defines) compiles too, with every entry, and differs from the shipped program's PTX (the
+    /// options changed something).
+    fn compile_variant_case(option: &str, options: Vec<String>) -> Outcome {
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
         let (shipped, variant) =
-            match (compile_program("compute_90"), compile_program_variant("compute_90", &[option])) {
+            match (compile_program("compute_90"), compile_program_variant("compute_90", &options)) {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) | (_, Err(e)) if e.is_unavailable() => return without_nvrtc(e),
                 (Err(e), _) | (_, Err(e)) => return Err(e.to_string().into()),

@@ -9,7 +9,9 @@
 #endif
 
 // Chunks of 8 weights each lane of the fused router loads before it multiplies them (one row per warp).
+#ifndef ROUTER_BATCH
 #define ROUTER_BATCH 8
+#endif
 
 // Dynamic shared memory of the fused kernels, 16-byte aligned for load_x8's float4 reads.
 extern __shared__ float4 decode_smem[];

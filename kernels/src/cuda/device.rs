@@ -12,6 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStrea
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
 
 use super::error::{CudaError, describe};
+use super::tuning::{TUNE_ENV, Tuning};
 use super::{SYNC_EACH_LAUNCH_ENV, program_source};
 use crate::quant::GgmlType;
 
@@ -34,6 +35,8 @@ pub struct DeviceInfo {
     pub nvrtc_version: (i32, i32),
     /// Device memory in bytes.
     pub total_memory: usize,
+    /// The load-batch knobs the kernels were compiled with ([`Tuning`]; default: as they ship).
+    pub tuning: Tuning,
 }
 
 impl std::fmt::Display for DeviceInfo {
@@ -50,7 +53,11 @@ impl std::fmt::Display for DeviceInfo {
             self.driver_version % 1000 / 10,
             self.nvrtc_version.0,
             self.nvrtc_version.1,
-        )
+        )?;
+        if !self.tuning.is_default() {
+            write!(f, ", kernels tuned with {TUNE_ENV}={}", self.tuning)?;
+        }
+        Ok(())
     }
 }
 
@@ -165,7 +172,9 @@ impl CudaDevice {
         let base = Self::get(ordinal)?;
         base.bind()?;
         let arch = format!("compute_{}{}", base.info.compute_capability.0, base.info.compute_capability.1);
-        let ptx = compile_named_with(KERNELS_PROGRAM, program_source(), &arch, &options)?;
+        let mut all = base.info.tuning.nvrtc_options();
+        all.extend(options.iter().cloned());
+        let ptx = compile_named_with(KERNELS_PROGRAM, program_source(), &arch, &all)?;
         let module = base.ctx.load_module(ptx).map_err(|e| {
             CudaError::driver(format!("loading the kernels compiled for {arch} with {options:?}"), e)
         })?;
@@ -263,8 +272,9 @@ impl CudaDevice {
             driver_version,
             nvrtc_version: nvrtc_version()?,
             total_memory: ctx.total_mem().map_err(|e| CudaError::driver("reading the memory size", e))?,
+            tuning: Tuning::from_env()?,
         };
-        let module = compile(&ctx, info.compute_capability)?;
+        let module = compile(&ctx, info.compute_capability, &info.tuning.nvrtc_options())?;
         let kernels = load_kernels(&module)?;
         let stream = ctx.new_stream().map_err(|e| CudaError::driver("creating the stream", e))?;
         let sync_each_launch = std::env::var(SYNC_EACH_LAUNCH_ENV).is_ok_and(|v| v != "0");
@@ -503,10 +513,15 @@ fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
-/// Compiles the program for the device's architecture (PTX for `compute_XY`, finished by the driver).
-fn compile(ctx: &Arc<CudaContext>, (major, minor): (i32, i32)) -> Result<Arc<CudaModule>, CudaError> {
+/// Compiles the program for the device's architecture (PTX for `compute_XY`, finished by the driver), with
+/// the `tuning` knobs' NVRTC options (none: the kernels as they ship).
+fn compile(
+    ctx: &Arc<CudaContext>,
+    (major, minor): (i32, i32),
+    tuning: &[String],
+) -> Result<Arc<CudaModule>, CudaError> {
     let arch = format!("compute_{major}{minor}");
-    let ptx = compile_ptx(&arch)?;
+    let ptx = compile_named_with(KERNELS_PROGRAM, program_source(), &arch, tuning)?;
     ctx.load_module(ptx).map_err(|e| CudaError::driver(format!("loading the kernels compiled for {arch}"), e))
 }
 
@@ -527,10 +542,6 @@ pub fn compile_program_variant(arch: &str, options: &[&str]) -> Result<String, C
     }
     let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
     Ok(compile_named_with(KERNELS_PROGRAM, program_source(), arch, &options)?.to_src())
-}
-
-fn compile_ptx(arch: &str) -> Result<Ptx, CudaError> {
-    compile_named(KERNELS_PROGRAM, program_source(), arch)
 }
 
 /// The name NVRTC gives the kernels' program (compiler messages name the `*.cu` part through `#line`).

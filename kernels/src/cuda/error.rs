@@ -21,6 +21,13 @@ pub enum CudaError {
     NoDevice { reason: String },
 
     // --- CUDA is here but something failed ---
+    /// `MOE_GATE_CUDA_TUNE` does not name knobs and values the kernels take.
+    #[error(
+        "MOE_GATE_CUDA_TUNE=`{spec}`: {reason}; it takes NAME=VALUE pairs separated by commas, NAME one of \
+         CHUNK_BATCH, DEC_BATCH, GU_BATCH, DC_BATCH, ROUTER_BATCH and VALUE in 1..=16 (or unset it to \
+         compile the kernels as they ship)"
+    )]
+    Tuning { spec: String, reason: String },
     /// NVRTC rejected the kernels; the log says where.
     #[error(
         "NVRTC could not compile {program} for {arch} ({status}); the kernels' sources are \

@@ -18,6 +18,9 @@
 //!   operation order of `docs/numerics.md`, the CPU kernels' order, with every operation explicitly
 //!   rounded: their results are the CPU's bits.
 //!
+//! - [`Tuning`]: the kernels' load batches set at run time (`MOE_GATE_CUDA_TUNE`), to measure a variant on
+//!   a device without a rebuild; no knob changes a result.
+//!
 //! - The seeded defects' kernels (`seeded.cu`, launched by `CudaDevice::seeded_*`) and compile variants
 //!   (`CudaDevice::get_variant`): `cargo moe-gate selftest` only (`moe_engine::defect`).
 //!
@@ -29,6 +32,7 @@ mod error;
 mod exact;
 mod ops;
 mod seeded;
+mod tuning;
 
 pub use device::{
     CudaDevice, DevSlice, DevSliceMut, DeviceBuffer, DeviceGraph, DeviceInfo, DeviceMatrix, DeviceScalar,
@@ -38,6 +42,7 @@ pub use error::CudaError;
 pub use exact::{EXACT_ATTENTION_MAX_POSITIONS, ExactRows};
 pub use ops::{AttentionShape, ExpertGroups, FUSED_MAX_SLOTS, RopePosition, Routing};
 pub use seeded::{SEEDED_NO_FMA_CONTRACTION, SEEDED_SOFTMAX_NO_MAX};
+pub use tuning::{KNOBS as TUNING_KNOBS, TUNE_ENV, Tuning};
 
 /// Environment variable that makes every launch wait for the kernel and check its status, so an
 /// asynchronous fault (an illegal address, say) is reported at the operation that caused it. Any value

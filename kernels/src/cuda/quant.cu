@@ -350,7 +350,9 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ p, float* xv) 
 
 // Chunks a lane loads (F::load) before it dequantises and multiplies the first: their loads are
 // independent, so all of them are in flight together instead of one chunk's latency after another's.
+#ifndef CHUNK_BATCH
 #define CHUNK_BATCH 4
+#endif
 
 // acc[j] = dot(weight row, xs[j]) for j < nt, in the canonical order: lane l accumulates chunks
 // l, l + 32, ... (each chunk's 8 products in order, each one fused multiply-add into the running sum) into
@@ -592,9 +594,13 @@ __device__ __forceinline__ void moe_matvec_impl(const u8* w, u64 expert_bytes, u
 // Warps per block and rows per warp of the single-token kernels.
 #define DEC_WARPS 8
 #define DEC_ROWS 1
+#ifndef DEC_BATCH
 #define DEC_BATCH 4
+#endif
 // Chunks per row of the batches moe_gate_up1 pipelines (two rows per warp: gate and up).
+#ifndef GU_BATCH
 #define GU_BATCH 2
+#endif
 
 // y[r] (+)= dot(W row r, x) for r < n: one token. With `pos` != 0 the output is row *pos of y (rows of n:
 // the KV cache row of the position a device counter holds, so a captured graph replays at any position);
@@ -680,7 +686,9 @@ __device__ __forceinline__ void moe_gate_up1_impl(const u8* wg, const u8* wu, u6
 #define DC_ROWS 2
 // Chunks per row each lane of moe_down_combine1 loads before it multiplies: 3 covers a row of 768 weights
 // (Qwen3-30B-A3B's expert width) in one round of loads.
+#ifndef DC_BATCH
 #define DC_BATCH 3
+#endif
 // Most routed slots per token moe_down_combine1 takes (one warp each).
 #define DC_MAX_SLOTS 8
 
