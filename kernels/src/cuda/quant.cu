@@ -33,10 +33,10 @@
         _Pragma("unroll") for (int i = 0; i < 8; ++i) v[i] = r.v[i];                                         \
     }
 
-// Byte i (0..4) of `word`, minus `offset`, as a float, exactly: the byte becomes the low mantissa bits of
+// Byte i (0..3) of `word`, minus `offset`, as a float, exactly: the byte becomes the low mantissa bits of
 // 2^23 (one byte permute), and 2^23 + offset is subtracted (exact: both terms and the difference are
-// integers below 2^24). The conversion instruction it replaces issues at a quarter of the FP32 rate, once
-// per weight; this is one integer and one FP32 operation. Same value as (float)(byte - offset).
+// integers below 2^24). One integer and one FP32 operation per weight instead of an integer-to-float
+// conversion; the same value as (float)(byte - offset).
 __device__ __forceinline__ float byte_minus(u32 word, int i, float two23_plus_offset) {
     return __fsub_rn(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u + (u32)i)), two23_plus_offset);
 }
@@ -183,11 +183,6 @@ __device__ __forceinline__ void scale_min_k4(int j, u32 w0, u32 w1, u32 w2, int*
     const bool low = j < 4;
     *sc = low ? (q0 & 63) : ((q2 & 0x0F) | ((q0 >> 6) << 4));
     *m = low ? (q1 & 63) : ((q2 >> 4) | ((q1 >> 6) << 4));
-}
-
-// Byte i (0..8) of two little-endian words.
-__device__ __forceinline__ int byte_of(uint2 q, int i) {
-    return (int)(((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFF);
 }
 
 // block_q4_K: f16 d; f16 dmin; u8 scales[12]; u8 qs[128]. Sub-block s (32 weights) has scale d * sc_s and
@@ -367,8 +362,7 @@ __device__ __forceinline__ void dot_tile_t(const u8* __restrict__ wrow, int k, c
 #pragma unroll
     for (int j = 0; j < TILE; ++j) acc[j] = 0.0f;
     const int n_full = k >> 3;
-    // c0 = base + lane with base a visible multiple of 32, so the compiler knows c & 31 == lane for
-    // every chunk c of this lane and hoists the in-block offsets and shifts out of the loop.
+    // Chunk c0 + 32 u of batch `base` (a multiple of 32): c & 31 == lane for every chunk c of this lane.
     for (int base = 0; base + lane < n_full; base += WARP_SIZE * BATCH) {
         const int c0 = base + lane;
         typename F::Raw raw[BATCH];
@@ -446,8 +440,7 @@ __device__ __forceinline__ void dot_rows_finish(const u8* const* rows, int k, co
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
     const int n_full = k >> 3;
-    // c0 = base + lane with base a visible multiple of 32, so the compiler knows c & 31 == lane for
-    // every chunk c of this lane and hoists the in-block offsets and shifts out of the loop.
+    // Chunk c0 + 32 u of batch `base` (a multiple of 32): c & 31 == lane for every chunk c of this lane.
     for (int base = 0; base + lane < n_full; base += WARP_SIZE * BATCH) {
         const int c0 = base + lane;
         if (!PIPE && base != 0) {
