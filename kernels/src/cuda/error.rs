@@ -23,9 +23,11 @@ pub enum CudaError {
     // --- CUDA is here but something failed ---
     /// `MOE_GATE_CUDA_TUNE` does not name knobs and values the kernels take.
     #[error(
-        "MOE_GATE_CUDA_TUNE=`{spec}`: {reason}; it takes NAME=VALUE pairs separated by commas, NAME one of \
-         CHUNK_BATCH, DEC_BATCH, GU_BATCH, DC_BATCH, ROUTER_BATCH and VALUE in 1..=16 (or unset it to \
-         compile the kernels as they ship)"
+        "{env}=`{spec}`: {reason}; it takes NAME=VALUE pairs separated by commas, NAME one of {knobs} and \
+         VALUE in 1..={max} (or unset it to compile the kernels as they ship)",
+        env = super::tuning::TUNE_ENV,
+        knobs = super::tuning::knob_names(),
+        max = super::tuning::MAX_KNOB
     )]
     Tuning { spec: String, reason: String },
     /// NVRTC rejected the kernels; the log says where.

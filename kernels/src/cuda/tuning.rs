@@ -24,6 +24,11 @@ pub const KNOBS: [(&str, &str); 5] = [
 /// The largest value a knob takes: beyond it a lane's raw chunks no longer fit in registers.
 pub const MAX_KNOB: u32 = 16;
 
+/// The knobs' names, comma-separated (for messages).
+pub(crate) fn knob_names() -> String {
+    KNOBS.map(|(name, _)| name).join(", ")
+}
+
 /// The knobs set for one compile, in the order given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tuning {
