@@ -418,16 +418,22 @@ __device__ __forceinline__ void dot_tile(const u8* __restrict__ wrow, int k, con
 // loads in flight while it computes. Split in two so a fused kernel can issue the first batch's loads
 // before it computes its input (dot_rows_start, then dot_rows_finish).
 
-// Issues the loads of the first batch: chunks lane + 32 u of each row (u < BATCH).
+// Loads one batch: chunks c + 32 u of each row (u < BATCH), a chunk past the row's n_full re-reading the
+// last one.
 template <class F, int R, int BATCH>
-__device__ __forceinline__ void dot_rows_start(const u8* const* rows, int k, typename F::Raw (&raw)[R][BATCH]) {
-    const int lane = threadIdx.x & 31;
-    const int n_full = k >> 3;
+__device__ __forceinline__ void load_batch(const u8* const* rows, int c, int n_full,
+                                           typename F::Raw (&raw)[R][BATCH]) {
 #pragma unroll
     for (int u = 0; u < BATCH; ++u) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(lane + WARP_SIZE * u, n_full - 1));
+        for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(c + WARP_SIZE * u, n_full - 1));
     }
+}
+
+// Issues the loads of the first batch: chunks lane + 32 u of each row (u < BATCH).
+template <class F, int R, int BATCH>
+__device__ __forceinline__ void dot_rows_start(const u8* const* rows, int k, typename F::Raw (&raw)[R][BATCH]) {
+    load_batch<F, R, BATCH>(rows, threadIdx.x & 31, k >> 3, raw);
 }
 
 // Completes dot_rows from the batch dot_rows_start loaded into `raw`. PIPE = false loads each batch when
@@ -443,13 +449,7 @@ __device__ __forceinline__ void dot_rows_finish(const u8* const* rows, int k, co
     // Chunk c0 + 32 u of batch `base` (a multiple of 32): c & 31 == lane for every chunk c of this lane.
     for (int base = 0; base + lane < n_full; base += WARP_SIZE * BATCH) {
         const int c0 = base + lane;
-        if (!PIPE && base != 0) {
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-#pragma unroll
-                for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(c0 + WARP_SIZE * u, n_full - 1));
-            }
-        }
+        if (!PIPE && base != 0) load_batch<F, R, BATCH>(rows, c0, n_full, raw);
         typename F::Raw cur[R][BATCH];
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
@@ -458,13 +458,7 @@ __device__ __forceinline__ void dot_rows_finish(const u8* const* rows, int k, co
         }
         // The next batch's loads (the condition is the same in every lane of the warp).
         const int next = base + WARP_SIZE * BATCH;
-        if (PIPE && next < n_full) {
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-#pragma unroll
-                for (int r = 0; r < R; ++r) raw[r][u] = F::load(rows[r], min(next + lane + WARP_SIZE * u, n_full - 1));
-            }
-        }
+        if (PIPE && next < n_full) load_batch<F, R, BATCH>(rows, next + lane, n_full, raw);
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
             const int c = c0 + WARP_SIZE * u;
